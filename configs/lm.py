@@ -1,0 +1,127 @@
+"""Decoder-only language model.
+
+Run (default preset `tiny`, the embedded CPython standard library corpus):
+
+  python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
+
+Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`. Any key can be overridden
+with `--config.a.b=value`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def base() -> ml_collections.ConfigDict:
+  """The LM schema: every key an LM run can have, with its default."""
+  c = common.trainer_defaults()
+  c.task = 'lm'
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=-1,  # -1: taken from the tokenizer.
+      d_model=256,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=4,
+      head_dim=-1,  # -1: d_model // n_heads.
+      mlp_dim=-1,  # -1: 8/3 * d_model rounded up to a multiple of 64.
+      rope_theta=10_000.0,
+      tie_embeddings=True,
+      norm_eps=1e-5,
+      dropout=0.0,
+      dtype='bfloat16',  # compute dtype
+      param_dtype='float32',
+      remat='none',  # none | full | dots
+      attention='xla',  # xla (pallas and cudnn come with the kernels issue)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='stdlib',  # stdlib | text | jsonl | tfds | synthetic
+      path='',  # file or glob for text/jsonl; unused for stdlib and synthetic
+      name='',  # TFDS dataset name, e.g. 'tiny_shakespeare'
+      data_dir='',  # TFDS data_dir ('' = TFDS default)
+      text_field='text',  # jsonl/TFDS feature that holds the text
+      val_fraction=0.1,  # held-out share for text/jsonl
+      seq_len=256,  # context length
+      tokenizer=ml_collections.ConfigDict(dict(
+          kind='sentencepiece',  # sentencepiece | byte | char
+          vocab_size=4096,
+          model_type='bpe',  # bpe | unigram
+          train_chars=20_000_000,  # at most this much text trains the SentencePiece model
+      )),
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(z_loss=0.0))
+
+  c.sample = ml_collections.ConfigDict(dict(
+      prompt='',
+      max_new_tokens=200,
+      temperature=0.8,
+      top_k=40,
+      top_p=0.95,
+  ))
+  return c
+
+
+def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
+  c = base()
+  preset = preset or 'tiny'
+  if preset == 'tiny':
+    # A ~3M parameter model over the stdlib corpus; about 8 minutes on 2 CPU cores.
+    c.steps = 1500
+    c.batch_size = 16
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_steps = 10
+    c.checkpoint.every = 500
+    c.model.update(d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, dtype='float32')
+    c.data.update(seq_len=128)
+    c.data.tokenizer.update(vocab_size=2048)
+    c.optimizer.update(lr=3e-3, warmup_steps=100, end_lr=3e-4)
+    c.sample.update(prompt='def ', max_new_tokens=160)
+  elif preset == 'nanogpt_cpu':
+    # nanoGPT's CPU "baby GPT" (config/train_shakespeare_char.py with its CPU overrides).
+    c.steps = 2000
+    c.batch_size = 12
+    c.log_every = 100
+    c.eval_every = 500
+    c.eval_steps = 20
+    c.checkpoint.every = 1000
+    c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, dtype='float32')
+    c.data.update(source='text', path='', seq_len=64, val_fraction=0.1)
+    c.data.tokenizer.update(kind='char')
+    c.optimizer.update(lr=1e-3, warmup_steps=100, end_lr=1e-4, b2=0.99, weight_decay=0.1,
+                       clip_norm=1.0)
+    c.sample.update(prompt='\n', max_new_tokens=300)
+  elif preset == 'gpt2_124m':
+    c.steps = 600_000
+    c.batch_size = 512
+    c.log_every = 100
+    c.eval_every = 2000
+    c.eval_steps = 50
+    c.checkpoint.every = 2000
+    c.model.update(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, vocab_size=50304,
+                   remat='dots')
+    c.data.update(seq_len=1024)
+    c.data.tokenizer.update(vocab_size=50304)
+    c.optimizer.update(lr=6e-4, warmup_steps=2000, end_lr=6e-5, b2=0.95, weight_decay=0.1)
+  elif preset == 'llama_1b':
+    # Llama-3.2-1B shape.
+    c.steps = 100_000
+    c.batch_size = 256
+    c.log_every = 10
+    c.eval_every = 2000
+    c.eval_steps = 20
+    c.checkpoint.every = 1000
+    c.model.update(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                   mlp_dim=8192, vocab_size=128256, rope_theta=500_000.0, remat='dots')
+    c.data.update(seq_len=2048)
+    c.data.tokenizer.update(vocab_size=32000)
+    c.optimizer.update(lr=3e-4, warmup_steps=2000, end_lr=3e-5, b2=0.95, weight_decay=0.1)
+  else:
+    raise ValueError(
+        f'Unknown preset {preset!r} for configs/lm.py; choose one of '
+        'tiny, nanogpt_cpu, gpt2_124m, llama_1b.')
+  return c
