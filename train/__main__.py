@@ -1,0 +1,67 @@
+"""Trains a model: `python -m train --config=configs/lm.py[:preset] --workdir=DIR`.
+
+Intentionally short: flags -> distributed init -> config -> trainer.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from train.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events, '
+                               'the tokenizer and the resolved config.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+
+
+def _cluster_detected() -> bool:
+  """Whether JAX would find a cluster (TPU VM pod, SLURM, Kubernetes, MPI) by itself."""
+  try:
+    from jax._src import clusters
+    return any(not env.opt_in_only_method and env.is_env_present()
+               for env in clusters.ClusterEnv._cluster_types)
+  except (ImportError, AttributeError):
+    return False
+
+
+def init_distributed() -> None:
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError('Give all of --coordinator_address, --num_processes and --process_id, '
+                           'or none of them.')
+    # Processes on CPU devices need a collectives backend to talk to each other;
+    # the setting only affects the CPU client.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _cluster_detected():
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError('Both --config and --workdir are required.')
+  init_distributed()
+  from train import trainer  # after distributed init, which must precede any device use
+  try:
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    logging.error('Config error: %s', e)
+    print(f'Config error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    for tag, text in result.samples.items():
+      print(f'--- {tag} ---\n{text}')
+
+
+if __name__ == '__main__':
+  app.run(main)

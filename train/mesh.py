@@ -1,0 +1,117 @@
+"""The device mesh, and the map from logical axis names to its axes.
+
+Parallelism is applied to a model here, in one place: layers name their axes
+('embed', 'heads', ...), a model's rules table maps those names to the mesh
+axes `data`, `fsdp` and `tensor`, and the trainer jits the step with the
+resulting shardings.
+
+The mesh uses Auto axis types rather than jax's Explicit default: with Auto
+the compiler inserts FSDP all-gathers and tensor-parallel reductions itself,
+so the layers stay free of `reshard` calls, which Explicit mode would require
+wherever two operands are sharded along a contracted axis.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from train.config import ConfigError
+
+AXES = ('data', 'fsdp', 'tensor')
+# Examples are split over both data-parallel axes.
+BATCH_AXES = ('data', 'fsdp')
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.{data,fsdp,tensor}` (-1 fills) against the device count."""
+  sizes = [int(mesh_cfg[a]) for a in AXES]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  desc = ', '.join(f'mesh.{a}={s}' for a, s in zip(AXES, sizes, strict=True))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f'The mesh ({desc}) does not divide the {num_devices} devices: '
+                        f'the fixed axes multiply to {known}.')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ConfigError(f'The mesh ({desc}) needs {int(np.prod(sizes))} devices but there are '
+                      f'{num_devices}; set one axis to -1 to fill the rest.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def logical_to_mesh(spec: P, rules: Rules) -> P:
+  """Maps one PartitionSpec of logical names to mesh axes.
+
+  A mesh axis is used at most once per array: a later dimension whose rule
+  names an axis already taken is left unsharded.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name in spec:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f'Logical axis {name!r} has no entry in the rules table {sorted(table)}.')
+    axes = table[name]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a not in used)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def _axes_size(mesh: Mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else entry
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
+  """NamedShardings for `abstract_tree` from its logical specs.
+
+  Every sharded dimension must divide evenly by its mesh axes; otherwise the
+  error names the array and the axis, before anything compiles.
+  """
+  specs_with_path = jax.tree_util.tree_flatten_with_path(
+      logical_specs, is_leaf=lambda x: isinstance(x, P))[0]
+  leaves, treedef = jax.tree.flatten(abstract_tree)
+  if len(leaves) != len(specs_with_path):
+    raise ValueError('The logical specs do not match the state tree.')
+  out = []
+  for leaf, (path, spec) in zip(leaves, specs_with_path, strict=True):
+    mesh_spec = logical_to_mesh(spec, rules)
+    for dim, entry in enumerate(mesh_spec):
+      size = _axes_size(mesh, entry)
+      if leaf.shape[dim] % size:
+        raise ConfigError(
+            f'{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; its dimension {dim} '
+            f'({spec[dim]!r}) cannot be split over mesh axis {entry!r} of size {size}. '
+            'Change the mesh or the model size.')
+    out.append(NamedSharding(mesh, mesh_spec))
+  return jax.tree.unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,239 @@
+"""Decoder-only language modelling: next-token cross-entropy on packed windows."""
+
+import functools
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from data import lm_pipeline, tokenizers
+from model import transformer
+from train import optim
+from train.config import ConfigError, check_choice, check_positive, require
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """LM-specific checks; the model's own shape checks run in TransformerConfig."""
+  check_choice(config, 'data.source', ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic'))
+  check_choice(config, 'data.tokenizer.kind', ('sentencepiece', 'byte', 'char'))
+  check_choice(config, 'data.tokenizer.model_type', ('bpe', 'unigram'))
+  check_choice(config, 'model.dtype', DTYPES)
+  check_choice(config, 'model.param_dtype', DTYPES)
+  check_choice(config, 'model.remat', ('none', 'full', 'dots'))
+  check_choice(config, 'model.attention', ('xla',))
+  check_positive(config, 'data.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads',
+                 'model.n_kv_heads')
+  check_positive(config, 'loss.z_loss', 'model.dropout', allow_zero=True)
+  require(0.0 < config.data.val_fraction < 1.0,
+          f'data.val_fraction={config.data.val_fraction!r} must be in (0, 1).')
+  if config.data.source in ('text', 'jsonl'):
+    require(bool(config.data.path), f'data.source={config.data.source!r} needs data.path: a file '
+            'or glob, e.g. --config.data.path=/path/to/input.txt.')
+  if config.data.source == 'tfds':
+    require(bool(config.data.name), "data.source='tfds' needs data.name, e.g. "
+            '--config.data.name=tiny_shakespeare.')
+
+
+class LMTask:
+  items_name = 'tokens'
+  logical_rules = transformer.LOGICAL_AXIS_RULES
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    check_config(config)
+    self.config = config
+    self.tokenizer = None
+    self.data = None
+
+  # --- setup -----------------------------------------------------------------
+
+  def setup_data(self, workdir: str, process_index: int, process_count: int):
+    c = self.config
+    self.data = lm_pipeline.build_lm_data(
+        c.data, seed=c.seed, global_batch_size=c.batch_size, eval_steps=c.eval_steps,
+        workdir=workdir, process_index=process_index, process_count=process_count)
+    self._setup_model(self.data.tokenizer)
+    return self.data.train
+
+  def setup_inference(self, workdir: str) -> None:
+    self._setup_model(tokenizers.load_tokenizer(workdir))
+
+  def _setup_model(self, tokenizer) -> None:
+    self.tokenizer = tokenizer
+    vocab_size = self.config.model.vocab_size
+    if vocab_size == -1:
+      # Round up so the vocab dimension splits over any tensor-parallel size
+      # up to 128 (and matmuls tile well); the extra rows are never targets.
+      vocab_size = -(-tokenizer.vocab_size // 128) * 128
+    self.model_cfg = transformer.TransformerConfig.from_config(self.config.model, vocab_size)
+    self.tx = optim.make_optimizer(self.config.optimizer, self.config.steps,
+                                   self.config.max_nonfinite_steps)
+    self.schedule = optim.lr_schedule(self.config.optimizer, self.config.steps)
+    with nnx.use_eager_sharding(False):
+      abstract_model = nnx.eval_shape(lambda: self._new_model(jax.random.key(0)))
+    self.graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+      raise ValueError('The transformer holds non-parameter state, which LMTask does not keep.')
+    self._param_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
+
+  def _new_model(self, key: jax.Array) -> transformer.Transformer:
+    return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))
+
+  # --- state -----------------------------------------------------------------
+
+  def init_state(self, rng: jax.Array):
+    init_key, dropout_key = jax.random.split(rng)
+    with nnx.use_eager_sharding(False):
+      model = self._new_model(init_key)
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return {
+        'step': jnp.zeros((), jnp.int32),
+        'params': params,
+        'opt_state': self.tx.init(params),
+        'rng': jax.random.key_data(dropout_key),
+    }
+
+  def state_logical_specs(self, abstract_state):
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    opt_specs = optax.tree_map_params(
+        self.tx, lambda _, spec: spec, abstract_state['opt_state'], self._param_specs,
+        transform_non_params=lambda _: P(), is_leaf=is_spec)
+    return {'step': P(), 'params': self._param_specs, 'opt_state': opt_specs, 'rng': P()}
+
+  # --- steps -----------------------------------------------------------------
+
+  def _logits(self, params, batch, dropout_key=None):
+    model = nnx.merge(self.graphdef, params)
+    train = dropout_key is not None and self.model_cfg.dropout > 0
+    return model(batch['inputs'], positions_BxL=batch['positions'],
+                 segment_ids_BxL=batch['segment_ids'], deterministic=not train,
+                 rngs=nnx.Rngs(dropout=dropout_key) if train else None)
+
+  def _loss(self, params, batch, dropout_key):
+    logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
+    nll = jnp.mean(lse_BxL - target_logit_BxL)
+    z_loss = self.config.loss.z_loss * jnp.mean(jnp.square(lse_BxL))
+    return nll + z_loss, {'nll': nll, 'z_loss': z_loss}
+
+  def train_step(self, state, batch):
+    step = state['step']
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    loss_fn = functools.partial(self._loss, dropout_key=dropout_key)
+    (loss, aux), grads = optim.value_and_grad_accumulated(
+        loss_fn, state['params'], batch, self.config.grad_accum)
+    # A non-finite loss marks the gradients non-finite too, so that
+    # optax.apply_if_finite skips the update even if the gradients came out finite.
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {
+        'loss': aux['nll'],
+        'z_loss': aux['z_loss'],
+        'grad_norm': optax.global_norm(grads),
+        'lr': self.schedule(step),
+        'skipped': optim.skipped(opt_state),
+    }
+    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state, 'rng': state['rng']}
+    return new_state, metrics
+
+  def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
+    return self.data.eval_batches()
+
+  def eval_step(self, state, batch):
+    logits_BxLxV = self._logits(state['params'], batch).astype(jnp.float32)
+    nll_BxL = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
+                                   batch['targets'][..., None], -1)[..., 0]
+    return {'nll_sum': jnp.sum(nll_BxL), 'tokens': jnp.asarray(nll_BxL.size, jnp.float32)}
+
+  def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
+    loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
+    return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 80.0)))}
+
+  # --- accounting ------------------------------------------------------------
+
+  def items_per_step(self) -> int:
+    return self.config.batch_size * self.config.data.seq_len
+
+  def flops_per_step(self) -> float:
+    per_token = transformer.train_flops_per_token(self.model_cfg, self.config.data.seq_len)
+    return per_token * self.items_per_step()
+
+  # --- sampling --------------------------------------------------------------
+
+  def samples(self, state) -> dict[str, str]:
+    s = self.config.sample
+    text = self.generate(state['params'], s.prompt, max_new_tokens=s.max_new_tokens,
+                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                         seed=self.config.seed)
+    return {'samples/text': text}
+
+  def generate(self, params, prompt: str, *, max_new_tokens: int, temperature: float,
+               top_k: int, top_p: float, seed: int) -> str:
+    """Samples a continuation of `prompt` (the prompt included in the result).
+
+    The model runs over a fixed window of `seq_len` tokens so that one
+    compiled program serves every position; tokens past the window's end are
+    invisible to earlier positions because attention is causal. (The KV cache
+    arrives with the inference issue.)
+    """
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+      raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got '
+                        f'temperature={temperature}, top_k={top_k}, top_p={top_p}.')
+    ids = list(self.tokenizer.encode(prompt))
+    if self.tokenizer.bos_id >= 0:
+      ids = [self.tokenizer.bos_id] + ids
+    if not ids:
+      raise ConfigError('The prompt encodes to no tokens and the tokenizer has no BOS; give a '
+                        'non-empty prompt.')
+    n_prompt = len(ids)
+    seq_len = self.config.data.seq_len
+    key = jax.random.key(seed)
+    next_token = self._next_token_fn()
+    for i in range(max_new_tokens):
+      window = ids[-seq_len:]
+      tokens = np.zeros((1, seq_len), np.int32)
+      tokens[0, :len(window)] = window
+      token = next_token(params, tokens, jnp.int32(len(window) - 1), jax.random.fold_in(key, i),
+                         temperature, top_k, top_p)
+      ids.append(int(token))
+    start = 1 if self.tokenizer.bos_id >= 0 else 0
+    return self.tokenizer.decode(ids[start:n_prompt] + ids[n_prompt:])
+
+  @functools.cache  # noqa: B019  (one compiled sampler per task)
+  def _next_token_fn(self):
+    @functools.partial(jax.jit, static_argnums=(4, 5, 6))
+    def next_token(params, tokens_1xL, last, key, temperature, top_k, top_p):
+      batch = {'inputs': tokens_1xL, 'positions': jnp.arange(tokens_1xL.shape[1])[None],
+               'segment_ids': jnp.ones_like(tokens_1xL)}
+      logits_V = self._logits(params, batch)[0, last].astype(jnp.float32)
+      # Padded vocabulary rows are not tokens.
+      logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < self.tokenizer.vocab_size,
+                           logits_V, -jnp.inf)
+      return sample_logits(logits_V, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    return next_token
+
+
+def sample_logits(logits_V: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
+                  top_p: float) -> jax.Array:
+  """Temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy."""
+  if temperature == 0:
+    return jnp.argmax(logits_V)
+  logits_V = logits_V / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_V, min(top_k, logits_V.shape[-1]))[0][-1]
+    logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
+  if top_p < 1.0:
+    sorted_V = jnp.sort(logits_V)[::-1]
+    cum_V = jnp.cumsum(jax.nn.softmax(sorted_V))
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    cutoff = sorted_V[jnp.minimum(jnp.sum(cum_V < top_p), logits_V.shape[-1] - 1)]
+    logits_V = jnp.where(logits_V < cutoff, -jnp.inf, logits_V)
+  return jax.random.categorical(key, logits_V)

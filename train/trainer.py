@@ -1,0 +1,232 @@
+"""The one training loop, shared by every task.
+
+Sections, top to bottom: mesh -> data -> state -> shard & jit -> checkpoint
+-> loop (step, metrics one step late, evals, saves, preemption).
+"""
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from train import checkpoint, mesh as mesh_lib, metrics as metrics_lib
+from train.config import ConfigError, check_common
+from train.tasks import Task, get_task
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks once per step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    # All processes must agree on the step to stop at; jax's preemption
+    # service (started by jax.distributed) tells every process the same step.
+    from jax.experimental import multihost_utils
+    return self.requested or multihost_utils.reached_preemption_sync_point(step)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> Task:
+  """Every check that can fail on user input, before anything compiles."""
+  check_common(config)
+  mesh_shape = mesh_lib.mesh_shape(config.mesh, num_devices)
+  dp = mesh_shape[0] * mesh_shape[1]
+  micro = config.batch_size // config.grad_accum
+  if micro % dp:
+    raise ConfigError(
+        f'batch_size={config.batch_size} (per microbatch {micro} with grad_accum='
+        f'{config.grad_accum}) must be divisible by the data-parallel size mesh.data*mesh.fsdp '
+        f'= {dp}.')
+  if config.batch_size % process_count:
+    raise ConfigError(f'batch_size={config.batch_size} must be divisible by the number of '
+                      f'processes ({process_count}).')
+  return get_task(config)
+
+
+def global_batch(local_batch, sharding):
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def setup_state(task: Task, config: ml_collections.ConfigDict, mesh):
+  """Abstract state, its shardings, and a jitted init that places it shard by shard."""
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(task.init_state, rng)
+  specs = task.state_logical_specs(abstract)
+  shardings = mesh_lib.shardings(abstract, specs, mesh, task.logical_rules)
+  init = jax.jit(task.init_state, out_shardings=shardings)
+  return rng, abstract, shardings, init
+
+
+def compile_step(task: Task, state_shardings, mesh):
+  repl = mesh_lib.replicated(mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_step = jax.jit(task.train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, repl), donate_argnums=0)
+  eval_step = jax.jit(task.eval_step, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=repl)
+  return train_step, eval_step
+
+
+def evaluate(task: Task, eval_step, state, batch_sharding) -> dict[str, float]:
+  sums: dict[str, float] = {}
+  for local in task.eval_batches():
+    out = jax.device_get(eval_step(state, global_batch(local, batch_sharding)))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return task.eval_summary(sums) if sums else {}
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
+
+
+@dataclasses.dataclass
+class Result:
+  train: dict[str, float]  # the last logged train scalars
+  eval: dict[str, float]  # the last evaluation's scalars
+  samples: dict[str, str]  # the last evaluation's samples
+  losses: dict[int, float]  # train loss of every step this run took
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Result:
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint."""
+  # --- mesh ------------------------------------------------------------------
+  task = validate(config, jax.device_count(), jax.process_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  os.makedirs(workdir, exist_ok=True)
+  logging.info('Mesh %s on %d devices in %d processes.', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # --- data ------------------------------------------------------------------
+  train_iter = task.setup_data(workdir, jax.process_index(), jax.process_count())
+  write_config(config, workdir)
+
+  # --- state, shardings, jit ---------------------------------------------------
+  rng, abstract, state_shardings, init = setup_state(task, config, mesh)
+  train_step, eval_step = compile_step(task, state_shardings, mesh)
+
+  # --- checkpoint: resume or start -----------------------------------------------
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  start = ckpt.latest_step()
+  if start is None:
+    state, start = init(rng), 0
+  else:
+    logging.info('Resuming from step %d in %s.', start, ckpt.directory)
+    target = checkpoint.abstract_with_shardings(abstract, state_shardings)
+    state = ckpt.restore(start, target, train_iter)
+
+  # --- loop ------------------------------------------------------------------
+  writer = metrics_lib.SummaryWriter(workdir, enabled=jax.process_index() == 0)
+  if start == 0:
+    writer.text(0, 'config', '```\n' + str(config) + '\n```')
+  progress = metrics_lib.Progress(config.steps, start)
+  profiler = metrics_lib.Profiler(workdir, config.profile.start_step, config.profile.num_steps)
+  flops_per_step = task.flops_per_step()
+  items_per_step = task.items_per_step()
+
+  last_train: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
+  last_samples: dict[str, str] = {}
+  losses: dict[int, float] = {}
+  pending = None  # (step, device metrics) of the previous step, read one step late
+  consecutive_skips = 0
+  interval_start, interval_steps = time.perf_counter(), 0
+
+  def read_pending():
+    """Host-side bookkeeping for the previous step, once the next one is queued."""
+    nonlocal consecutive_skips, interval_start, interval_steps, last_train
+    if pending is None:
+      return
+    step, device_metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    losses[step] = values['loss']
+    interval_steps += 1
+    if values['skipped']:
+      consecutive_skips += 1
+      logging.warning('Step %d skipped: non-finite loss or gradients (%d in a row).', step,
+                      consecutive_skips)
+      if consecutive_skips >= config.max_nonfinite_steps:
+        raise NonFiniteError(
+            f'{consecutive_skips} consecutive steps had non-finite loss or gradients (last: step '
+            f'{step}). Stopped; the last good checkpoint is kept in {ckpt.directory}.')
+    else:
+      consecutive_skips = 0
+    if step % config.log_every == 0 or step == config.steps:
+      elapsed = time.perf_counter() - interval_start
+      step_time = elapsed / max(interval_steps, 1)
+      scalars = {f'train/{k}': v for k, v in values.items()}
+      scalars[f'train/{task.items_name}_per_sec'] = items_per_step / step_time
+      scalars['train/step_time'] = step_time
+      scalars.update(metrics_lib.flops_metrics(flops_per_step, step_time, jax.devices()))
+      writer.scalars(step, scalars)
+      progress.line(step, scalars)
+      last_train = scalars
+      interval_start, interval_steps = time.perf_counter(), 0
+
+  with _Preemption() as preemption:
+    try:
+      for step in range(start + 1, config.steps + 1):
+        batch = global_batch(next(train_iter), batch_sharding)
+        profiler.maybe_start(step)
+        state, device_metrics = train_step(state, batch)
+        profiler.maybe_stop(step, block_on=device_metrics)
+        read_pending()
+        pending = (step, device_metrics)
+
+        final = step == config.steps
+        if config.eval_every and (step % config.eval_every == 0 or final):
+          read_pending()
+          pending = None
+          last_eval = evaluate(task, eval_step, state, batch_sharding)
+          writer.scalars(step, last_eval)
+          last_samples = task.samples(state)
+          for tag, text in last_samples.items():
+            writer.text(step, tag, text)
+          logging.info('step %d eval %s', step, {k: round(v, 4) for k, v in last_eval.items()})
+          writer.flush()
+        if step % config.checkpoint.every == 0 or final:
+          ckpt.save(step, state, train_iter)
+        if preemption.reached(step):
+          read_pending()
+          pending = None
+          if step % config.checkpoint.every and not final:
+            ckpt.save(step, state, train_iter)
+          logging.warning('Stopped at step %d after a preemption signal.', step)
+          break
+      read_pending()
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+  return Result(last_train, last_eval, last_samples, losses)
+
