@@ -1,0 +1,240 @@
+"""Tokenizers: SentencePiece (bpe or unigram), UTF-8 bytes, and characters.
+
+A run trains its tokenizer once, on the training split only, and caches it
+under `{workdir}/tokenizer/`: `tokenizer.json` (kind, the config that made it
+and, for characters, the vocabulary) beside `spm.model` for SentencePiece.
+`tokenizer.json` is written last, so its presence means the cache is whole.
+Reruns and the sampling command load the cache instead of retraining.
+"""
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
+import ml_collections
+import sentencepiece as spm
+from absl import logging
+
+from data.sources import DataError
+
+META_FILE = 'tokenizer.json'
+SPM_FILE = 'spm.model'
+# SentencePiece drops training sentences longer than this (in bytes); we feed lines.
+_MAX_SENTENCE_BYTES = 16384
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int  # -1 when the tokenizer has none (char level)
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model; byte fallback makes every string encodable."""
+
+  def __init__(self, model_proto: bytes):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id = self._sp.bos_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+class ByteTokenizer:
+  """UTF-8 bytes are ids 0..255; BOS is 256."""
+
+  vocab_size = 257
+  bos_id = 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8'))
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    # Sampled ids need not form valid UTF-8; show the damage instead of raising.
+    return bytes(int(i) for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
+
+
+class CharTokenizer:
+  """nanoGPT's character vocabulary: the sorted characters of the training text, no BOS.
+
+  Characters outside the vocabulary (e.g. ones only in validation) are dropped
+  by `encode`, and counted in `unknown_chars`.
+  """
+
+  bos_id = -1
+
+  def __init__(self, chars: Sequence[str]):
+    self.chars = list(chars)
+    self.vocab_size = len(self.chars)
+    self._ids = {c: i for i, c in enumerate(self.chars)}
+    self.unknown_chars = 0
+
+  def encode(self, text: str) -> list[int]:
+    ids = [self._ids.get(c, -1) for c in text]
+    known = [i for i in ids if i >= 0]
+    self.unknown_chars += len(ids) - len(known)
+    return known
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return ''.join(self.chars[i] for i in ids if 0 <= i < self.vocab_size)
+
+
+def tokenizer_spec(tok_cfg: ml_collections.ConfigDict) -> dict:
+  """The config keys that determine the tokenizer of `tok_cfg.kind` (and nothing else)."""
+  if tok_cfg.kind == 'sentencepiece':
+    return {'kind': tok_cfg.kind, 'vocab_size': int(tok_cfg.vocab_size),
+            'model_type': tok_cfg.model_type, 'train_chars': int(tok_cfg.train_chars)}
+  if tok_cfg.kind in ('byte', 'char'):
+    return {'kind': tok_cfg.kind}
+  raise DataError(f'data.tokenizer.kind={tok_cfg.kind!r} is not a tokenizer; choose one of '
+                  'sentencepiece, byte, char.')
+
+
+def load_or_train_tokenizer(tok_cfg: ml_collections.ConfigDict,
+                            train_texts: Callable[[], Iterable[str]],
+                            workdir: str) -> Tokenizer:
+  """The tokenizer cached in `workdir`, or a new one trained on `train_texts()`.
+
+  Args:
+    tok_cfg: `config.data.tokenizer`.
+    train_texts: returns a fresh iterable over the training documents each call
+      (SentencePiece reads them twice).
+    workdir: the run's directory; the cache is `{workdir}/tokenizer/`.
+
+  Raises:
+    DataError: the cache was made with a different tokenizer config.
+  """
+  spec = tokenizer_spec(tok_cfg)
+  directory = os.path.join(workdir, 'tokenizer')
+  if os.path.exists(os.path.join(directory, META_FILE)):
+    meta = _read_meta(directory)
+    if meta['config'] != spec:
+      raise DataError(
+          f'The tokenizer cached in {directory} was made with {meta["config"]}, but '
+          f'data.tokenizer now asks for {spec}. Use a new --workdir, or delete {directory} '
+          f'and {os.path.join(workdir, "data")} to retrain.')
+    return _from_meta(directory, meta)
+  meta = {'config': spec}
+  if spec['kind'] == 'sentencepiece':
+    proto = train_sentencepiece(tok_cfg, train_texts)
+    write_atomic(os.path.join(directory, SPM_FILE), proto)
+  elif spec['kind'] == 'char':
+    meta['chars'] = sorted(set().union(*(set(t) for t in train_texts())))
+  write_atomic(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
+  return _from_meta(directory, meta)
+
+
+def load_tokenizer(workdir: str) -> Tokenizer:
+  """The tokenizer a run cached in `workdir` (for sampling from its checkpoints)."""
+  directory = os.path.join(workdir, 'tokenizer')
+  if not os.path.exists(os.path.join(directory, META_FILE)):
+    raise DataError(f'No tokenizer in {directory}; train in --workdir={workdir} first, or '
+                    'point --workdir at the directory of a run.')
+  return _from_meta(directory, _read_meta(directory))
+
+
+def train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
+                        train_texts: Callable[[], Iterable[str]]) -> bytes:
+  """Trains a SentencePiece model deterministically; returns the serialized model."""
+  logging.info('Training a %s SentencePiece tokenizer, vocabulary %d.', tok_cfg.model_type,
+               tok_cfg.vocab_size)
+  writer = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=_training_lines(train_texts, tok_cfg.train_chars),
+      model_writer=writer,
+      vocab_size=tok_cfg.vocab_size,
+      model_type=tok_cfg.model_type,
+      byte_fallback=True,
+      character_coverage=0.9995,
+      # We chose the text already; SentencePiece's own sampling would be random.
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      num_threads=os.cpu_count() or 1,
+      max_sentence_length=_MAX_SENTENCE_BYTES,
+      # Keep text exactly (code indentation included), so decode(encode(s)) == s.
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      minloglevel=2,
+  )
+  return writer.getvalue()
+
+
+def _training_lines(train_texts: Callable[[], Iterable[str]], max_chars: int) -> Iterator[str]:
+  """Lines of an evenly spread, deterministic subset of at most `max_chars` characters.
+
+  A line is kept while the kept share stays at or under the allowed share of
+  what has been seen, so the subset spans the whole corpus rather than its
+  first files. (Whole lines, because SentencePiece skips over-long sentences.)
+  """
+  total = sum(len(t) for t in train_texts())
+  share = min(1.0, max_chars / max(total, 1))
+  kept = seen = 0
+  for text in train_texts():
+    for line in text.splitlines(keepends=True):
+      seen += len(line)
+      if kept + len(line) <= share * seen:
+        kept += len(line)
+        yield line
+
+
+def _read_meta(directory: str) -> dict:
+  path = os.path.join(directory, META_FILE)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(f'Cannot read the cached tokenizer {path} ({e}); delete {directory} to '
+                    'retrain.') from None
+
+
+def _from_meta(directory: str, meta: dict) -> Tokenizer:
+  kind = meta['config']['kind']
+  if kind == 'sentencepiece':
+    with open(os.path.join(directory, SPM_FILE), 'rb') as f:
+      return SentencePieceTokenizer(f.read())
+  if kind == 'char':
+    return CharTokenizer(meta['chars'])
+  return ByteTokenizer()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see either nothing or all of it.
+
+  Processes sharing a workdir may write the same file at once; each writes its
+  own temp file and the last rename wins, with identical content.
+  """
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is for every local process
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
