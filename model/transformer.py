@@ -1,0 +1,402 @@
+"""Decoder-only transformer (Llama-style): RoPE, RMSNorm, GQA, SwiGLU, no biases.
+
+Shape letters: B batch, L length, D d_model, H query heads, K key/value heads,
+Dh head dim, F mlp dim, V vocab, N layers.
+
+Parameters live in `param_dtype` and carry logical axis names (flax
+`out_sharding` metadata); `LOGICAL_AXIS_RULES` maps them to the mesh axes.
+Compute runs in `dtype`: each parameter is cast where it is used. Softmax,
+norms and RoPE angles run in float32 and the logits come back in float32.
+
+The blocks are stacked along a leading 'layers' axis (`nnx.vmap` at init) and
+run with `nnx.scan`, so compile time does not grow with depth.
+
+Init: embedding and every input projection (q, k, v, gate, up, untied head)
+~ N(0, 0.02); the residual output projections (attention out, MLP down)
+~ N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2, so the residual stream variance
+does not grow with depth; norm scales = 1.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from model import attention as attention_lib
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('head_dim', None),
+    ('norm', None),
+    ('layers', None),
+)
+
+DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Resolved model hyperparameters (no -1 placeholders)."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.dtype('bfloat16')  # compute
+  param_dtype: jnp.dtype = jnp.dtype('float32')
+  remat: str = 'none'
+  attention: str = 'xla'
+
+  @classmethod
+  def from_config(
+      cls, model_cfg: ml_collections.ConfigDict, vocab_size: int
+  ) -> 'TransformerConfig':
+    """Builds the config from `config.model`, resolving -1 defaults and validating.
+
+    Args:
+      model_cfg: the `config.model` ConfigDict (schema in configs/lm.py).
+      vocab_size: the tokenizer's vocabulary size.
+
+    Raises:
+      ValueError: naming the offending `model.*` key and the allowed values.
+    """
+    m = model_cfg
+    for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads'):
+      if int(m[key]) <= 0:
+        raise ValueError(f'model.{key}={m[key]} must be a positive integer.')
+    d_model, n_heads, n_kv_heads = int(m.d_model), int(m.n_heads), int(m.n_kv_heads)
+    if n_heads % n_kv_heads:
+      raise ValueError(
+          f'model.n_kv_heads={n_kv_heads} must divide model.n_heads={n_heads}.')
+
+    head_dim = int(m.head_dim)
+    if head_dim == -1:
+      if d_model % n_heads:
+        raise ValueError(
+            f'model.d_model={d_model} must be divisible by model.n_heads={n_heads} '
+            'when model.head_dim=-1; set model.head_dim explicitly otherwise.')
+      head_dim = d_model // n_heads
+    if head_dim <= 0 or head_dim % 2:
+      raise ValueError(
+          f'model.head_dim={head_dim} must be a positive even number (RoPE rotates '
+          'pairs of features).')
+
+    mlp_dim = int(m.mlp_dim)
+    if mlp_dim == -1:
+      mlp_dim = 64 * math.ceil(8 * d_model / (3 * 64))
+    if mlp_dim <= 0:
+      raise ValueError(f'model.mlp_dim={mlp_dim} must be positive or -1.')
+
+    model_vocab = int(m.vocab_size)
+    if model_vocab == -1:
+      model_vocab = vocab_size
+    elif model_vocab < vocab_size:
+      raise ValueError(
+          f'model.vocab_size={model_vocab} is smaller than the tokenizer vocabulary '
+          f'({vocab_size}); use -1 or a value >= {vocab_size}.')
+
+    dropout = float(m.dropout)
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'model.dropout={dropout} must be in [0, 1).')
+
+    return cls(
+        vocab_size=model_vocab,
+        d_model=d_model,
+        n_layers=int(m.n_layers),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        mlp_dim=mlp_dim,
+        rope_theta=float(m.rope_theta),
+        tie_embeddings=bool(m.tie_embeddings),
+        norm_eps=float(m.norm_eps),
+        dropout=dropout,
+        dtype=_parse_choice('model.dtype', m.dtype, DTYPES),
+        param_dtype=_parse_choice('model.param_dtype', m.param_dtype, DTYPES),
+        remat=_parse_key('model.remat', m.remat, REMAT_POLICIES),
+        attention=_parse_key('model.attention', m.attention, attention_lib.IMPLEMENTATIONS),
+    )
+
+
+def _parse_key(name: str, value: str, allowed) -> str:
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r} is not allowed; choose one of {", ".join(allowed)}.')
+  return value
+
+
+def _parse_choice(name: str, value: str, table: dict[str, Any]) -> Any:
+  return table[_parse_key(name, value, table)]
+
+
+# ---------------------------------------------------------------------------
+# Parameter counting and FLOPs.
+# ---------------------------------------------------------------------------
+
+
+def _block_matmul_params(cfg: TransformerConfig) -> int:
+  d, dh = cfg.d_model, cfg.head_dim
+  attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2  # q, o and k, v
+  mlp = 3 * d * cfg.mlp_dim
+  return attn + mlp
+
+
+def count_params(cfg: TransformerConfig) -> int:
+  """Number of parameters the model creates (the tied matrix is counted once)."""
+  embed = cfg.vocab_size * cfg.d_model
+  head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
+  per_block = _block_matmul_params(cfg) + 2 * cfg.d_model  # + two norm scales
+  return embed + head + cfg.n_layers * per_block + cfg.d_model  # + final norm
+
+
+def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
+  """Training FLOPs per token, PaLM (appendix B): 6 * N + 12 * n_layers * H * Dh * T.
+
+  N counts the weights that take part in a matmul: every block projection plus
+  the d_model x vocab output head (counted whether or not it is tied). It
+  leaves out the input embedding (a gather, not a matmul) and the norm scales.
+  The attention term is PaLM's, without halving for the causal mask.
+
+  Args:
+    cfg: the model.
+    seq_len: the training context length T.
+  """
+  n = cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return float(6 * n + attn)
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+# ---------------------------------------------------------------------------
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float, dtype
+) -> nnx.Param:
+  init = jax.nn.initializers.normal(stddev=std)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout: feature i pairs with feature i + D/2."""
+  half = x_BxLxHxD.shape[-1] // 2
+  # Angles in float32: bf16 positions * frequencies lose whole positions past 256.
+  inv_freq_F = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_F
+  sin_BxLx1xF = jnp.sin(angles_BxLxF)[:, :, None, :]
+  cos_BxLx1xF = jnp.cos(angles_BxLxF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate(
+      [x1 * cos_BxLx1xF - x2 * sin_BxLx1xF, x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale; statistics in float32."""
+
+  def __init__(self, cfg: TransformerConfig):
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.dtype
+    self.scale = nnx.Param(jnp.ones((cfg.d_model,), cfg.param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x = x_BxLxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+    self.wq = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), INIT_STD, pd)
+    self.wk = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
+    self.wv = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
+    self.wo = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std, pd)
+
+  def __call__(
+      self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None
+  ) -> jax.Array:
+    dt, theta = self.cfg.dtype, self.cfg.rope_theta
+    q_BxLxHxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
+    k_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wk[...].astype(dt))
+    v_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wv[...].astype(dt))
+    q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
+    k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
+    out_BxLxHxDh = attention_lib.attention(
+        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
+        causal=True, implementation=self.cfg.attention)
+    return jnp.einsum('blhk,hkd->bld', out_BxLxHxDh, self.wo[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.dtype
+    d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
+    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+    self.w_gate = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
+    self.w_up = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
+    self.w_down = _param(rngs, (f, d), ('mlp', 'embed'), out_std, pd)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    dt = self.dtype
+    gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_gate[...].astype(dt))
+    up_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_up[...].astype(dt))
+    hidden_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+    return jnp.einsum('blf,fd->bld', hidden_BxLxF, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.dropout = cfg.dropout
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(
+      self,
+      x_BxLxD: jax.Array,
+      positions_BxL: jax.Array,
+      segment_ids_BxL: jax.Array | None,
+      dropout_key: jax.Array | None,
+  ) -> jax.Array:
+    attn_key = mlp_key = None
+    if dropout_key is not None:
+      attn_key, mlp_key = jax.random.split(dropout_key)
+    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
+    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
+    return x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
+
+
+_LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model returning float32 next-token logits.
+
+  Parameter tree: `embedding` [V, D]; `blocks` (every leaf with a leading
+  [N] 'layers' axis): `attn_norm.scale`, `attn.{wq,wk,wv,wo}`, `mlp_norm.scale`,
+  `mlp.{w_gate,w_up,w_down}`; `final_norm.scale` [D]; `lm_head` [D, V] only
+  when the embeddings are untied.
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedding = _param(
+        rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), INIT_STD, cfg.param_dtype)
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_METADATA)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(
+          rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), INIT_STD, cfg.param_dtype)
+
+  def __call__(
+      self,
+      tokens_BxL: jax.Array,
+      *,
+      positions_BxL: jax.Array | None = None,
+      segment_ids_BxL: jax.Array | None = None,
+      deterministic: bool = True,
+      rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Returns float32 logits_BxLxV.
+
+    Args:
+      tokens_BxL: integer token ids.
+      positions_BxL: RoPE positions; default arange(L) in every row. For packed
+        rows pass positions that restart at 0 in each document.
+      segment_ids_BxL: integer document ids; tokens attend only within their
+        document (always causally).
+      deterministic: if False and cfg.dropout > 0, applies dropout.
+      rngs: needed for dropout; one key is drawn from its 'dropout' stream
+        (falling back to 'default').
+    """
+    cfg = self.cfg
+    b, length = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    dropout_keys_N = None
+    if not deterministic and cfg.dropout > 0.0:
+      if rngs is None:
+        raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
+      dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
+
+    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(cfg.dtype)
+    x_BxLxD = _run_blocks(
+        self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    if cfg.tie_embeddings:
+      head_DxV = self.embedding[...].astype(cfg.dtype).T
+    else:
+      head_DxV = self.lm_head[...].astype(cfg.dtype)
+    return jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def _run_blocks(
+    blocks: Block,
+    x_BxLxD: jax.Array,
+    positions_BxL: jax.Array,
+    segment_ids_BxL: jax.Array | None,
+    dropout_keys_N: jax.Array | None,
+    remat: str,
+) -> jax.Array:
+  """Scans the stacked blocks over their leading 'layers' axis."""
+
+  def layer(block, x, positions, segment_ids, key):
+    return block(x, positions, segment_ids, key)
+
+  if remat != 'none':
+    # prevent_cse=False: inside a scan the CSE barrier only costs performance.
+    layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+  @nnx.scan(
+      in_axes=(0, nnx.Carry, None, None, 0), out_axes=nnx.Carry,
+      transform_metadata=_LAYERS_METADATA)
+  def scan_fn(block, x, positions, segment_ids, key):
+    return layer(block, x, positions, segment_ids, key)
+
+  return scan_fn(blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N)
