@@ -45,11 +45,20 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops the INFO chatter of orbax and grain (one line per file they touch)."""
+
+  def filter(self, record) -> bool:
+    noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
+    return record.levelno >= logging.logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError('Both --config and --workdir are required.')
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   init_distributed()
   from train import trainer  # after distributed init, which must precede any device use
   try:

@@ -161,10 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   pending = None  # (step, device metrics) of the previous step, read one step late
   consecutive_skips = 0
   interval_start, interval_steps = time.perf_counter(), 0
+  paused = 0.0  # seconds spent on evals within the interval, left out of step times
 
   def read_pending():
     """Host-side bookkeeping for the previous step, once the next one is queued."""
-    nonlocal consecutive_skips, interval_start, interval_steps, last_train
+    nonlocal consecutive_skips, interval_start, interval_steps, last_train, paused
     if pending is None:
       return
     step, device_metrics = pending
@@ -182,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
     else:
       consecutive_skips = 0
     if step % config.log_every == 0 or step == config.steps:
-      elapsed = time.perf_counter() - interval_start
+      elapsed = time.perf_counter() - interval_start - paused
       step_time = elapsed / max(interval_steps, 1)
       scalars = {f'train/{k}': v for k, v in values.items()}
       scalars[f'train/{task.items_name}_per_sec'] = items_per_step / step_time
@@ -191,7 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
       writer.scalars(step, scalars)
       progress.line(step, scalars)
       last_train = scalars
-      interval_start, interval_steps = time.perf_counter(), 0
+      interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
+  paused = 0.0  # seconds spent on evals within the interval, left out of step times
 
   with _Preemption() as preemption:
     try:
@@ -207,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
         if config.eval_every and (step % config.eval_every == 0 or final):
           read_pending()
           pending = None
+          eval_start = time.perf_counter()
           last_eval = evaluate(task, eval_step, state, batch_sharding)
           writer.scalars(step, last_eval)
           last_samples = task.samples(state)
@@ -214,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
             writer.text(step, tag, text)
           logging.info('step %d eval %s', step, {k: round(v, 4) for k, v in last_eval.items()})
           writer.flush()
+          paused += time.perf_counter() - eval_start
         if step % config.checkpoint.every == 0 or final:
           ckpt.save(step, state, train_iter)
         if preemption.reached(step):

@@ -1,0 +1,170 @@
+"""TensorBoard events, MFU, the console progress line and profiler traces.
+
+Event files are written with tensorboard's own TensorFlow-free writer and
+protos, so runs need no TensorFlow.
+"""
+
+import collections
+import io
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.text import metadata as text_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+
+class SummaryWriter:
+  """Scalars, text and images as TensorBoard events in `logdir` (process 0 only)."""
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self._writer = EventFileWriter(logdir) if enabled else None
+
+  def _add(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
+    if self._writer is None:
+      return
+    event = event_pb2.Event(wall_time=time.time(), step=int(step),
+                            summary=summary_pb2.Summary(value=list(values)))
+    self._writer.add_event(event)
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                     for k, v in values.items()])
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    tensor = tensor_pb2.TensorProto(
+        dtype='DT_STRING', string_val=[text.encode('utf-8')],
+        tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    meta = text_metadata.create_summary_metadata(display_name=tag, description='')
+    self._add(step, [summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+
+  def images(self, step: int, tag: str, images_NxHxWxC: np.ndarray) -> None:
+    """Images as float in [0, 1] or uint8, with 1 or 3 channels."""
+    images = np.asarray(images_NxHxWxC)
+    if images.dtype != np.uint8:
+      images = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    values = []
+    for i, image_HxWxC in enumerate(images):
+      buf = io.BytesIO()
+      Image.fromarray(image_HxWxC[..., 0] if image_HxWxC.shape[-1] == 1 else image_HxWxC).save(
+          buf, format='PNG')
+      h, w, c = image_HxWxC.shape
+      encoded = summary_pb2.Summary.Image(height=h, width=w, colorspace=c,
+                                          encoded_image_string=buf.getvalue())
+      name = tag if len(images) == 1 else f'{tag}/{i}'
+      values.append(summary_pb2.Summary.Value(
+          tag=name, image=encoded,
+          metadata=image_metadata.create_summary_metadata(display_name=name, description='')))
+    self._add(step, values)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+# Dense bf16 peak FLOP/s per chip, by jax `device_kind`, from the vendors' data sheets.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5': 459e12,  # v5p
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'NVIDIA H100 80GB HBM3': 989e12,  # SXM
+    'NVIDIA H100 PCIe': 756e12,
+    'NVIDIA H100 NVL': 835e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100-PCIE-40GB': 312e12,
+    'NVIDIA A100 80GB PCIe': 312e12,
+    'NVIDIA L4': 121e12,
+}
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  for kind, peak in PEAK_FLOPS.items():  # e.g. 'NVIDIA H200 NVL' or a suffixed H100 name
+    if device_kind.startswith(kind):
+      return peak
+  return None
+
+
+def flops_metrics(flops_per_step: float, step_seconds: float, devices) -> dict[str, float]:
+  """`train/mfu` where every device has a known peak, else achieved `train/model_tflops`."""
+  achieved = flops_per_step / step_seconds
+  peaks = [peak_flops_per_device(d.device_kind) for d in devices]
+  if all(p is not None for p in peaks):
+    return {'train/mfu': achieved / sum(peaks)}
+  return {'train/model_tflops': achieved / 1e12}
+
+
+class Progress:
+  """A short console line per log interval, with an ETA from recent step times."""
+
+  def __init__(self, total_steps: int, start_step: int, window: int = 5):
+    self.total = total_steps
+    self._last = (start_step, time.perf_counter())
+    self._rates: collections.deque[float] = collections.deque(maxlen=window)
+
+  def line(self, step: int, scalars: Mapping[str, float]) -> str:
+    now = time.perf_counter()
+    last_step, last_time = self._last
+    if step > last_step:
+      self._rates.append((now - last_time) / (step - last_step))
+    self._last = (step, now)
+    sec_per_step = float(np.mean(self._rates)) if self._rates else 0.0
+    eta = _duration((self.total - step) * sec_per_step)
+    parts = [f'step {step}/{self.total}']
+    for key in ('train/loss', 'train/grad_norm', 'train/lr'):
+      if key in scalars:
+        parts.append(f'{key.split("/")[1]} {scalars[key]:.4g}')
+    for key, value in scalars.items():
+      if key.endswith('_per_sec'):
+        parts.append(f'{key.split("/")[1].replace("_per_sec", "/s")} {value:,.0f}')
+    parts.append(f'{sec_per_step * 1000:.0f} ms/step')
+    parts.append(f'eta {eta}')
+    text = ' | '.join(parts)
+    if jax.process_index() == 0:
+      logging.info('%s', text)
+    return text
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+class Profiler:
+  """A jax.profiler trace of steps [start_step, start_step + num_steps) under `logdir`."""
+
+  def __init__(self, logdir: str, start_step: int, num_steps: int):
+    self.logdir = logdir
+    self.start = start_step
+    self.stop = start_step + num_steps - 1
+    self._active = False
+
+  def maybe_start(self, step: int) -> None:
+    if self.start >= 0 and step == self.start and not self._active:
+      jax.profiler.start_trace(self.logdir)
+      self._active = True
+
+  def maybe_stop(self, step: int, block_on=None) -> None:
+    if self._active and step >= self.stop:
+      if block_on is not None:
+        jax.block_until_ready(block_on)
+      jax.profiler.stop_trace()
+      self._active = False
+      logging.info('Wrote a profiler trace of steps %d-%d to %s/plugins/profile.', self.start,
+                   self.stop, self.logdir)
