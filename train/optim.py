@@ -75,10 +75,11 @@ def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int)
     carry = jax.tree.map(jnp.add, carry, (loss, aux, grads))
     return carry, None
 
-  (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0],
-                                                                        split_microbatches(batch, num_micro)))
+  micro = split_microbatches(batch, num_micro)
+  first = jax.tree.map(lambda x: x[0], micro)
+  (loss0, aux0), grads0 = jax.eval_shape(grad_fn, params, first)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
-  (loss, aux, grads), _ = jax.lax.scan(body, zeros, split_microbatches(batch, num_micro))
+  (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
   scale = 1.0 / num_micro
   loss, aux, grads = jax.tree.map(lambda x: x * scale, (loss, aux, grads))
   return (loss, aux), grads

@@ -13,7 +13,8 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from train import checkpoint, mesh as mesh_lib, trainer
+from train import checkpoint, trainer
+from train import mesh as mesh_lib
 from train.config import ConfigError
 from train.tasks import get_task
 

@@ -13,7 +13,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from train import checkpoint, mesh as mesh_lib, metrics as metrics_lib
+from train import checkpoint
+from train import mesh as mesh_lib
+from train import metrics as metrics_lib
 from train.config import ConfigError, check_common
 from train.tasks import Task, get_task
 
