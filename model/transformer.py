@@ -68,6 +68,7 @@ class TransformerConfig:
   param_dtype: jnp.dtype = jnp.dtype('float32')
   remat: str = 'none'
   attention: str = 'xla'
+  scan_unroll: int = 1
 
   @classmethod
   def from_config(
@@ -77,7 +78,8 @@ class TransformerConfig:
 
     Args:
       model_cfg: the `config.model` ConfigDict (schema in configs/lm.py).
-      vocab_size: the tokenizer's vocabulary size.
+      vocab_size: the tokenizer's vocabulary size (model.vocab_size=-1 rounds it up to a
+        multiple of 128).
 
     Raises:
       ValueError: naming the offending `model.*` key and the allowed values.
@@ -111,7 +113,9 @@ class TransformerConfig:
 
     model_vocab = int(m.vocab_size)
     if model_vocab == -1:
-      model_vocab = vocab_size
+      # Rounded up so the vocab dimension splits over any tensor-parallel size
+      # up to 128 (and matmuls tile well); the extra rows are never targets.
+      model_vocab = -(-vocab_size // 128) * 128
     elif model_vocab < vocab_size:
       raise ValueError(
           f'model.vocab_size={model_vocab} is smaller than the tokenizer vocabulary '
@@ -120,6 +124,12 @@ class TransformerConfig:
     dropout = float(m.dropout)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f'model.dropout={dropout} must be in [0, 1).')
+
+    scan_unroll = int(m.get('scan_unroll', 1))
+    if scan_unroll == 0 or scan_unroll < -1:
+      raise ValueError(
+          f'model.scan_unroll={scan_unroll} must be -1 (all layers unrolled) or a positive '
+          'number of layers per scan iteration.')
 
     return cls(
         vocab_size=model_vocab,
@@ -137,6 +147,7 @@ class TransformerConfig:
         param_dtype=_parse_choice('model.param_dtype', m.param_dtype, DTYPES),
         remat=_parse_key('model.remat', m.remat, REMAT_POLICIES),
         attention=_parse_key('model.attention', m.attention, attention_lib.IMPLEMENTATIONS),
+        scan_unroll=scan_unroll,
     )
 
 
@@ -367,7 +378,8 @@ class Transformer(nnx.Module):
 
     x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(cfg.dtype)
     x_BxLxD = _run_blocks(
-        self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat)
+        self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat,
+        cfg.n_layers if cfg.scan_unroll == -1 else min(cfg.scan_unroll, cfg.n_layers))
     x_BxLxD = self.final_norm(x_BxLxD)
     if cfg.tie_embeddings:
       head_DxV = self.embedding[...].astype(cfg.dtype).T
@@ -383,6 +395,7 @@ def _run_blocks(
     segment_ids_BxL: jax.Array | None,
     dropout_keys_N: jax.Array | None,
     remat: str,
+    unroll: int,
 ) -> jax.Array:
   """Scans the stacked blocks over their leading 'layers' axis."""
 
@@ -395,7 +408,7 @@ def _run_blocks(
 
   @nnx.scan(
       in_axes=(0, nnx.Carry, None, None, 0), out_axes=nnx.Carry,
-      transform_metadata=_LAYERS_METADATA)
+      transform_metadata=_LAYERS_METADATA, unroll=unroll)
   def scan_fn(block, x, positions, segment_ids, key):
     return layer(block, x, positions, segment_ids, key)
 

@@ -292,7 +292,8 @@ def _model_cfg(**overrides):
 
 def test_from_config_resolves_defaults():
   cfg = tfm.TransformerConfig.from_config(_model_cfg(), vocab_size=100)
-  assert (cfg.vocab_size, cfg.head_dim, cfg.mlp_dim) == (100, 64, 704)  # 8/3*256=682.7 -> 704
+  # The vocabulary rounds up to a multiple of 128; mlp 8/3*256=682.7 -> 704.
+  assert (cfg.vocab_size, cfg.head_dim, cfg.mlp_dim) == (128, 64, 704)
   assert cfg.dtype == jnp.bfloat16 and cfg.param_dtype == jnp.float32
   tiny = tfm.TransformerConfig.from_config(lm.get_config('tiny').model, vocab_size=2048)
   assert (tiny.head_dim, tiny.mlp_dim, tiny.dtype) == (32, 512, jnp.float32)

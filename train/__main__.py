@@ -3,13 +3,11 @@
 Intentionally short: flags -> distributed init -> config -> trainer.
 """
 
-import sys
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train.config import ConfigError
+from train.config import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
                                           lock_config=True)
@@ -61,15 +59,14 @@ def main(argv):
   logging.get_absl_logger().addFilter(_QuietLibraries())
   init_distributed()
   from train import trainer  # after distributed init, which must precede any device use
-  try:
+
+  def run():
     result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    logging.error('Config error: %s', e)
-    print(f'Config error: {e}', file=sys.stderr)
-    sys.exit(2)
-  if jax.process_index() == 0:
-    for tag, text in result.samples.items():
-      print(f'--- {tag} ---\n{text}')
+    if jax.process_index() == 0:
+      for tag, text in result.samples.items():
+        print(f'--- {tag} ---\n{text}')
+
+  exit_on_user_error(run)
 
 
 if __name__ == '__main__':

@@ -5,13 +5,32 @@ flag names a key the schema does not have. This module checks values and
 combinations, and says which key is wrong and what it may be.
 """
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 
 import ml_collections
+from absl import logging
+
+from data.sources import DataError
 
 
 class ConfigError(ValueError):
   """A config value or combination that cannot run."""
+
+
+# Problems in what a user gave (config, data, workdir): reported as one sentence, no traceback.
+USER_ERRORS = (ConfigError, DataError)
+
+
+def exit_on_user_error(fn: Callable[[], None]) -> None:
+  """Runs `fn`; a user error becomes its message on stderr and exit status 2."""
+  try:
+    fn()
+  except USER_ERRORS as e:
+    kind = 'Config error' if isinstance(e, ConfigError) else 'Data error'
+    logging.error('%s: %s', kind, e)
+    print(f'{kind}: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 def require(ok: bool, message: str) -> None:

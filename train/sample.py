@@ -15,7 +15,7 @@ from absl import app, flags
 
 from train import checkpoint, trainer
 from train import mesh as mesh_lib
-from train.config import ConfigError
+from train.config import ConfigError, exit_on_user_error
 from train.tasks import get_task
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory given to `python -m train`.')
@@ -56,6 +56,10 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required.')
+  exit_on_user_error(_sample)
+
+
+def _sample() -> None:
   task, state, step = load_latest(_WORKDIR.value)
   s = task.config.sample
   for i in range(_NUM.value):

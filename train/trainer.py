@@ -129,6 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   logging.info('Mesh %s on %d devices in %d processes.', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
+  # Shapes that do not split over the mesh are config errors too: find them
+  # before the data is read (the vocabulary, known after, is rounded to split).
+  setup_state(task, config, mesh)
+
   # --- data ------------------------------------------------------------------
   train_iter = task.setup_data(workdir, jax.process_index(), jax.process_count())
   write_config(config, workdir)

@@ -50,6 +50,10 @@ class LMTask:
     self.config = config
     self.tokenizer = None
     self.data = None
+    # The vocabulary is known once the tokenizer exists; until then a stand-in
+    # of the same rounding lets every model check and sharding check run before
+    # any data is read.
+    self._setup_model(1)
 
   # --- setup -----------------------------------------------------------------
 
@@ -58,20 +62,22 @@ class LMTask:
     self.data = lm_pipeline.build_lm_data(
         c.data, seed=c.seed, global_batch_size=c.batch_size, eval_steps=c.eval_steps,
         workdir=workdir, process_index=process_index, process_count=process_count)
-    self._setup_model(self.data.tokenizer)
+    self._set_tokenizer(self.data.tokenizer)
     return self.data.train
 
   def setup_inference(self, workdir: str) -> None:
-    self._setup_model(tokenizers.load_tokenizer(workdir))
+    self._set_tokenizer(tokenizers.load_tokenizer(workdir))
 
-  def _setup_model(self, tokenizer) -> None:
+  def _set_tokenizer(self, tokenizer: tokenizers.Tokenizer) -> None:
     self.tokenizer = tokenizer
-    vocab_size = self.config.model.vocab_size
-    if vocab_size == -1:
-      # Round up so the vocab dimension splits over any tensor-parallel size
-      # up to 128 (and matmuls tile well); the extra rows are never targets.
-      vocab_size = -(-tokenizer.vocab_size // 128) * 128
-    self.model_cfg = transformer.TransformerConfig.from_config(self.config.model, vocab_size)
+    self._setup_model(tokenizer.vocab_size)
+
+  def _setup_model(self, tokenizer_vocab_size: int) -> None:
+    try:
+      self.model_cfg = transformer.TransformerConfig.from_config(
+          self.config.model, tokenizer_vocab_size)
+    except ValueError as e:  # the model names the key; the trainer reports it as a config error
+      raise ConfigError(str(e)) from None
     self.tx = optim.make_optimizer(self.config.optimizer, self.config.steps,
                                    self.config.max_nonfinite_steps)
     self.schedule = optim.lr_schedule(self.config.optimizer, self.config.steps)
