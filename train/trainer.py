@@ -201,7 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
       interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
   paused = 0.0  # seconds spent on evals within the interval, left out of step times
 
-  with _Preemption() as preemption:
+  # Under the mesh context, model code can see the mesh (jax.sharding.get_abstract_mesh()),
+  # e.g. to run a per-device kernel through jax.shard_map.
+  with jax.set_mesh(mesh), _Preemption() as preemption:
     try:
       for step in range(start + 1, config.steps + 1):
         batch = global_batch(next(train_iter), batch_sharding)

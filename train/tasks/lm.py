@@ -16,21 +16,14 @@ from model import transformer
 from train import optim
 from train.config import ConfigError, check_choice, check_positive, require
 
-DTYPES = ('float32', 'bfloat16', 'float16')
-
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """LM-specific checks; the model's own shape checks run in TransformerConfig."""
+  """LM-specific checks; `model.*` is checked by TransformerConfig.from_config."""
   check_choice(config, 'data.source', ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic'))
   check_choice(config, 'data.tokenizer.kind', ('sentencepiece', 'byte', 'char'))
   check_choice(config, 'data.tokenizer.model_type', ('bpe', 'unigram'))
-  check_choice(config, 'model.dtype', DTYPES)
-  check_choice(config, 'model.param_dtype', DTYPES)
-  check_choice(config, 'model.remat', ('none', 'full', 'dots'))
-  check_choice(config, 'model.attention', ('xla',))
-  check_positive(config, 'data.seq_len', 'model.d_model', 'model.n_layers', 'model.n_heads',
-                 'model.n_kv_heads')
-  check_positive(config, 'loss.z_loss', 'model.dropout', allow_zero=True)
+  check_positive(config, 'data.seq_len')
+  check_positive(config, 'loss.z_loss', allow_zero=True)
   require(0.0 < config.data.val_fraction < 1.0,
           f'data.val_fraction={config.data.val_fraction!r} must be in (0, 1).')
   if config.data.source in ('text', 'jsonl'):
