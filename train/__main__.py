@@ -3,6 +3,8 @@
 Intentionally short: flags -> distributed init -> config -> trainer.
 """
 
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -61,7 +63,12 @@ def main(argv):
   from train import trainer  # after distributed init, which must precede any device use
 
   def run():
-    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+      result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.NonFiniteError as e:  # diverged: the message says where the good state is
+      logging.error('%s', e)
+      print(f'Training diverged: {e}', file=sys.stderr)
+      sys.exit(3)
     if jax.process_index() == 0:
       for tag, text in result.samples.items():
         print(f'--- {tag} ---\n{text}')
@@ -69,5 +76,24 @@ def main(argv):
   exit_on_user_error(run)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.key` reported as a config error.
+
+  ml_collections raises a bare AttributeError (with a did-you-mean hint) for a key
+  the schema lacks; absl would show it as a traceback.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
+      detail = detail.args[0]
+    detail = str(detail).replace('\n', '. ')
+    detail += '' if detail.endswith(('.', '?')) else '.'
+    print(f'Config error: unknown config key {detail} Every key, with its default, is in '
+          'the file named by --config.', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
