@@ -48,10 +48,9 @@ def _visible(mask: BlockMask, element_mask, q_row, k_col, q_seg, k_seg):
   return ok
 
 
-def _params(head_dim: int, num_warps: int | None, num_stages: int | None):
-  if num_warps is None:
-    num_warps = 4 if head_dim <= 64 else 8
-  return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages or 2)
+def _params(head_dim: int) -> pltr.CompilerParams:
+  # Triton's usual choice for attention tiles: more warps for the wider head dims.
+  return pltr.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ---------------------------------------------------------------------------
@@ -93,8 +92,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, 
 
 
 def forward(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, *, mask: BlockMask, scale: float,
-            softcap: float | None, block_q: int, block_k: int, num_warps=None, num_stages=None,
-            interpret=False):
+            softcap: float | None, block_q: int, block_k: int, interpret=False):
   """Returns (o_BxLxHxD, lse_BxHxL float32)."""
   b, q_len, h, d = q_BxLxHxD.shape
   kv_len, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
@@ -116,7 +114,7 @@ def forward(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, *, mask: BlockMask
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b_, h_: (b_, h_, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BxLxHxD.shape, q_BxLxHxD.dtype),
                  jax.ShapeDtypeStruct((b, h, q_len), jnp.float32)],
-      compiler_params=_params(d, num_warps, num_stages),
+      compiler_params=_params(d),
       interpret=interpret,
       name='kiln_flash_forward_triton',
   )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, segment_ids_BxL)
@@ -194,67 +192,70 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_se
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
+def _dkv(q, k, v, do, lse, delta, seg, *, mask, scale, softcap, block_q, block_k, interpret):
+  """One program per (key block, batch, kv head); the G query heads of the group come along."""
+  b, q_len, h, d = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = h // kv_heads
+  grouped = lambda x: x.reshape(b, q_len, kv_heads, group, d)  # noqa: E731
+  by_group = lambda x: x.reshape(b, kv_heads, group, q_len)  # noqa: E731
+  q_group_spec = pl.BlockSpec((None, q_len, None, group, d), lambda j, b_, kh: (b_, 0, kh, 0, 0))
+  row_group_spec = pl.BlockSpec((None, None, group, q_len), lambda j, b_, kh: (b_, kh, 0, 0))
+  kv_spec = pl.BlockSpec((None, block_k, None, d), lambda j, b_, kh: (b_, j, kh, 0))
+  seg_specs = [None, None]
+  if seg is not None:
+    seg_specs = [pl.BlockSpec((None, q_len), lambda j, b_, kh: (b_, 0)),
+                 pl.BlockSpec((None, block_k), lambda j, b_, kh: (b_, j))]
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, mask=mask, scale=scale, softcap=softcap, block_q=block_q,
+                        block_k=block_k, element_mask=mask.needs_element_mask(kv_len)),
+      grid=(kv_len // block_k, b, kv_heads),
+      in_specs=[q_group_spec, kv_spec, kv_spec, q_group_spec, row_group_spec, row_group_spec,
+                *seg_specs],
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_params(d),
+      interpret=interpret,
+      name='kiln_flash_dkv_triton',
+  )(grouped(q), k, v, grouped(do), by_group(lse), by_group(delta), seg, seg)
+
+
+def _dq(q, k, v, do, lse, delta, seg, *, mask, scale, softcap, block_q, block_k, interpret):
+  """One program per (query block, batch, head)."""
+  b, q_len, h, d = q.shape
+  kv_len, kv_heads = k.shape[1], k.shape[2]
+  group = h // kv_heads
+  q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, b_, h_: (b_, i, h_, 0))
+  kv_spec = pl.BlockSpec((None, kv_len, None, d),
+                         lambda i, b_, h_: (b_, 0, jax.lax.div(h_, group), 0))
+  row_spec = pl.BlockSpec((None, None, block_q), lambda i, b_, h_: (b_, h_, i))
+  seg_specs = [None, None]
+  if seg is not None:
+    seg_specs = [pl.BlockSpec((None, block_q), lambda i, b_, h_: (b_, i)),
+                 pl.BlockSpec((None, kv_len), lambda i, b_, h_: (b_, 0))]
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, mask=mask, scale=scale, softcap=softcap, block_q=block_q,
+                        block_k=block_k, element_mask=mask.needs_element_mask(kv_len)),
+      grid=(q_len // block_q, b, h),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(d),
+      interpret=interpret,
+      name='kiln_flash_dq_triton',
+  )(q, k, v, do, lse, delta, seg, seg)
+
+
 def backward(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, o_BxLxHxD, lse_BxHxL, do_BxLxHxD,
              *, mask: BlockMask, scale: float, softcap: float | None, block_q_dkv: int,
-             block_k_dkv: int, block_q_dq: int, block_k_dq: int, num_warps=None,
-             num_stages=None, interpret=False):
+             block_k_dkv: int, block_q_dq: int, block_k_dq: int, interpret=False):
   """Returns (dq, dk, dv) in the dtypes of q, k, v."""
-  b, q_len, h, d = q_BxLxHxD.shape
-  kv_len, kv_heads = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-  group = h // kv_heads
   delta_BxHxL = jnp.einsum('blhd,blhd->bhl', o_BxLxHxD.astype(jnp.float32),
                            do_BxLxHxD.astype(jnp.float32))
   # exp(s - lse) must be 0 for a row that saw no key (lse = -inf there).
   lse_BxHxL = jnp.where(lse_BxHxL == -jnp.inf, jnp.inf, lse_BxHxL)
-  params = _params(d, num_warps, num_stages)
-  element_mask = mask.needs_element_mask(kv_len)
-  seg = segment_ids_BxL
-
-  # dK, dV: one program per (key block, batch, kv head); the G query heads come along.
-  grouped = lambda x: x.reshape(b, q_len, kv_heads, group, d)  # noqa: E731
-  bq, bk = block_q_dkv, block_k_dkv
-  q_group_spec = pl.BlockSpec((None, q_len, None, group, d), lambda j, b_, kh: (b_, 0, kh, 0, 0))
-  row_group_spec = pl.BlockSpec((None, None, group, q_len), lambda j, b_, kh: (b_, kh, 0, 0))
-  kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, b_, kh: (b_, j, kh, 0))
-  seg_specs = [None, None]
-  if seg is not None:
-    seg_specs = [pl.BlockSpec((None, q_len), lambda j, b_, kh: (b_, 0)),
-                 pl.BlockSpec((None, bk), lambda j, b_, kh: (b_, j))]
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, mask=mask, scale=scale, softcap=softcap, block_q=bq,
-                        block_k=bk, element_mask=element_mask),
-      grid=(kv_len // bk, b, kv_heads),
-      in_specs=[q_group_spec, kv_spec, kv_spec, q_group_spec, row_group_spec, row_group_spec,
-                *seg_specs],
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k_BxSxKxD.shape, k_BxSxKxD.dtype),
-                 jax.ShapeDtypeStruct(v_BxSxKxD.shape, v_BxSxKxD.dtype)],
-      compiler_params=params,
-      interpret=interpret,
-      name='kiln_flash_dkv_triton',
-  )(grouped(q_BxLxHxD), k_BxSxKxD, v_BxSxKxD, grouped(do_BxLxHxD),
-    lse_BxHxL.reshape(b, kv_heads, group, q_len), delta_BxHxL.reshape(b, kv_heads, group, q_len),
-    seg, seg)
-
-  # dQ: one program per (query block, batch, head).
-  bq, bk = block_q_dq, block_k_dq
-  q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
-  kv_full_spec = pl.BlockSpec((None, kv_len, None, d),
-                              lambda i, b_, h_: (b_, 0, jax.lax.div(h_, group), 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
-  seg_specs = [None, None]
-  if seg is not None:
-    seg_specs = [pl.BlockSpec((None, bq), lambda i, b_, h_: (b_, i)),
-                 pl.BlockSpec((None, kv_len), lambda i, b_, h_: (b_, 0))]
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, mask=mask, scale=scale, softcap=softcap, block_q=bq,
-                        block_k=bk, element_mask=element_mask),
-      grid=(q_len // bq, b, h),
-      in_specs=[q_spec, kv_full_spec, kv_full_spec, q_spec, row_spec, row_spec, *seg_specs],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q_BxLxHxD.shape, q_BxLxHxD.dtype),
-      compiler_params=params,
-      interpret=interpret,
-      name='kiln_flash_dq_triton',
-  )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, do_BxLxHxD, lse_BxHxL, delta_BxHxL, seg, seg)
+  args = (q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, do_BxLxHxD, lse_BxHxL, delta_BxHxL, segment_ids_BxL)
+  common = dict(mask=mask, scale=scale, softcap=softcap, interpret=interpret)
+  dk, dv = _dkv(*args, block_q=block_q_dkv, block_k=block_k_dkv, **common)
+  dq = _dq(*args, block_q=block_q_dq, block_k=block_k_dq, **common)
   return dq, dk, dv

@@ -97,7 +97,8 @@ def _train_config(data_path: str, attention: str):
   c.update(steps=4, batch_size=8, log_every=1, eval_every=0)
   c.checkpoint.update(every=1000, async_save=False)
   c.mesh.update(data=2, fsdp=2, tensor=2)
-  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32',
+  # remat: the kernel's custom VJP also runs inside jax.checkpoint, inside the layer scan.
+  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32', remat='full',
                  attention=attention)
   c.data.update(source='jsonl', path=data_path, seq_len=40, val_fraction=0.2)
   c.data.tokenizer.update(kind='byte')
