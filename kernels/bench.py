@@ -187,7 +187,7 @@ def write_section(path: str, device: str, command: str, body: str) -> None:
            f'Command:\n\n```bash\n{command}\n```\n\n{body}\n')
   pattern = re.compile(re.escape(heading) + r'\n.*?(?=\n### |\Z)', re.S)
   if pattern.search(section):
-    section = pattern.sub(lambda _: block.rstrip('\n'), section)
+    section = pattern.sub(lambda _: block, section)
   else:
     section = section.rstrip('\n') + '\n\n' + block
   rest = text[end:].lstrip('\n')
