@@ -34,7 +34,7 @@ def base() -> ml_collections.ConfigDict:
       dtype='bfloat16',  # compute dtype
       param_dtype='float32',
       remat='none',  # none | full | dots
-      attention='xla',  # xla (pallas and cudnn come with the kernels issue)
+      attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
       # Layers per iteration of the scan over blocks; -1 unrolls them all (no loop). 1 keeps
       # compile time flat in depth; small CPU models run faster unrolled (docs/benchmarks.md).
       scan_unroll=1,

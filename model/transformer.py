@@ -146,7 +146,7 @@ class TransformerConfig:
         dtype=_parse_choice('model.dtype', m.dtype, DTYPES),
         param_dtype=_parse_choice('model.param_dtype', m.param_dtype, DTYPES),
         remat=_parse_key('model.remat', m.remat, REMAT_POLICIES),
-        attention=_parse_key('model.attention', m.attention, attention_lib.IMPLEMENTATIONS),
+        attention=_parse_attention(m.attention),
         scan_unroll=scan_unroll,
     )
 
@@ -154,6 +154,15 @@ class TransformerConfig:
 def _parse_key(name: str, value: str, allowed) -> str:
   if value not in allowed:
     raise ValueError(f'{name}={value!r} is not allowed; choose one of {", ".join(allowed)}.')
+  return value
+
+
+def _parse_attention(value: str) -> str:
+  value = _parse_key('model.attention', value, attention_lib.IMPLEMENTATIONS)
+  try:
+    attention_lib.check_available(value)
+  except ValueError as e:
+    raise ValueError(f'model.attention={value!r}: {e}') from None
   return value
 
 

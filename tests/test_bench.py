@@ -1,0 +1,65 @@
+"""Tests for kernels/bench.py: its arithmetic and its output, at a tiny size on CPU.
+
+The bench's numbers are only meaningful on accelerators; these tests check
+that it is ready to run there: FLOPs by hand, every implementation checked
+against XLA on the same inputs, and the markdown section it rewrites.
+"""
+
+import pathlib
+
+import jax.numpy as jnp
+
+from kernels import bench
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_flops_are_the_two_forward_matmuls_halved_when_causal():
+  full = bench.Shape(batch=2, seq_len=512, heads=16, kv_heads=4, head_dim=128, causal=False)
+  assert full.forward_flops() == 4 * 2 * 16 * 512 * 512 * 128
+  causal = bench.Shape(batch=2, seq_len=512, heads=16, kv_heads=4, head_dim=128, causal=True)
+  assert causal.forward_flops() == full.forward_flops() / 2
+  row = bench.Row('xla', full, fwd_ms=2.0, fwd_bwd_ms=7.0, max_err=0.0)
+  assert row.tflops(row.fwd_ms, 1.0) == full.forward_flops() / 2e-3 / 1e12
+  assert row.tflops(row.fwd_bwd_ms, 3.5) == row.tflops(row.fwd_ms, 1.0)
+
+
+def test_shapes_keep_tokens_and_hidden_fixed():
+  shapes = bench.shapes([512, 16384], [64, 128], [False, True], [False, True], tokens=16384,
+                        hidden=2048, gqa_ratio=4)
+  assert len(shapes) == 16
+  for s in shapes:
+    assert s.batch * s.seq_len == 16384 and s.heads * s.head_dim == 2048
+    assert s.kv_heads in (s.heads, s.heads // 4)
+
+
+def test_every_implementation_runs_on_the_same_inputs_and_is_checked():
+  shape = bench.Shape(batch=1, seq_len=48, heads=2, kv_heads=1, head_dim=16, causal=True)
+  rows = bench.bench_shape(shape, ['pallas', 'xla', 'cudnn'], jnp.bfloat16, repeats=1, iters=1)
+  by_impl = {r.impl: r for r in rows}
+  assert set(by_impl) == {'pallas', 'xla', 'cudnn'}
+  assert by_impl['cudnn'].note == 'needs an NVIDIA GPU' and by_impl['cudnn'].fwd_ms is None
+  assert by_impl['xla'].max_err == 0.0
+  assert 0.0 < by_impl['pallas'].max_err < 2e-2  # bf16 kernel against bf16 XLA: close, not equal
+  for impl in ('pallas', 'xla'):
+    assert by_impl[impl].fwd_ms > 0 and by_impl[impl].fwd_bwd_ms > 0
+  text = bench.table(rows)
+  assert text.count('\n') == 4 and '| pallas | 48 | 16 | yes | 2/1 | 1 |' in text
+
+
+def test_section_is_written_per_device_and_replaced_on_rerun(tmp_path):
+  path = tmp_path / 'benchmarks.md'
+  original = (REPO / 'docs' / 'benchmarks.md').read_text()
+  path.write_text(original)
+  bench.write_section(str(path), 'NVIDIA H100', 'python -m kernels.bench', '| table one |')
+  bench.write_section(str(path), 'TPU v5p', 'python -m kernels.bench', '| table two |')
+  bench.write_section(str(path), 'NVIDIA H100', 'python -m kernels.bench', '| table three |')
+  text = path.read_text()
+  assert '| table one |' not in text and '| table two |' in text and '| table three |' in text
+  attention = text[text.index(bench.SECTION):]
+  assert attention.index('NVIDIA H100') < attention.index('TPU v5p')  # replaced in place
+  assert attention.count('\n\n### `python -m kernels.bench` on ') == 2  # headings, own paragraphs
+  # Everything outside the attention section is untouched.
+  before = original[:original.index(bench.SECTION)]
+  after = original[original.index('\n## ', original.index(bench.SECTION)):]
+  assert text.startswith(before) and text.endswith(after)
