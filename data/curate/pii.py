@@ -110,7 +110,7 @@ def _candidates(text: str, kind: str):
     if '@' in text:
       yield from (Match(m.start(), m.end(), kind) for m in _EMAIL.finditer(text))
   elif kind == 'ip':
-    for pattern in (_IPV4, _IPV6):
+    for pattern in (_IPV6, _IPV4):  # v6 first: it may end in a dotted v4
       for m in pattern.finditer(text):
         if _is_public_ip(m.group()):
           yield Match(m.start(), m.end(), kind)

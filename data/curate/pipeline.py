@@ -281,8 +281,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_languages(languages: Sequence[str]) -> None:
-  from py3langid.langid import MODEL_FILE, LanguageIdentifier
-  known = set(LanguageIdentifier.from_model_file(MODEL_FILE).labels)
+  known = set(stages.language_identifier().labels)
   unknown = sorted(set(languages) - known)
   require(not unknown, f'language.languages has {unknown}, which the language model does not '
-          f'know; it knows ISO 639-1 codes: {", ".join(sorted(known))}.')
+          f'know; it knows: {", ".join(sorted(known))}.')

@@ -9,6 +9,7 @@ word-list regex) is built in `setup`, once per worker.
 The dedup stages need every document at once and live in `dedup.py`.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -81,8 +82,7 @@ class Language(Stage):
     self.max_chars = cfg.max_chars
 
   def setup(self):
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-    self.identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    self.identifier = language_identifier()
 
   def process(self, doc):
     text = doc['text'][:self.max_chars] if self.max_chars else doc['text']
@@ -92,6 +92,13 @@ class Language(Stage):
     if probability < self.threshold:
       return Verdict(None, f'language probability below {self.threshold}')
     return Verdict(_with_metadata(doc, language=language, language_score=round(probability, 4)))
+
+
+@functools.cache
+def language_identifier():
+  """py3langid's model with probabilities, loaded once per process (it takes a second)."""
+  from py3langid.langid import MODEL_FILE, LanguageIdentifier
+  return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
 class Rule(Stage):
