@@ -19,7 +19,6 @@ than input.max_doc_bytes are skipped and counted, by reason, in the report's
 'read' row; every other record of the same file is still read.
 """
 
-import io
 import json
 from typing import NamedTuple
 
@@ -112,7 +111,8 @@ class ReadFile(CountingDoFn):
 
   def _jsonl(self, path: str):
     with FileSystems.open(path) as f:
-      for number, line in enumerate(io.BufferedReader(f), start=1):
+      # readline, not iteration: Beam's decompressing files only offer readline.
+      for number, line in enumerate(iter(f.readline, b''), start=1):
         if not line.strip():
           continue  # blank lines (a trailing one, say) are not records
         if len(line) > self.max_doc_bytes:

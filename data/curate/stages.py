@@ -232,12 +232,12 @@ class Decontaminate(Stage):
 
 
 def eval_ngrams(texts: Sequence[str], n: int) -> np.ndarray:
-  """Sorted unique uint64 hashes of the word n-grams of `texts` (short texts: all words)."""
-  grams = []
-  for text in texts:
-    word_hashes, _ = words.words(text)
-    grams.append(words.ngrams(word_hashes, min(n, len(word_hashes))) if len(word_hashes) else
-                 np.zeros(0, np.uint64))
+  """Sorted unique uint64 hashes of the word n-grams of `texts`.
+
+  A text of fewer than n words has none: no n-gram of a document can match it
+  (GPT-3's decontamination skips such examples too).
+  """
+  grams = [words.ngrams(words.words(text)[0], n) for text in texts]
   return np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
 
 
