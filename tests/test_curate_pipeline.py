@@ -289,3 +289,21 @@ def test_bad_config_and_paths_fail_before_running(corpus, tmp_path):
   fails(DataError, 'already holds curated shards', out=tmp_path / 'used')
   with pytest.raises(DataError, match='Unknown flags: --runer'):
     pipeline.pipeline_options(['--runer=DataflowRunner'])
+
+
+def test_beam_counters_match_the_report(corpus, tmp_path):
+  """The counters a cluster runner shows while running equal the report's numbers."""
+  options = pipeline.pipeline_options(['--direct_running_mode=in_memory',
+                                       '--direct_num_workers=1'])
+  p = pipeline.make_pipeline(options)
+  os.makedirs(tmp_path / 'out')
+  pipeline.build(p, corpus_config(), pipeline.expand_inputs(str(corpus / '*')),
+                 str(tmp_path / 'out'), input_pattern='raw')
+  result = p.run()
+  result.wait_until_finish()
+  counters = {c.key.metric.name: c.committed for c in result.metrics().query()['counters']
+              if c.key.metric.namespace == 'kiln_curate'}
+  report = json.loads((tmp_path / 'out' / write.REPORT_FILE).read_text())
+  for row in [report['read']] + report['stages']:
+    for field in ('docs_in', 'bytes_in', 'docs_out', 'bytes_out'):
+      assert counters[f'{row["stage"]}_{field}'] == row[field], (row['stage'], field)

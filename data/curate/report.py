@@ -14,10 +14,12 @@ import json
 import zlib
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 EXAMPLE_CHARS = 300
 STATS = 'stats'  # the tagged output that carries (stage name, StageStats)
+METRICS_NAMESPACE = 'kiln_curate'
 
 
 def doc_id(key: tuple[str, int]) -> str:
@@ -95,6 +97,10 @@ class CountingDoFn(beam.DoFn):
 
   def finish_bundle(self):
     if self.stats.docs_in:
+      # Beam's counters: what a cluster runner's UI shows while the job runs.
+      for field in ('docs_in', 'bytes_in', 'docs_out', 'bytes_out'):
+        Metrics.counter(METRICS_NAMESPACE, f'{self.stage_name}_{field}').inc(
+            getattr(self.stats, field))
       yield beam.pvalue.TaggedOutput(
           STATS, GlobalWindows.windowed_value((self.stage_name, self.stats)))
 
