@@ -79,10 +79,30 @@ def words(text: str) -> tuple[np.ndarray, np.ndarray]:
 
   Lengths are in characters. Case is ignored: 'The' and 'the' hash alike.
   """
-  code_points = np.frombuffer(text.lower().encode('utf-32-le', errors='surrogatepass'),
+  hashes, starts, ends = _spans(text.lower())
+  return hashes, (ends - starts).astype(np.int64)
+
+
+def words_of_many(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+  """(hashes uint64 [W], text index int64 [W]) of the words of all `texts`, in order.
+
+  One pass over all the texts at once, so that numpy's per-call cost is paid
+  once per batch rather than once per text.
+  """
+  lowered = [t.lower() for t in texts]
+  # '\n' is not a word character, so no word spans two texts.
+  hashes, starts, _ = _spans('\n'.join(lowered))
+  text_starts = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]])
+  return hashes, np.searchsorted(text_starts, starts, side='right') - 1
+
+
+def _spans(lowered: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(hashes uint64, start and end character offsets) of the words of a lowercased text."""
+  code_points = np.frombuffer(lowered.encode('utf-32-le', errors='surrogatepass'),
                               dtype=np.uint32)
   if not len(code_points):
-    return np.zeros(0, _U64), np.zeros(0, np.int64)
+    empty = np.zeros(0, np.int64)
+    return np.zeros(0, _U64), empty, empty
   is_word = _word_char_table()[code_points]
   edges = np.diff(is_word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
   starts = np.flatnonzero(edges == 1)
@@ -93,7 +113,7 @@ def words(text: str) -> tuple[np.ndarray, np.ndarray]:
   prefix = np.zeros(len(code_points) + 1, _U64)
   np.cumsum(code_points.astype(_U64) * powers, out=prefix[1:])
   hashes = (prefix[ends] - prefix[starts]) * inverse_powers[starts]
-  return mix64(hashes), (ends - starts).astype(np.int64)
+  return mix64(hashes), starts, ends
 
 
 def ngrams(word_hashes: np.ndarray, n: int) -> np.ndarray:
