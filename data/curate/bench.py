@@ -19,6 +19,7 @@ standard-library modules until --max_mb. Nothing is downloaded.
 """
 
 import json
+import logging
 import os
 import pathlib
 import pydoc_data.topics
@@ -156,6 +157,7 @@ def bench_pipeline(max_mb: float, workers: list[int]) -> None:
 
 
 def main(argv):
+  logging.getLogger('apache_beam').setLevel(logging.WARNING)
   if len(argv) != 2 or argv[1] not in ('minhash', 'pipeline'):
     raise app.UsageError('Usage: python -m data.curate.bench minhash|pipeline [--max_mb=N]')
   if argv[1] == 'minhash':
