@@ -111,7 +111,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.perplexity = ml_collections.ConfigDict(dict(
       enabled=False,
       workdir='',  # a Kiln LM training run (python -m train --workdir=...)
-      max_perplexity=1000.0,  # per token, under that run's tokenizer
+      max_perplexity=1000.0,  # per token of that run's tokenizer; no published value fits all
       batch_size=16,
   ))
   c.decontamination = ml_collections.ConfigDict(dict(

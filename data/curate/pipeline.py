@@ -90,13 +90,16 @@ class _EvalNgrams(beam.CombineFn):
   """Evaluation texts -> sorted unique uint64 hashes of their word n-grams."""
 
   def __init__(self, n: int, normalize_cfg: ml_collections.ConfigDict):
-    self.n, self.normalize_cfg = n, normalize_cfg
+    # Evaluation texts are normalised as the corpus is, so that both spell words alike.
+    self.n = n
+    self.normalizer = normalize.Normalizer(normalize_cfg) if normalize_cfg.enabled else None
 
   def create_accumulator(self):
     return np.zeros(0, np.uint64)
 
   def add_input(self, acc, text):
-    text = normalize.Normalizer(self.normalize_cfg)(text)
+    if self.normalizer:
+      text = self.normalizer(text)
     return np.union1d(acc, stages.eval_ngrams([text], self.n))
 
   def merge_accumulators(self, accumulators):
