@@ -1,7 +1,7 @@
 """Curation benchmarks (numbers in docs/benchmarks.md, "Data curation").
 
   python -m data.curate.bench minhash [--max_mb=8]
-  python -m data.curate.bench pipeline [--max_mb=16 --workers=1,2]
+  python -m data.curate.bench pipeline [--max_mb=16 --workers=1,2 --files=16]
 
 minhash: Kiln's MinHash (signatures + LSH bucketing + candidate pairs) against
 datasketch's MinHash + MinHashLSH with the same permutations (14 bands x 8
@@ -24,6 +24,7 @@ import os
 import pathlib
 import pydoc_data.topics
 import re
+import resource
 import tempfile
 import time
 
@@ -33,6 +34,7 @@ from data import sources
 
 _MAX_MB = flags.DEFINE_float('max_mb', None, 'Corpus size (default 8 for minhash, 16 pipeline).')
 _WORKERS = flags.DEFINE_list('workers', ['1', '2'], 'Worker processes for the pipeline runs.')
+_FILES = flags.DEFINE_integer('files', 16, 'Input files the pipeline benchmark writes.')
 _SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data'
                 / 'tinyshakespeare.txt')
 
@@ -154,22 +156,34 @@ def bench_pipeline(max_mb: float, workers: list[int]) -> None:
 
   texts = corpus(max_mb * 1e6)
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'corpus.jsonl')
-    with open(path, 'w', encoding='utf-8') as f:
-      for text in texts:
-        f.write(json.dumps({'text': text}) + '\n')
+    # Files are what workers read in parallel, as in any real corpus of many shards.
+    for shard in range(_FILES.value):
+      with open(os.path.join(tmp, f'corpus-{shard:03d}.jsonl'), 'w', encoding='utf-8') as f:
+        for text in texts[shard::_FILES.value]:
+          f.write(json.dumps({'text': text}) + '\n')
+    path = os.path.join(tmp, 'corpus-*.jsonl')
     for n in workers:
       options = pipeline.pipeline_options(['--direct_running_mode=multi_processing',
                                            f'--direct_num_workers={n}'])
-      start = time.perf_counter()
+      load = os.getloadavg()[0]
+      start, cpu_start = time.perf_counter(), _cpu_seconds()
       report = pipeline.run(curate.get_config(), path, os.path.join(tmp, f'out{n}'), options)
-      seconds = time.perf_counter() - start
+      seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
       mb = report['read']['bytes_in'] / 1e6
       print(f'{n} worker(s): {len(texts):,} documents, {mb:.2f} MB in {seconds:.1f} s: '
-            f'{mb / seconds:.2f} MB/s, {report["kept"]["docs"]:,} documents kept')
+            f'{mb / seconds:.2f} MB/s; {cpu:.1f} CPU-s (driver and workers): '
+            f'{mb / cpu:.2f} MB per CPU-s; load average {load:.1f} before; '
+            f'{report["kept"]["docs"]:,} documents kept')
       for row in report['stages']:
         print(f'    {row["stage"]:<18} removed {row["docs_removed"]:>6,} docs '
               f'{row["bytes_removed"] / 1e6:8.2f} MB')
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process and of its finished children (the workers)."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+      resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main(argv):
