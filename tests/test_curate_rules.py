@@ -258,6 +258,7 @@ def test_toxicity_word_list_whole_words_and_max_hits(tmp_path):
   assert f.hits('Porn here.') == 1  # case-insensitive
   assert f.hits('pornographic scunthorpe Dickens cocktail') == 0  # whole words only
   assert f.hits('just KILL\n  yourself') == 1  # a phrase across whitespace
+  assert toxicity.WordListFilter(['a$$']).hits('what a$$ and a$$x') == 1  # not only \w entries
   stage = stages.Toxicity(cfg_of('toxicity', max_hits=1))
   stage.setup()
   doc = lambda t: {'id': ('f', 1), 'text': t, 'metadata': {}}  # noqa: E731

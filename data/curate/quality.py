@@ -9,14 +9,20 @@ kept lines. Thresholds default to the published values (configs/curate.py):
   FineWeb  Penedo et al. 2024, "The FineWeb Datasets", section 3.4.
 
 Where a paper leaves a detail open, the choice is written beside the code.
+A config block may be an ml_collections.ConfigDict or, for speed inside the
+pipeline (ConfigDict attribute access is slow in per-line loops), a plain
+namespace of the same fields (stages.plain).
 """
 
 import re
+import types
 
 import ml_collections
 import numpy as np
 
 from data.curate import words
+
+Settings = ml_collections.ConfigDict | types.SimpleNamespace
 
 _BULLETS = ('•', '●', '○', '◦', '▪', '▫', '‣', '⁃', '-', '*', '–', '—')
 _ELLIPSES = ('...', '…')
@@ -26,8 +32,12 @@ TERMINAL_PUNCTUATION = ('.', '!', '?', '"', "'", '”', '’', '»', '…', '。
 
 # --- Gopher quality ----------------------------------------------------------------
 
+# A whitespace-separated token with at least one letter ([^\W\d_]: a word character
+# that is neither a digit nor '_'); one match per such token.
+_WORDS_WITH_A_LETTER = re.compile(r'\S*[^\W\d_]\S*')
 
-def gopher_quality(text: str, cfg: ml_collections.ConfigDict) -> str | None:
+
+def gopher_quality(text: str, cfg: Settings) -> str | None:
   """Gopher's quality filter. Words are whitespace-separated tokens, as in the paper."""
   tokens = text.split()
   n = len(tokens)
@@ -35,7 +45,7 @@ def gopher_quality(text: str, cfg: ml_collections.ConfigDict) -> str | None:
     return f'fewer than {cfg.min_words} words'
   if n > cfg.max_words:
     return f'more than {cfg.max_words} words'
-  mean_length = sum(len(t) for t in tokens) / n
+  mean_length = sum(map(len, tokens)) / n
   if not cfg.min_mean_word_length <= mean_length <= cfg.max_mean_word_length:
     return (f'mean word length outside [{cfg.min_mean_word_length}, '
             f'{cfg.max_mean_word_length}]')
@@ -48,10 +58,10 @@ def gopher_quality(text: str, cfg: ml_collections.ConfigDict) -> str | None:
     return f'more than {cfg.max_bullet_lines_ratio:.0%} of lines start with a bullet'
   if sum(line.endswith(_ELLIPSES) for line in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
     return f'more than {cfg.max_ellipsis_lines_ratio:.0%} of lines end with an ellipsis'
-  if sum(any(c.isalpha() for c in t) for t in tokens) / n < cfg.min_alpha_words_ratio:
+  if len(_WORDS_WITH_A_LETTER.findall(text)) / n < cfg.min_alpha_words_ratio:
     return f'fewer than {cfg.min_alpha_words_ratio:.0%} of words have a letter'
   # "at least two of the following English words": distinct stop words, read literally.
-  present = {t.strip('.,;:!?"\'()[]').lower() for t in tokens} & set(cfg.stop_words)
+  present = {t.strip('.,;:!?"\'()[]') for t in text.lower().split()} & set(cfg.stop_words)
   if len(present) < cfg.min_stop_words:
     return f'fewer than {cfg.min_stop_words} distinct stop words'
   return None
@@ -60,7 +70,7 @@ def gopher_quality(text: str, cfg: ml_collections.ConfigDict) -> str | None:
 # --- Gopher repetition --------------------------------------------------------------
 
 
-def gopher_repetition(text: str, cfg: ml_collections.ConfigDict) -> str | None:
+def gopher_repetition(text: str, cfg: Settings) -> str | None:
   """Gopher's repetition filter: repeated lines, paragraphs and word n-grams.
 
   A repeated line or paragraph is one whose text occurred earlier in the
@@ -70,10 +80,12 @@ def gopher_repetition(text: str, cfg: ml_collections.ConfigDict) -> str | None:
   for unit, parts in (('line', text.split('\n')), ('paragraph', re.split(r'\n{2,}', text))):
     parts = [p.strip() for p in parts if p.strip()]
     repeated = _repeats(parts)
-    if parts and len(repeated) / len(parts) > cfg[f'max_dup_{unit}_frac']:
-      return f'more than {cfg[f"max_dup_{unit}_frac"]:.0%} of {unit}s repeated'
-    if sum(map(len, repeated)) / max(len(text), 1) > cfg[f'max_dup_{unit}_char_frac']:
-      return f'more than {cfg[f"max_dup_{unit}_char_frac"]:.0%} of characters in repeated {unit}s'
+    frac, char_frac = (getattr(cfg, f'max_dup_{unit}_frac'),
+                       getattr(cfg, f'max_dup_{unit}_char_frac'))
+    if parts and len(repeated) / len(parts) > frac:
+      return f'more than {frac:.0%} of {unit}s repeated'
+    if sum(map(len, repeated)) / max(len(text), 1) > char_frac:
+      return f'more than {char_frac:.0%} of characters in repeated {unit}s'
   word_hashes, lengths = words.words(text)
   total_chars = int(lengths.sum())
   if total_chars == 0:
@@ -149,7 +161,7 @@ _C4_END_MARKS = ('.', '?', '!', '"')
 _SENTENCE_END = re.compile(r'[.!?]+["\')\]]*(?=\s|$)')
 
 
-def c4(text: str, cfg: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
+def c4(text: str, cfg: Settings) -> tuple[str | None, str | None]:
   """C4's clean_page: (kept text, None), or (None, why the page is dropped).
 
   Line by line, in TFDS's order: lines with a word longer than max_word_length
@@ -163,9 +175,9 @@ def c4(text: str, cfg: ml_collections.ConfigDict) -> tuple[str | None, str | Non
   kept, sentences = [], 0
   for line in text.split('\n'):
     line = line.strip()
-    if any(len(word) > cfg.max_word_length for word in line.split()):
+    if max(map(len, line.split()), default=0) > cfg.max_word_length:
       continue
-    if cfg.remove_citations:
+    if cfg.remove_citations and '[' in line:
       line = _CITATION.sub('', line)
     if cfg.filter_no_terminal_punct and (not line.endswith(_C4_END_MARKS)
                                          or line.endswith('...')):
@@ -191,7 +203,7 @@ def c4(text: str, cfg: ml_collections.ConfigDict) -> tuple[str | None, str | Non
 # --- FineWeb ------------------------------------------------------------------------
 
 
-def fineweb(text: str, cfg: ml_collections.ConfigDict) -> str | None:
+def fineweb(text: str, cfg: Settings) -> str | None:
   """FineWeb's three extra rules, over the non-empty lines (stripped)."""
   lines = [line.strip() for line in text.split('\n') if line.strip()]
   if not lines:

@@ -10,6 +10,7 @@ The dedup stages need every document at once and live in `dedup.py`.
 """
 
 import functools
+import types
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -41,6 +42,11 @@ class Stage:
 
   def process_batch(self, docs: Sequence[dict], *side_inputs) -> list[Verdict]:
     return [self.process(doc, *side_inputs) for doc in docs]
+
+
+def plain(cfg: ml_collections.ConfigDict) -> types.SimpleNamespace:
+  """The config block as a plain namespace: rules read it per line, and ConfigDict is slow."""
+  return types.SimpleNamespace(**cfg.to_dict())
 
 
 def _with_text(doc: dict, text: str) -> dict:
@@ -105,7 +111,7 @@ class Rule(Stage):
   """A quality rule family from `quality`: text -> reason or None."""
 
   def __init__(self, name: str, cfg: ml_collections.ConfigDict):
-    self.name, self.cfg = name, cfg
+    self.name, self.cfg = name, plain(cfg)
     self.rule = {'gopher_quality': quality.gopher_quality,
                  'gopher_repetition': quality.gopher_repetition,
                  'fineweb': quality.fineweb}[name]
@@ -119,7 +125,7 @@ class C4(Stage):
   name = 'c4'
 
   def __init__(self, cfg: ml_collections.ConfigDict):
-    self.cfg = cfg
+    self.cfg = plain(cfg)
 
   def process(self, doc):
     text, reason = quality.c4(doc['text'], self.cfg)

@@ -40,18 +40,35 @@ def read_word_list(path: str) -> list[str]:
   return entries
 
 
+_WORD = re.compile(r'\w+')
+
+
 class WordListFilter:
-  """Counts whole-word, case-insensitive occurrences of the listed words and phrases."""
+  """Counts whole-word, case-insensitive occurrences of the listed words and phrases.
+
+  Entries made of word characters (\\w) are looked up among the text's words,
+  phrases among its runs of words (any whitespace or punctuation between them);
+  entries with other characters ('a$$') fall back to a regex.
+  """
 
   def __init__(self, entries: Sequence[str]):
-    # One alternation, longest entries first, so 'fucking' wins over 'fuck'.
-    alternatives = sorted({re.escape(e).replace(r'\ ', r'\s+') for e in entries},
-                          key=len, reverse=True)
-    self._pattern = re.compile(r'(?<!\w)(?:' + '|'.join(alternatives) + r')(?!\w)',
-                               re.IGNORECASE)
+    self._words = {e for e in entries if _WORD.fullmatch(e)}
+    self._phrases = {' '.join(e.split()) for e in entries
+                     if ' ' in e and all(_WORD.fullmatch(w) for w in e.split())}
+    others = sorted(set(entries) - self._words - self._phrases, key=len, reverse=True)
+    self._others = re.compile(
+        r'(?<!\w)(?:' + '|'.join(re.escape(e).replace(r'\ ', r'\s+') for e in others) + r')(?!\w)',
+        re.IGNORECASE) if others else None
 
   def hits(self, text: str) -> int:
-    return sum(1 for _ in self._pattern.finditer(text))
+    words = _WORD.findall(text.lower())
+    count = sum(map(self._words.__contains__, words))
+    if self._phrases:
+      joined = f' {" ".join(words)} '
+      count += sum(joined.count(f' {p} ') for p in self._phrases)
+    if self._others is not None:
+      count += sum(1 for _ in self._others.finditer(text))
+    return count
 
 
 def load_classifier(spec: str) -> Callable[[list[str]], Sequence[float]]:
