@@ -172,8 +172,8 @@ def trained_run(tokens, tmp_path_factory) -> pathlib.Path:
 
 
 def test_scorer_matches_the_model_on_each_window_alone(trained_run):
-  score = sample.load_scorer(str(trained_run))
   task, state, _ = sample.load_latest(str(trained_run))
+  score = sample.document_scorer(task, state['params'])
   texts = ['A short one.', list(pydoc_data.topics.topics.values())[40][:400]]
   got = score(texts)
   windows = []

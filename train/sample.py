@@ -55,17 +55,22 @@ def load_latest(workdir: str):
 
 
 def load_scorer(workdir: str, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
+  """`document_scorer` of the newest checkpoint in `workdir`."""
+  task, state, _ = load_latest(workdir)
+  return document_scorer(task, state['params'], batch_rows)
+
+
+def document_scorer(task, params, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
   """A function from documents to their mean next-token NLL (nats per token), float64 [D].
 
-  The model is the newest checkpoint in `workdir`. A document is tokenized as
-  in training (BOS first, when the tokenizer has one) and read in windows of
-  seq_len + 1 tokens with stride seq_len, each window a fresh context, as the
-  training batches are; every token after the first is predicted once.
-  Documents with nothing to predict (no BOS and one token) score NaN. Windows
-  go through the model `batch_rows` at a time, so one program serves all.
+  A document is tokenized as in training (BOS first, when the tokenizer has
+  one) and read in windows of seq_len + 1 tokens with stride seq_len, each
+  window a fresh context, as the training batches are; every token after the
+  first is predicted once. Documents with nothing to predict (no BOS and one
+  token) score NaN. Windows go through the model `batch_rows` at a time, so
+  one program serves all.
   """
-  task, state, _ = load_latest(workdir)
-  params, tokenizer, seq_len = state['params'], task.tokenizer, task.config.data.seq_len
+  tokenizer, seq_len = task.tokenizer, task.config.data.seq_len
   token_nll = jax.jit(task.token_nll)
   bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
 
