@@ -2,12 +2,16 @@
 
   python -m data.curate.bench minhash [--max_mb=8]
   python -m data.curate.bench pipeline [--max_mb=16 --workers=1,2 --files=16]
+  python -m data.curate.bench stages [--max_mb=4]
 
 minhash: Kiln's MinHash (signatures + LSH bucketing + candidate pairs) against
 datasketch's MinHash + MinHashLSH with the same permutations (14 bands x 8
 rows) and the same shingles (lowercased word 5-grams), on the same documents,
 in one process pinned to one core, alternating the two twice and keeping each
 one's best time.
+
+stages: each per-document stage alone, in this process, on every document
+(no Beam), and MinHash signatures + band keys: where the time goes.
 
 pipeline: the whole curation pipeline (configs/curate.py defaults) on the
 DirectRunner with 1 and then 2 worker processes; MB/s is input text per
@@ -32,7 +36,7 @@ from absl import app, flags
 
 from data import sources
 
-_MAX_MB = flags.DEFINE_float('max_mb', None, 'Corpus size (default 8 for minhash, 16 pipeline).')
+_MAX_MB = flags.DEFINE_float('max_mb', None, 'Corpus MB (minhash 8, pipeline 16, stages 4).')
 _WORKERS = flags.DEFINE_list('workers', ['1', '2'], 'Worker processes for the pipeline runs.')
 _FILES = flags.DEFINE_integer('files', 16, 'Input files the pipeline benchmark writes.')
 _SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data'
@@ -179,6 +183,33 @@ def bench_pipeline(max_mb: float, workers: list[int]) -> None:
               f'{row["bytes_removed"] / 1e6:8.2f} MB')
 
 
+def bench_stages(max_mb: float) -> None:
+  from configs import curate
+  from data.curate import minhash, pipeline
+
+  config = curate.get_config()
+  texts = corpus(max_mb * 1e6)
+  mb = sum(len(t.encode('utf-8')) for t in texts) / 1e6
+  docs = [{'id': ('bench', i), 'text': t, 'metadata': {}} for i, t in enumerate(texts)]
+  print(f'{len(texts):,} documents, {mb:.2f} MB; every stage sees every document')
+  for name in ('normalize', 'language', 'gopher_quality', 'gopher_repetition', 'c4', 'fineweb',
+               'toxicity', 'pii'):
+    stage = pipeline.make_stage(name, config)
+    stage.setup()
+    start = time.perf_counter()
+    for doc in docs:
+      stage.process_batch([doc])
+    seconds = time.perf_counter() - start
+    print(f'{name:>18}: {seconds:6.2f} s  {mb / seconds:6.2f} MB/s')
+  cfg = config.near_dedup
+  hasher = minhash.MinHasher(bands=cfg.bands, rows=cfg.rows, ngram=cfg.ngram, seed=cfg.seed)
+  start = time.perf_counter()
+  for lo in range(0, len(texts), cfg.batch_size):
+    hasher.band_keys(hasher.signatures(texts[lo:lo + cfg.batch_size])[0])
+  seconds = time.perf_counter() - start
+  print(f'{"minhash":>18}: {seconds:6.2f} s  {mb / seconds:6.2f} MB/s')
+
+
 def _cpu_seconds() -> float:
   """User + system CPU time of this process and of its finished children (the workers)."""
   own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
@@ -188,10 +219,12 @@ def _cpu_seconds() -> float:
 
 def main(argv):
   logging.getLogger('apache_beam').setLevel(logging.WARNING)
-  if len(argv) != 2 or argv[1] not in ('minhash', 'pipeline'):
-    raise app.UsageError('Usage: python -m data.curate.bench minhash|pipeline [--max_mb=N]')
+  if len(argv) != 2 or argv[1] not in ('minhash', 'pipeline', 'stages'):
+    raise app.UsageError('Usage: python -m data.curate.bench minhash|pipeline|stages [--max_mb=N]')
   if argv[1] == 'minhash':
     bench_minhash(_MAX_MB.value or 8)
+  elif argv[1] == 'stages':
+    bench_stages(_MAX_MB.value or 4)
   else:
     bench_pipeline(_MAX_MB.value or 16, [int(w) for w in _WORKERS.value])
 
