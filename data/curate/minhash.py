@@ -70,7 +70,7 @@ class MinHasher:
     return signatures_DxP, has_words
 
   def _batch_shingles(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(32-bit shingle hashes uint64 [S], document index [S]) of all texts, by document."""
+    """(shingle hashes uint32 [S], document index int64 [S]) of all texts, by document."""
     word_hashes, doc_W = words.words_of_many(texts)
     n = self.ngram
     grams = words.ngrams(word_hashes, n)
