@@ -41,8 +41,8 @@ def base() -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source='stdlib',  # stdlib | text | jsonl | tfds | synthetic
-      path='',  # file or glob for text/jsonl; unused for stdlib and synthetic
+      source='stdlib',  # stdlib | text | jsonl | tfds | synthetic | arrayrecord
+      path='',  # file or glob for text/jsonl; data.tokenize's directory for arrayrecord
       name='',  # TFDS dataset name, e.g. 'tiny_shakespeare'
       data_dir='',  # TFDS data_dir ('' = TFDS default)
       text_field='text',  # jsonl/TFDS feature that holds the text

@@ -69,6 +69,13 @@ def build_lm_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batc
         ml_collections.ConfigDict({'kind': 'byte'}), lambda: (), workdir)
     train = SyntheticWindows(tokenizer.vocab_size, seq_len, seed, split=0)
     val = SyntheticWindows(tokenizer.vocab_size, seq_len, seed, split=1)
+  elif data_cfg.source == 'arrayrecord':
+    from data import packed  # packed decodes its records with TokenWindows, from this module
+
+    # Shards written by `python -m data.tokenize` fix the packing and the tokenizer.
+    train = packed.PackedWindows(data_cfg.path, 'train', seq_len)
+    val = packed.PackedWindows(data_cfg.path, 'validation', seq_len) if eval_steps > 0 else None
+    tokenizer = packed.adopt_tokenizer(data_cfg.path, workdir)
   else:
     tokenizer = tokenizers.load_or_train_tokenizer(
         data_cfg.tokenizer, lambda: sources.read_documents(data_cfg, 'train'), workdir)

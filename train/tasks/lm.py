@@ -19,7 +19,8 @@ from train.config import ConfigError, check_choice, check_positive, require
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """LM-specific checks; `model.*` is checked by TransformerConfig.from_config."""
-  check_choice(config, 'data.source', ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic'))
+  check_choice(config, 'data.source',
+               ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic', 'arrayrecord'))
   check_choice(config, 'data.tokenizer.kind', ('sentencepiece', 'byte', 'char'))
   check_choice(config, 'data.tokenizer.model_type', ('bpe', 'unigram'))
   check_positive(config, 'data.seq_len')
@@ -29,6 +30,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source in ('text', 'jsonl'):
     require(bool(config.data.path), f'data.source={config.data.source!r} needs data.path: a file '
             'or glob, e.g. --config.data.path=/path/to/input.txt.')
+  if config.data.source == 'arrayrecord':
+    require(bool(config.data.path), "data.source='arrayrecord' needs data.path: a directory "
+            'written by python -m data.tokenize.')
   if config.data.source == 'tfds':
     require(bool(config.data.name), "data.source='tfds' needs data.name, e.g. "
             '--config.data.name=tiny_shakespeare.')
@@ -146,10 +150,14 @@ class LMTask:
   def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
     return self.data.eval_batches()
 
+  def token_nll(self, params, batch):
+    """Next-token negative log-likelihood at every position, float32 [B, L]."""
+    logits_BxLxV = self._logits(params, batch).astype(jnp.float32)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
+                                batch['targets'][..., None], -1)[..., 0]
+
   def eval_step(self, state, batch):
-    logits_BxLxV = self._logits(state['params'], batch).astype(jnp.float32)
-    nll_BxL = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
-                                   batch['targets'][..., None], -1)[..., 0]
+    nll_BxL = self.token_nll(state['params'], batch)
     return {'nll_sum': jnp.sum(nll_BxL), 'tokens': jnp.asarray(nll_BxL.size, jnp.float32)}
 
   def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:

@@ -1,0 +1,132 @@
+"""Tokenizes curated text into packed ArrayRecord shards for LM training.
+
+  python -m data.tokenize --input=CURATED_DIR --output=TOKENS_DIR [--seq_len=1024]
+  python -m train --config=configs/lm.py --workdir=RUN \\
+      --config.data.source=arrayrecord --config.data.path=TOKENS_DIR --config.data.seq_len=1024
+
+--input is the output directory of `python -m data.curate` (its docs-*.jsonl)
+or any glob of jsonl files with a "text" field. Documents are split into
+train and validation by a hash of their text (`--val_fraction`), as the jsonl
+source of the LM loader splits them. A SentencePiece tokenizer is trained on
+the train split and saved in TOKENS_DIR/tokenizer in the layout of a run's
+tokenizer cache; the LM loader copies it into the run's workdir. The token
+streams and windows are the LM pipeline's own (data/lm_pipeline.py), written
+as records by data/packed.py.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data import lm_pipeline, packed, sources, tokenizers
+from train.config import exit_on_user_error
+
+_INPUT = flags.DEFINE_string('input', None, 'A data.curate output directory, or a jsonl glob.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the shards, meta.json, tokenizer/.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per training example (data.seq_len).')
+_VOCAB = flags.DEFINE_integer('vocab_size', 32000, 'SentencePiece vocabulary size.')
+_MODEL_TYPE = flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'SentencePiece model.')
+_TRAIN_CHARS = flags.DEFINE_integer('train_chars', 20_000_000,
+                                    'At most this much text trains the tokenizer.')
+_VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.01, 'Share of documents held out.')
+_NUM_SHARDS = flags.DEFINE_integer('num_shards', 8, 'Shards per split (fewer if too few records).')
+_TEXT_FIELD = flags.DEFINE_string('text_field', 'text', 'The jsonl field with the text.')
+
+# One record per chunk: the loader reads records at random, and a chunk is read whole.
+_WRITER_OPTIONS = 'group_size:1'
+
+
+def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
+             ml_collections.ConfigDict, val_fraction: float, num_shards: int,
+             text_field: str = 'text') -> dict:
+  """Writes tokenizer/, the shards of both splits and meta.json; returns the meta."""
+  if os.path.exists(os.path.join(output_dir, packed.META_FILE)):
+    raise sources.DataError(f'--output={output_dir} already holds packed shards; give a new '
+                            'directory.')
+  if seq_len < 1 or num_shards < 1 or not 0.0 < val_fraction < 1.0:
+    raise sources.DataError(f'Need seq_len >= 1, num_shards >= 1 and 0 < val_fraction < 1; got '
+                            f'{seq_len}, {num_shards}, {val_fraction}.')
+  data_cfg = ml_collections.ConfigDict(dict(
+      source='jsonl', path=input_glob, name='', data_dir='', text_field=text_field,
+      val_fraction=val_fraction))
+  try:
+    tokenizer = tokenizers.load_or_train_tokenizer(
+        tokenizer_cfg, lambda: sources.read_documents(data_cfg, 'train'), output_dir)
+  except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary too small
+    raise sources.DataError(f'SentencePiece cannot train this tokenizer ({tokenizer_cfg.to_dict()}'
+                            f'): {str(e).splitlines()[-1]}') from None
+  dtype = np.uint16 if max(tokenizer.vocab_size, seq_len) <= 2**16 else np.int32
+  meta = {'format': packed.FORMAT_VERSION, 'seq_len': seq_len, 'dtype': np.dtype(dtype).name,
+          'vocab_size': tokenizer.vocab_size, 'input': input_glob, 'splits': {}}
+  stream_dir = tempfile.mkdtemp(prefix='.streams-', dir=output_dir)
+  try:
+    for split in sources.SPLITS:
+      tokens, doc_starts = lm_pipeline.token_stream(data_cfg, split, tokenizer, stream_dir)
+      meta['splits'][split] = _write_split(output_dir, split, tokens, doc_starts, seq_len, dtype,
+                                           num_shards)
+      del tokens  # the memory map, before its file goes
+  finally:
+    shutil.rmtree(stream_dir, ignore_errors=True)
+  tokenizers.write_atomic(os.path.join(output_dir, packed.META_FILE),
+                          json.dumps(meta, indent=1).encode())
+  return meta
+
+
+def _write_split(output_dir: str, split: str, tokens: np.ndarray, doc_starts: np.ndarray,
+                 seq_len: int, dtype, num_shards: int) -> dict:
+  """Writes the windows of one token stream as consecutive records over the shards."""
+  n = max(len(tokens) - 1, 0) // seq_len
+  num_shards = max(1, min(num_shards, n))
+  paths = packed.shard_paths(output_dir, split, num_shards)
+  bounds = np.linspace(0, n, num_shards + 1).astype(np.int64)
+  for path, lo, hi in zip(paths, bounds[:-1], bounds[1:], strict=True):
+    writer = ArrayRecordWriter(path, _WRITER_OPTIONS)
+    for i in range(lo, hi):
+      start = i * seq_len
+      window_W = np.asarray(tokens[start:start + seq_len + 1])
+      writer.write(packed.encode_record(window_W, doc_starts, start, seq_len, dtype))
+    writer.close()
+  logging.info('%s: %d records of %d tokens in %d shards.', split, n, seq_len + 1, num_shards)
+  return {'records': int(n), 'tokens': int(len(tokens)), 'documents': int(len(doc_starts)),
+          'shards': [os.path.basename(p) for p in paths]}
+
+
+def input_glob(path: str) -> str:
+  """A data.curate output directory means its shards; anything else is a glob already."""
+  if os.path.isdir(path):
+    return os.path.join(path, 'docs-*.jsonl')
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError('--input and --output are required.')
+  tokenizer_cfg = ml_collections.ConfigDict(dict(
+      kind='sentencepiece', vocab_size=_VOCAB.value, model_type=_MODEL_TYPE.value,
+      train_chars=_TRAIN_CHARS.value))
+
+  def run():
+    meta = tokenize(input_glob(_INPUT.value), _OUTPUT.value, seq_len=_SEQ_LEN.value,
+                    tokenizer_cfg=tokenizer_cfg, val_fraction=_VAL_FRACTION.value,
+                    num_shards=_NUM_SHARDS.value, text_field=_TEXT_FIELD.value)
+    for split, info in meta['splits'].items():
+      print(f'{split}: {info["documents"]:,} documents, {info["tokens"]:,} tokens, '
+            f'{info["records"]:,} records of seq_len {meta["seq_len"]} in '
+            f'{len(info["shards"])} shards')
+    print(f'Train with: python -m train --config=configs/lm.py --workdir=RUN '
+          f'--config.data.source=arrayrecord --config.data.path={_OUTPUT.value} '
+          f'--config.data.seq_len={meta["seq_len"]}')
+
+  exit_on_user_error(run)
+
+
+if __name__ == '__main__':
+  app.run(main)
