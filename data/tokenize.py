@@ -27,17 +27,6 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data import lm_pipeline, packed, sources, tokenizers
 from train.config import exit_on_user_error
 
-_INPUT = flags.DEFINE_string('input', None, 'A data.curate output directory, or a jsonl glob.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the shards, meta.json, tokenizer/.')
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'Tokens per training example (data.seq_len).')
-_VOCAB = flags.DEFINE_integer('vocab_size', 32000, 'SentencePiece vocabulary size.')
-_MODEL_TYPE = flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'SentencePiece model.')
-_TRAIN_CHARS = flags.DEFINE_integer('train_chars', 20_000_000,
-                                    'At most this much text trains the tokenizer.')
-_VAL_FRACTION = flags.DEFINE_float('val_fraction', 0.01, 'Share of documents held out.')
-_NUM_SHARDS = flags.DEFINE_integer('num_shards', 8, 'Shards per split (fewer if too few records).')
-_TEXT_FIELD = flags.DEFINE_string('text_field', 'text', 'The jsonl field with the text.')
-
 # One record per chunk: the loader reads records at random, and a chunk is read whole.
 _WRITER_OPTIONS = 'group_size:1'
 
@@ -107,26 +96,42 @@ def input_glob(path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _INPUT.value or not _OUTPUT.value:
+  if not flags.FLAGS.input or not flags.FLAGS.output:
     raise app.UsageError('--input and --output are required.')
+  f = flags.FLAGS
   tokenizer_cfg = ml_collections.ConfigDict(dict(
-      kind='sentencepiece', vocab_size=_VOCAB.value, model_type=_MODEL_TYPE.value,
-      train_chars=_TRAIN_CHARS.value))
+      kind='sentencepiece', vocab_size=f.vocab_size, model_type=f.model_type,
+      train_chars=f.train_chars))
 
   def run():
-    meta = tokenize(input_glob(_INPUT.value), _OUTPUT.value, seq_len=_SEQ_LEN.value,
-                    tokenizer_cfg=tokenizer_cfg, val_fraction=_VAL_FRACTION.value,
-                    num_shards=_NUM_SHARDS.value, text_field=_TEXT_FIELD.value)
+    meta = tokenize(input_glob(f.input), f.output, seq_len=f.seq_len, tokenizer_cfg=tokenizer_cfg,
+                    val_fraction=f.val_fraction, num_shards=f.num_shards,
+                    text_field=f.text_field)
     for split, info in meta['splits'].items():
       print(f'{split}: {info["documents"]:,} documents, {info["tokens"]:,} tokens, '
             f'{info["records"]:,} records of seq_len {meta["seq_len"]} in '
             f'{len(info["shards"])} shards')
     print(f'Train with: python -m train --config=configs/lm.py --workdir=RUN '
-          f'--config.data.source=arrayrecord --config.data.path={_OUTPUT.value} '
+          f'--config.data.source=arrayrecord --config.data.path={f.output} '
           f'--config.data.seq_len={meta["seq_len"]}')
 
   exit_on_user_error(run)
 
 
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program, so that
+  importing its functions never clashes with another program's flags."""
+  flags.DEFINE_string('input', None, 'A data.curate output directory, or a jsonl glob.')
+  flags.DEFINE_string('output', None, 'Directory for the shards, meta.json, tokenizer/.')
+  flags.DEFINE_integer('seq_len', 1024, 'Tokens per training example (data.seq_len).')
+  flags.DEFINE_integer('vocab_size', 32000, 'SentencePiece vocabulary size.')
+  flags.DEFINE_enum('model_type', 'bpe', ['bpe', 'unigram'], 'SentencePiece model.')
+  flags.DEFINE_integer('train_chars', 20_000_000, 'At most this much text trains the tokenizer.')
+  flags.DEFINE_float('val_fraction', 0.01, 'Share of documents held out.')
+  flags.DEFINE_integer('num_shards', 8, 'Shards per split (fewer if too few records).')
+  flags.DEFINE_string('text_field', 'text', 'The jsonl field with the text.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

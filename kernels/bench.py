@@ -36,21 +36,6 @@ from model import attention as attention_lib
 IMPLS = ('pallas', 'xla', 'cudnn')
 SECTION = '## Attention kernels'
 
-_SEQ_LENS = flags.DEFINE_list('seq_lens', ['512', '1024', '2048', '4096', '8192', '16384'],
-                              'Sequence lengths (queries = keys).')
-_HEAD_DIMS = flags.DEFINE_list('head_dims', ['64', '128'], 'Head dims.')
-_IMPLS = flags.DEFINE_list('impls', list(IMPLS), 'Implementations to time.')
-_CAUSAL = flags.DEFINE_list('causal', ['false', 'true'], 'Causal settings to time.')
-_GQA = flags.DEFINE_list('gqa', ['false', 'true'], 'Grouped-query settings to time.')
-_TOKENS = flags.DEFINE_integer('tokens', 16384, 'Batch size times sequence length.')
-_HIDDEN = flags.DEFINE_integer('hidden', 2048, 'Query heads times head dim.')
-_GQA_RATIO = flags.DEFINE_integer('gqa_ratio', 4, 'Query heads per key/value head with --gqa.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'Inputs.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
-_ITERS = flags.DEFINE_integer('iters', 10, 'Calls per timed repeat.')
-_WRITE = flags.DEFINE_bool('write', True, 'Write the table into --output.')
-_OUTPUT = flags.DEFINE_string('output', 'docs/benchmarks.md', 'Markdown file to update.')
-
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
@@ -205,7 +190,8 @@ def _bools(values: Sequence[str]) -> list[bool]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  impls = list(_IMPLS.value)
+  f = flags.FLAGS
+  impls = list(f.impls)
   if unknown := sorted(set(impls) - set(IMPLS)):
     raise app.UsageError(f'Unknown --impls {unknown}; choose from {", ".join(IMPLS)}.')
   device = jax.devices()[0].device_kind
@@ -213,20 +199,38 @@ def main(argv: Sequence[str]) -> None:
     print('Note: on CPU the Pallas kernels run in interpret mode; these numbers only check that '
           'the bench runs.')
   rows = []
-  for shape in shapes([int(x) for x in _SEQ_LENS.value], [int(x) for x in _HEAD_DIMS.value],
-                      _bools(_CAUSAL.value), _bools(_GQA.value), _TOKENS.value, _HIDDEN.value,
-                      _GQA_RATIO.value):
-    new = bench_shape(shape, impls, jnp.dtype(_DTYPE.value), _REPEATS.value, _ITERS.value)
+  for shape in shapes([int(x) for x in f.seq_lens], [int(x) for x in f.head_dims],
+                      _bools(f.causal), _bools(f.gqa), f.tokens, f.hidden, f.gqa_ratio):
+    new = bench_shape(shape, impls, jnp.dtype(f.dtype), f.repeats, f.iters)
     for r in new:
       print(table([r]).splitlines()[-1], flush=True)
     rows.extend(new)
   body = table(rows)
   print(f'\n{device}\n{body}')
-  if _WRITE.value:
-    write_section(_OUTPUT.value, device, 'python -m kernels.bench ' + ' '.join(sys.argv[1:]),
-                  body)
-    print(f'Wrote {_OUTPUT.value}.')
+  if f.write:
+    write_section(f.output, device, 'python -m kernels.bench ' + ' '.join(sys.argv[1:]), body)
+    print(f'Wrote {f.output}.')
+
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program, so that
+  importing its functions never clashes with another program's flags."""
+  flags.DEFINE_list('seq_lens', ['512', '1024', '2048', '4096', '8192', '16384'],
+                    'Sequence lengths (queries = keys).')
+  flags.DEFINE_list('head_dims', ['64', '128'], 'Head dims.')
+  flags.DEFINE_list('impls', list(IMPLS), 'Implementations to time.')
+  flags.DEFINE_list('causal', ['false', 'true'], 'Causal settings to time.')
+  flags.DEFINE_list('gqa', ['false', 'true'], 'Grouped-query settings to time.')
+  flags.DEFINE_integer('tokens', 16384, 'Batch size times sequence length.')
+  flags.DEFINE_integer('hidden', 2048, 'Query heads times head dim.')
+  flags.DEFINE_integer('gqa_ratio', 4, 'Query heads per key/value head with --gqa.')
+  flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'Inputs.')
+  flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
+  flags.DEFINE_integer('iters', 10, 'Calls per timed repeat.')
+  flags.DEFINE_bool('write', True, 'Write the table into --output.')
+  flags.DEFINE_string('output', 'docs/benchmarks.md', 'Markdown file to update.')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

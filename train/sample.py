@@ -20,15 +20,6 @@ from train import mesh as mesh_lib
 from train.config import ConfigError, exit_on_user_error
 from train.tasks import get_task
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory given to `python -m train`.')
-_PROMPT = flags.DEFINE_string('prompt', None, 'Text to continue (default: the config\'s prompt).')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate.')
-_TEMPERATURE = flags.DEFINE_float('temperature', None, '0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', None, '0 disables top-k filtering.')
-_TOP_P = flags.DEFINE_float('top_p', None, '1.0 disables nucleus filtering.')
-_NUM = flags.DEFINE_integer('num_samples', 1, 'How many samples.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
@@ -114,25 +105,40 @@ def _padded_batch(windows: list[list[int]], rows: int,
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError('--workdir is required.')
   exit_on_user_error(_sample)
 
 
 def _sample() -> None:
-  task, state, step = load_latest(_WORKDIR.value)
+  f = flags.FLAGS
+  task, state, step = load_latest(f.workdir)
   s = task.config.sample
-  for i in range(_NUM.value):
+  for i in range(f.num_samples):
     text = task.generate(
-        state['params'], s.prompt if _PROMPT.value is None else _PROMPT.value,
-        max_new_tokens=_MAX_NEW.value or s.max_new_tokens,
-        temperature=s.temperature if _TEMPERATURE.value is None else _TEMPERATURE.value,
-        top_k=s.top_k if _TOP_K.value is None else _TOP_K.value,
-        top_p=s.top_p if _TOP_P.value is None else _TOP_P.value,
-        seed=_SEED.value + i)
+        state['params'], s.prompt if f.prompt is None else f.prompt,
+        max_new_tokens=f.max_new_tokens or s.max_new_tokens,
+        temperature=s.temperature if f.temperature is None else f.temperature,
+        top_k=s.top_k if f.top_k is None else f.top_k,
+        top_p=s.top_p if f.top_p is None else f.top_p,
+        seed=f.seed + i)
     if jax.process_index() == 0:
       print(f'--- sample {i} (step {step}) ---\n{text}')
 
 
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program, so that
+  importing its functions never clashes with another program's flags."""
+  flags.DEFINE_string('workdir', None, 'The run directory given to `python -m train`.')
+  flags.DEFINE_string('prompt', None, 'Text to continue (default: the config\'s prompt).')
+  flags.DEFINE_integer('max_new_tokens', None, 'Tokens to generate.')
+  flags.DEFINE_float('temperature', None, '0 is greedy.')
+  flags.DEFINE_integer('top_k', None, '0 disables top-k filtering.')
+  flags.DEFINE_float('top_p', None, '1.0 disables nucleus filtering.')
+  flags.DEFINE_integer('num_samples', 1, 'How many samples.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

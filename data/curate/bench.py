@@ -36,9 +36,6 @@ from absl import app, flags
 
 from data import sources
 
-_MAX_MB = flags.DEFINE_float('max_mb', None, 'Corpus MB (minhash 8, pipeline 16, stages 4).')
-_WORKERS = flags.DEFINE_list('workers', ['1', '2'], 'Worker processes for the pipeline runs.')
-_FILES = flags.DEFINE_integer('files', 16, 'Input files the pipeline benchmark writes.')
 _SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'data'
                 / 'tinyshakespeare.txt')
 
@@ -154,16 +151,16 @@ def _jaccard(a: str, b: str) -> float:
   return len(sets[0] & sets[1]) / len(sets[0] | sets[1])
 
 
-def bench_pipeline(max_mb: float, workers: list[int]) -> None:
+def bench_pipeline(max_mb: float, workers: list[int], files: int) -> None:
   from configs import curate
   from data.curate import pipeline
 
   texts = corpus(max_mb * 1e6)
   with tempfile.TemporaryDirectory() as tmp:
     # Files are what workers read in parallel, as in any real corpus of many shards.
-    for shard in range(_FILES.value):
+    for shard in range(files):
       with open(os.path.join(tmp, f'corpus-{shard:03d}.jsonl'), 'w', encoding='utf-8') as f:
-        for text in texts[shard::_FILES.value]:
+        for text in texts[shard::files]:
           f.write(json.dumps({'text': text}) + '\n')
     path = os.path.join(tmp, 'corpus-*.jsonl')
     for n in workers:
@@ -222,12 +219,22 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in ('minhash', 'pipeline', 'stages'):
     raise app.UsageError('Usage: python -m data.curate.bench minhash|pipeline|stages [--max_mb=N]')
   if argv[1] == 'minhash':
-    bench_minhash(_MAX_MB.value or 8)
+    bench_minhash(flags.FLAGS.max_mb or 8)
   elif argv[1] == 'stages':
-    bench_stages(_MAX_MB.value or 4)
+    bench_stages(flags.FLAGS.max_mb or 4)
   else:
-    bench_pipeline(_MAX_MB.value or 16, [int(w) for w in _WORKERS.value])
+    bench_pipeline(flags.FLAGS.max_mb or 16, [int(w) for w in flags.FLAGS.workers],
+                   flags.FLAGS.files)
+
+
+def _define_flags() -> None:
+  """The command-line flags, defined only when this module runs as a program, so that
+  importing its functions never clashes with another program's flags."""
+  flags.DEFINE_float('max_mb', None, 'Corpus MB (minhash 8, pipeline 16, stages 4).')
+  flags.DEFINE_list('workers', ['1', '2'], 'Worker processes for the pipeline runs.')
+  flags.DEFINE_integer('files', 16, 'Input files the pipeline benchmark writes.')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
