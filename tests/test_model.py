@@ -160,14 +160,10 @@ def test_scan_keeps_program_size_constant_in_depth():
   assert n_eqns(2) == n_eqns(6)
 
 
-def test_llama_1b_compiles_abstractly():
+def test_llama_1b_has_llama_3_2_1b_parameter_count():
+  # The whole train step of the large presets compiles in tests/test_train.py.
   cfg = tfm.TransformerConfig.from_config(lm.get_config('llama_1b').model, vocab_size=32000)
-  model = _abstract(cfg)
-  assert _param_count(model) == tfm.count_params(cfg) == 1_235_814_400  # Llama 3.2 1B.
-  graphdef, params = nnx.split(model)
-  loss = lambda p, t: nnx.merge(graphdef, p)(t).mean()
-  tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
-  jax.jit(jax.grad(loss)).lower(params, tokens).compile()
+  assert _param_count(_abstract(cfg)) == tfm.count_params(cfg) == 1_235_814_400
 
 
 # ---------------------------------------------------------------------------
@@ -314,24 +310,3 @@ def test_from_config_resolves_defaults():
 def test_config_errors_name_the_key(overrides, message):
   with pytest.raises(ValueError, match=message):
     tfm.TransformerConfig.from_config(_model_cfg(**overrides), vocab_size=100)
-
-
-@pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (fake) devices')
-def test_sharded_forward_matches_unsharded():
-  # Auto axes, as train/mesh.py builds them: the compiler inserts the collectives.
-  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'tensor'),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  cfg = _cfg(tie_embeddings=False, vocab_size=64)
-  model = _init(cfg)
-  graphdef, params = nnx.split(model)
-  with nnx.logical_axis_rules(tfm.LOGICAL_AXIS_RULES):
-    specs = nnx.get_partition_spec(params)
-  shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs)
-  sharded = jax.device_put(params, shardings)
-  w_up_spec = sharded['blocks']['mlp']['w_up'].sharding.spec
-  assert w_up_spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
-  tokens = _tokens((4, 8)) % 64
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
-  apply = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
-  np.testing.assert_allclose(
-      apply(sharded, jax.device_put(tokens, batch)), apply(params, tokens), atol=1e-5)
