@@ -1,6 +1,6 @@
 """Samples from the latest checkpoint of a run.
 
-  python -m train.sample --workdir=DIR --prompt='def ' [--temperature=0.8 --top_k=40 --top_p=0.95]
+  python -m train.sample --workdir=DIR --prompt='def' [--temperature=0.8 --top_k=40 --top_p=0.95]
 
 The run's resolved config (DIR/config.json) rebuilds the model; the
 tokenizer cached in DIR encodes the prompt.

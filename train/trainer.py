@@ -199,7 +199,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
       progress.line(step, scalars)
       last_train = scalars
       interval_start, interval_steps, paused = time.perf_counter(), 0, 0.0
-  paused = 0.0  # seconds spent on evals within the interval, left out of step times
 
   # Under the mesh context, model code can see the mesh (jax.sharding.get_abstract_mesh()),
   # e.g. to run a per-device kernel through jax.shard_map.
