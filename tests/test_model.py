@@ -292,7 +292,7 @@ def test_from_config_resolves_defaults():
   assert (cfg.vocab_size, cfg.head_dim, cfg.mlp_dim) == (128, 64, 704)
   assert cfg.dtype == jnp.bfloat16 and cfg.param_dtype == jnp.float32
   tiny = tfm.TransformerConfig.from_config(lm.get_config('tiny').model, vocab_size=2048)
-  assert (tiny.head_dim, tiny.mlp_dim, tiny.dtype) == (32, 512, jnp.float32)
+  assert (tiny.head_dim, tiny.mlp_dim, tiny.dtype) == (32, 384, jnp.float32)  # 8/3*128=341.3 -> 384
   padded = tfm.TransformerConfig.from_config(_model_cfg(vocab_size=128), vocab_size=100)
   assert padded.vocab_size == 128
 
