@@ -83,7 +83,7 @@ class LMTask:
     self.graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise ValueError('The transformer holds non-parameter state, which LMTask does not keep.')
-    self._param_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
+    self._param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
 
   def _new_model(self, key: jax.Array) -> transformer.Transformer:
     return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))
@@ -94,7 +94,7 @@ class LMTask:
     init_key, dropout_key = jax.random.split(rng)
     with nnx.use_eager_sharding(False):
       model = self._new_model(init_key)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         'step': jnp.zeros((), jnp.int32),
         'params': params,
@@ -140,7 +140,7 @@ class LMTask:
     metrics = {
         'loss': aux['nll'],
         'z_loss': aux['z_loss'],
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'lr': self.schedule(step),
         'skipped': optim.skipped(opt_state),
     }
