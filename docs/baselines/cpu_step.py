@@ -1,10 +1,12 @@
 """Where the `nanogpt_cpu` step's time goes on a CPU (docs/benchmarks.md, Training loop).
 
-  python docs/baselines/cpu_step.py step --data=../shared/data/tinyshakespeare.txt --scan_unroll=-1
-  python docs/baselines/cpu_step.py step --data=../shared/data/tinyshakespeare.txt --scan_unroll=1
+  python docs/baselines/cpu_step.py step --scan_unroll=-1
+  python docs/baselines/cpu_step.py step --scan_unroll=1
+  JAX_NUM_CPU_DEVICES=2 python docs/baselines/cpu_step.py step
   python docs/baselines/cpu_step.py plain
-  python docs/baselines/cpu_step.py loop --data=../shared/data/tinyshakespeare.txt --steps=600
+  python docs/baselines/cpu_step.py loop --steps=600
 
+From the project root; `--data` defaults to ../shared/data/tinyshakespeare.txt.
 `step` times Kiln's compiled train step alone (one real batch, reused), `plain` the same
 setting written as one plain JAX file (GPT-2 blocks, optax AdamW, no Kiln code), and
 `loop` runs the real trainer with timers around its parts: the grain iterator,
@@ -61,7 +63,8 @@ def kiln_step(args) -> None:
   train_step, _ = trainer.compile_step(task, shardings, mesh)
   with jax.set_mesh(mesh):
     ms = best_ms(lambda state: train_step(state, batch)[0], init(rng))
-  print(f'kiln step, scan_unroll={args.scan_unroll}: {ms:.1f} ms/step')
+  print(f'kiln step, scan_unroll={args.scan_unroll}, {jax.device_count()} device(s): '
+        f'{ms:.1f} ms/step')
 
 
 def plain_step(args) -> None:
