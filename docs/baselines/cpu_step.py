@@ -121,11 +121,12 @@ def loop_breakdown(args) -> None:
   compile_step = trainer.compile_step
   global_batch = trainer.global_batch
   device_get = jax.device_get
+  get_task = trainer.get_task
   with tempfile.TemporaryDirectory() as workdir:
     config = nanogpt_config(args.data, steps=args.steps)
     config.eval_every = 0
     config.checkpoint.every = 10**9
-    task = trainer.get_task(config)
+    task = get_task(config)
     setup_data = task.setup_data
 
     def timed_data(*a):
@@ -148,8 +149,8 @@ def loop_breakdown(args) -> None:
       trainer.train_and_evaluate(config, workdir)
       total = time.perf_counter() - start
     finally:
-      trainer.compile_step, trainer.global_batch, jax.device_get = (
-          compile_step, global_batch, device_get)
+      trainer.compile_step, trainer.global_batch, trainer.get_task, jax.device_get = (
+          compile_step, global_batch, get_task, device_get)
   for name, seconds in totals.items():
     print(f'{name:24s} {seconds / args.steps * 1000:7.2f} ms/step')
   print(f'{"whole run":24s} {total / args.steps * 1000:7.2f} ms/step (compile and setup included)')
