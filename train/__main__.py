@@ -70,8 +70,9 @@ def main(argv):
       print(f'Training diverged: {e}', file=sys.stderr)
       sys.exit(3)
     if jax.process_index() == 0:
-      for tag, text in result.samples.items():
-        print(f'--- {tag} ---\n{text}')
+      for tag, sample in result.samples.items():
+        if isinstance(sample, str):
+          print(f'--- {tag} ---\n{sample}')
 
   exit_on_user_error(run)
 

@@ -100,7 +100,7 @@ def evaluate(task: Task, eval_step, state, batch_sharding) -> dict[str, float]:
     out = jax.device_get(eval_step(state, global_batch(local, batch_sharding)))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
-  return task.eval_summary(sums) if sums else {}
+  return task.eval_summary(sums, state)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -115,7 +115,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 class Result:
   train: dict[str, float]  # the last logged train scalars
   eval: dict[str, float]  # the last evaluation's scalars
-  samples: dict[str, str]  # the last evaluation's samples
+  samples: dict  # the last evaluation's samples: text, or image grids [H, W, C] uint8
   losses: dict[int, float]  # train loss of every step this run took
 
 
@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
 
   last_train: dict[str, float] = {}
   last_eval: dict[str, float] = {}
-  last_samples: dict[str, str] = {}
+  last_samples: dict = {}
   losses: dict[int, float] = {}
   pending = None  # (step, device metrics) of the previous step, read one step late
   consecutive_skips = 0
@@ -220,8 +220,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
           last_eval = evaluate(task, eval_step, state, batch_sharding)
           writer.scalars(step, last_eval)
           last_samples = task.samples(state)
-          for tag, text in last_samples.items():
-            writer.text(step, tag, text)
+          for tag, sample in last_samples.items():
+            if isinstance(sample, str):
+              writer.text(step, tag, sample)
+            else:
+              writer.images(step, tag, sample[None])
           logging.info('step %d eval %s', step, {k: round(v, 4) for k, v in last_eval.items()})
           writer.flush()
           paused += time.perf_counter() - eval_start

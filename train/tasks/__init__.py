@@ -47,8 +47,11 @@ class Task(Protocol):
   def eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
     """Sums over one batch; the trainer adds them over the evaluation."""
 
-  def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
-    """Scalars to log (`eval/...`) from the summed eval metrics."""
+  def eval_summary(self, sums: Mapping[str, float], state: State) -> dict[str, float]:
+    """Scalars to log (`eval/...`) from the summed eval metrics.
+
+    Metrics of the model's samples (an image family's FD) are computed here from `state`.
+    """
 
   def items_per_step(self) -> int:
     """Tokens (or examples) in one global batch."""
@@ -56,12 +59,18 @@ class Task(Protocol):
   def flops_per_step(self) -> float:
     """Model FLOPs of one train step, for MFU."""
 
-  def samples(self, state: State) -> dict[str, str]:
-    """Text samples to log at each evaluation, by tag."""
+  def samples(self, state: State) -> dict[str, 'str | np.ndarray']:
+    """Samples to log at each evaluation, by tag: text, or an image grid [H, W, C] uint8."""
 
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
   if config.task == 'lm':
     from train.tasks.lm import LMTask
     return LMTask(config)
-  raise ValueError(f'task={config.task!r} is not a known task; choose one of: lm.')
+  if config.task == 'diffusion':
+    from train.tasks.diffusion import DiffusionTask
+    return DiffusionTask(config)
+  if config.task == 'gan':
+    from train.tasks.gan import GANTask
+    return GANTask(config)
+  raise ValueError(f'task={config.task!r} is not a known task; choose one of: lm, diffusion, gan.')

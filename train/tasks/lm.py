@@ -160,7 +160,10 @@ class LMTask:
     nll_BxL = self.token_nll(state['params'], batch)
     return {'nll_sum': jnp.sum(nll_BxL), 'tokens': jnp.asarray(nll_BxL.size, jnp.float32)}
 
-  def eval_summary(self, sums: Mapping[str, float]) -> dict[str, float]:
+  def eval_summary(self, sums: Mapping[str, float], state) -> dict[str, float]:
+    del state  # perplexity needs only the sums
+    if not sums:  # no evaluation data
+      return {}
     loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
     return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 80.0)))}
 
