@@ -18,6 +18,10 @@ def base() -> ml_collections.ConfigDict:
   """The LM schema: every key an LM run can have, with its default."""
   c = common.trainer_defaults()
   c.task = 'lm'
+  # A run directory (python -m train, or python -m model.convert import) whose newest
+  # checkpoint's parameters start this run, with a fresh optimizer at step 0. The model
+  # architecture keys and the tokenizer come from that run; the rest from this config.
+  c.init_from = ''
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=-1,  # -1: taken from the tokenizer.
@@ -38,6 +42,15 @@ def base() -> ml_collections.ConfigDict:
       # Layers per iteration of the scan over blocks; -1 unrolls them all (no loop). 1 keeps
       # compile time flat in depth; small CPU models run faster unrolled (docs/benchmarks.md).
       scan_unroll=1,
+      # Block switches (model/transformer.py): the defaults are the Llama block; GPT-2 is
+      # norm=layernorm, mlp=gelu_tanh, position=learned and all three biases.
+      norm='rmsnorm',  # rmsnorm | layernorm
+      mlp='swiglu',  # swiglu | gelu_tanh
+      position='rope',  # rope | learned
+      max_positions=-1,  # size of the learned position table (position=learned only)
+      qkv_bias=False,  # biases on the q, k, v projections (Qwen2)
+      attn_out_bias=False,  # bias on the attention output projection
+      mlp_bias=False,  # biases on the MLP projections
   ))
 
   c.data = ml_collections.ConfigDict(dict(

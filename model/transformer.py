@@ -1,7 +1,17 @@
-"""Decoder-only transformer (Llama-style): RoPE, RMSNorm, GQA, SwiGLU, no biases.
+"""Decoder-only transformer: Llama-style by default (RoPE, RMSNorm, GQA, SwiGLU, no
+biases), GPT-2 and Qwen2 blocks by a few switches.
 
 Shape letters: B batch, L length, D d_model, H query heads, K key/value heads,
-Dh head dim, F mlp dim, V vocab, N layers.
+Dh head dim, F mlp dim, V vocab, N layers, P max positions.
+
+Switches (config keys; defaults give the Llama block):
+  norm      rmsnorm | layernorm (with a bias, GPT-2)
+  mlp       swiglu  | gelu_tanh (up, GELU with the tanh approximation, down; GPT-2)
+  position  rope (half-split layout, as HF's `rotate_half`) | learned (a [P, D] table, GPT-2)
+  qkv_bias, attn_out_bias, mlp_bias: biases on the q/k/v projections (Qwen2), on the
+  attention output projection and on the MLP projections (GPT-2 has all three).
+GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
+model/convert.py splits and re-fuses it).
 
 Parameters live in `param_dtype` and carry logical axis names (flax
 `out_sharding` metadata); `LOGICAL_AXIS_RULES` maps them to the mesh axes.
@@ -39,6 +49,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('head_dim', None),
     ('norm', None),
     ('layers', None),
+    ('positions', None),
 )
 
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
@@ -48,6 +59,9 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 INIT_STD = 0.02
+NORMS = ('rmsnorm', 'layernorm')
+MLPS = ('swiglu', 'gelu_tanh')
+POSITIONS = ('rope', 'learned')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +83,13 @@ class TransformerConfig:
   remat: str = 'none'
   attention: str = 'xla'
   scan_unroll: int = 1
+  norm: str = 'rmsnorm'
+  mlp: str = 'swiglu'
+  position: str = 'rope'
+  max_positions: int = 0  # the learned table's size P; unused with rope
+  qkv_bias: bool = False
+  attn_out_bias: bool = False
+  mlp_bias: bool = False
 
   @classmethod
   def from_config(
@@ -100,14 +121,25 @@ class TransformerConfig:
             f'model.d_model={d_model} must be divisible by model.n_heads={n_heads} '
             'when model.head_dim=-1; set model.head_dim explicitly otherwise.')
       head_dim = d_model // n_heads
-    if head_dim <= 0 or head_dim % 2:
+    if head_dim <= 0 or (head_dim % 2 and m.get('position', 'rope') == 'rope'):
       raise ValueError(
           f'model.head_dim={head_dim} must be a positive even number (RoPE rotates '
           'pairs of features).')
 
+    # Keys added after the first runs: a run's saved config.json may lack them.
+    norm = _parse_key('model.norm', m.get('norm', 'rmsnorm'), NORMS)
+    mlp = _parse_key('model.mlp', m.get('mlp', 'swiglu'), MLPS)
+    position = _parse_key('model.position', m.get('position', 'rope'), POSITIONS)
+    max_positions = int(m.get('max_positions', -1))
+    if position == 'learned' and max_positions <= 0:
+      raise ValueError(
+          f"model.position='learned' needs model.max_positions > 0 (the size of the position "
+          f'table), got {max_positions}.')
+
     mlp_dim = int(m.mlp_dim)
     if mlp_dim == -1:
-      mlp_dim = 64 * math.ceil(8 * d_model / (3 * 64))
+      # SwiGLU's 8/3 * d_model gives it the parameters of a 4 * d_model GELU MLP.
+      mlp_dim = 4 * d_model if mlp == 'gelu_tanh' else 64 * math.ceil(8 * d_model / (3 * 64))
     if mlp_dim <= 0:
       raise ValueError(f'model.mlp_dim={mlp_dim} must be positive or -1.')
 
@@ -148,6 +180,13 @@ class TransformerConfig:
         remat=_parse_key('model.remat', m.remat, REMAT_POLICIES),
         attention=_parse_attention(m.attention),
         scan_unroll=scan_unroll,
+        norm=norm,
+        mlp=mlp,
+        position=position,
+        max_positions=max_positions if position == 'learned' else 0,
+        qkv_bias=bool(m.get('qkv_bias', False)),
+        attn_out_bias=bool(m.get('attn_out_bias', False)),
+        mlp_bias=bool(m.get('mlp_bias', False)),
     )
 
 
@@ -178,16 +217,31 @@ def _parse_choice(name: str, value: str, table: dict[str, Any]) -> Any:
 def _block_matmul_params(cfg: TransformerConfig) -> int:
   d, dh = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2  # q, o and k, v
-  mlp = 3 * d * cfg.mlp_dim
+  mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.mlp_dim
   return attn + mlp
+
+
+def _block_vector_params(cfg: TransformerConfig) -> int:
+  """Norm scales (and LayerNorm biases) and projection biases of one block."""
+  d, f = cfg.d_model, cfg.mlp_dim
+  norms = 2 * _norm_params(cfg)
+  qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
+  out = d if cfg.attn_out_bias else 0
+  mlp = ((2 if cfg.mlp == 'swiglu' else 1) * f + d) if cfg.mlp_bias else 0
+  return norms + qkv + out + mlp
+
+
+def _norm_params(cfg: TransformerConfig) -> int:
+  return cfg.d_model * (2 if cfg.norm == 'layernorm' else 1)
 
 
 def count_params(cfg: TransformerConfig) -> int:
   """Number of parameters the model creates (the tied matrix is counted once)."""
   embed = cfg.vocab_size * cfg.d_model
   head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
-  per_block = _block_matmul_params(cfg) + 2 * cfg.d_model  # + two norm scales
-  return embed + head + cfg.n_layers * per_block + cfg.d_model  # + final norm
+  positions = cfg.max_positions * cfg.d_model if cfg.position == 'learned' else 0
+  per_block = _block_matmul_params(cfg) + _block_vector_params(cfg)
+  return embed + head + positions + cfg.n_layers * per_block + _norm_params(cfg)
 
 
 def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
@@ -195,7 +249,8 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
 
   N counts the weights that take part in a matmul: every block projection plus
   the d_model x vocab output head (counted whether or not it is tied). It
-  leaves out the input embedding (a gather, not a matmul) and the norm scales.
+  leaves out the input and position embeddings (gathers, not matmuls), the norms
+  and the biases.
   The attention term is PaLM's, without halving for the causal mask.
 
   Args:
@@ -240,22 +295,40 @@ def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> 
   return out.astype(x_BxLxHxD.dtype)
 
 
-class RMSNorm(nnx.Module):
-  """Root-mean-square norm with a learned scale; statistics in float32."""
+def _zeros(shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names)
+
+
+def _add_bias(x: jax.Array, module: nnx.Module, name: str) -> jax.Array:
+  """x + module.<name> (broadcast over the leading axes) when the module has that bias."""
+  bias = getattr(module, name, None)
+  return x if bias is None else x + bias[...].astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (a scale) or LayerNorm (a scale and a bias); statistics in float32."""
 
   def __init__(self, cfg: TransformerConfig):
     self.eps = cfg.norm_eps
     self.dtype = cfg.dtype
+    self.layernorm = cfg.norm == 'layernorm'
     self.scale = nnx.Param(jnp.ones((cfg.d_model,), cfg.param_dtype), out_sharding=('norm',))
+    if self.layernorm:
+      self.bias = _zeros((cfg.d_model,), ('norm',), cfg.param_dtype)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x = x_BxLxD.astype(jnp.float32)
+    if self.layernorm:
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    x = x * self.scale[...].astype(jnp.float32)
+    if self.layernorm:
+      x = x + self.bias[...].astype(jnp.float32)
+    return x.astype(self.dtype)
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with RoPE."""
+  """Grouped-query self-attention, with RoPE unless the model has learned positions."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -265,6 +338,12 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
     self.wv = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
     self.wo = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std, pd)
+    if cfg.qkv_bias:
+      self.q_bias = _zeros((h, dh), ('heads', 'head_dim'), pd)
+      self.k_bias = _zeros((k, dh), ('kv_heads', 'head_dim'), pd)
+      self.v_bias = _zeros((k, dh), ('kv_heads', 'head_dim'), pd)
+    if cfg.attn_out_bias:
+      self.o_bias = _zeros((d,), ('embed',), pd)
 
   def __call__(
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None
@@ -273,31 +352,48 @@ class Attention(nnx.Module):
     q_BxLxHxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
     k_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wk[...].astype(dt))
     v_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wv[...].astype(dt))
-    q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
-    k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
+    q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
+    k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
+    v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
+    if self.cfg.position == 'rope':
+      q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
+      k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
     out_BxLxHxDh = attention_lib.attention(
         q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
         causal=True, implementation=self.cfg.attention)
-    return jnp.einsum('blhk,hkd->bld', out_BxLxHxDh, self.wo[...].astype(dt))
+    out_BxLxD = jnp.einsum('blhk,hkd->bld', out_BxLxHxDh, self.wo[...].astype(dt))
+    return _add_bias(out_BxLxD, self, 'o_bias')
 
 
 class Mlp(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """SwiGLU, down(silu(gate(x)) * up(x)), or GPT-2's down(gelu_tanh(up(x)))."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.dtype = cfg.dtype
+    self.gated = cfg.mlp == 'swiglu'
     d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-    self.w_gate = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
+    if self.gated:
+      self.w_gate = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
     self.w_up = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
     self.w_down = _param(rngs, (f, d), ('mlp', 'embed'), out_std, pd)
+    if cfg.mlp_bias:
+      if self.gated:
+        self.gate_bias = _zeros((f,), ('mlp',), pd)
+      self.up_bias = _zeros((f,), ('mlp',), pd)
+      self.down_bias = _zeros((d,), ('embed',), pd)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_gate[...].astype(dt))
     up_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_up[...].astype(dt))
-    hidden_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
-    return jnp.einsum('blf,fd->bld', hidden_BxLxF, self.w_down[...].astype(dt))
+    up_BxLxF = _add_bias(up_BxLxF, self, 'up_bias')
+    if self.gated:
+      gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_gate[...].astype(dt))
+      hidden_BxLxF = jax.nn.silu(_add_bias(gate_BxLxF, self, 'gate_bias')) * up_BxLxF
+    else:
+      hidden_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
+    out_BxLxD = jnp.einsum('blf,fd->bld', hidden_BxLxF, self.w_down[...].astype(dt))
+    return _add_bias(out_BxLxD, self, 'down_bias')
 
 
 class Block(nnx.Module):
@@ -305,9 +401,9 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.dropout = cfg.dropout
-    self.attn_norm = RMSNorm(cfg)
+    self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg)
+    self.mlp_norm = Norm(cfg)
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(
@@ -332,16 +428,23 @@ _LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
 class Transformer(nnx.Module):
   """Decoder-only language model returning float32 next-token logits.
 
-  Parameter tree: `embedding` [V, D]; `blocks` (every leaf with a leading
-  [N] 'layers' axis): `attn_norm.scale`, `attn.{wq,wk,wv,wo}`, `mlp_norm.scale`,
-  `mlp.{w_gate,w_up,w_down}`; `final_norm.scale` [D]; `lm_head` [D, V] only
-  when the embeddings are untied.
+  Parameter tree: `embedding` [V, D]; `position_embedding` [P, D] with learned
+  positions; `blocks` (every leaf with a leading [N] 'layers' axis):
+  `attn_norm.{scale,bias}`, `attn.{wq,wk,wv,wo}` [D, H|K, Dh] / [H, Dh, D],
+  `attn.{q,k,v}_bias` [H|K, Dh], `attn.o_bias` [D], `mlp_norm.{scale,bias}`,
+  `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias`; `final_norm.{scale,bias}`;
+  `lm_head` [D, V] only when the embeddings are untied. Norm biases exist only
+  for LayerNorm, projection biases only when switched on, `w_gate` only for SwiGLU.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedding = _param(
         rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), INIT_STD, cfg.param_dtype)
+    if cfg.position == 'learned':
+      self.position_embedding = _param(
+          rngs, (cfg.max_positions, cfg.d_model), ('positions', 'embed'), INIT_STD,
+          cfg.param_dtype)
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_METADATA)
@@ -349,7 +452,7 @@ class Transformer(nnx.Module):
       return Block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
-    self.final_norm = RMSNorm(cfg)
+    self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
       self.lm_head = _param(
           rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), INIT_STD, cfg.param_dtype)
@@ -367,8 +470,9 @@ class Transformer(nnx.Module):
 
     Args:
       tokens_BxL: integer token ids.
-      positions_BxL: RoPE positions; default arange(L) in every row. For packed
-        rows pass positions that restart at 0 in each document.
+      positions_BxL: RoPE (or learned table) positions; default arange(L) in every
+        row. For packed rows pass positions that restart at 0 in each document.
+        Learned positions must be < max_positions (a gather clamps larger ones).
       segment_ids_BxL: integer document ids; tokens attend only within their
         document (always causally).
       deterministic: if False and cfg.dropout > 0, applies dropout.
@@ -385,7 +489,10 @@ class Transformer(nnx.Module):
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
 
-    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(cfg.dtype)
+    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0)
+    if cfg.position == 'learned':
+      x_BxLxD = x_BxLxD + jnp.take(self.position_embedding[...], positions_BxL, axis=0)
+    x_BxLxD = x_BxLxD.astype(cfg.dtype)
     x_BxLxD = _run_blocks(
         self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat,
         cfg.n_layers if cfg.scan_unroll == -1 else min(cfg.scan_unroll, cfg.n_layers))

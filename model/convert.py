@@ -1,0 +1,749 @@
+"""Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2 and GPT-2.
+
+  python -m model.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
+  python -m model.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
+
+Import writes what `python -m train` leaves in a workdir: `config.json`, an orbax
+checkpoint at step 0 with the LM task's state (parameters, a fresh optimizer
+state) and, when the HF directory has a SentencePiece `tokenizer.model`, the
+tokenizer. `python -m train.sample --workdir=OUT` samples from it, and
+`python -m train --config.init_from=OUT` starts a new run from its parameters.
+Each parameter is read lazily (safetensors' `safe_open`) one layer at a time,
+straight into the slices that each device holds of its NamedSharding, so no
+device or host holds an extra full copy of the model.
+
+Export writes `config.json`, `generation_config.json`, `model.safetensors`
+(split, with an index, above `--max_shard_gb`) and the tokenizer: the HF
+tokenizer files kept at import, or Kiln's SentencePiece model as
+`tokenizer.model` plus a `tokenizer.json` built from it (needs the `tokenizers`
+package, a dependency of transformers) that encodes the same ids.
+
+Both directions write into a temporary directory beside the target and rename it
+at the end, so an interrupted conversion never leaves a directory that looks
+complete.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from configs import lm
+from data import hf_tokenizer, tokenizers
+from data.sources import DataError
+from model import transformer
+from train.config import ConfigError
+
+SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2')
+FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
+# Tensors that some HF checkpoints carry but that are buffers, not parameters.
+IGNORED_SUFFIXES = ('rotary_emb.inv_freq', '.attn.bias', '.attn.masked_bias')
+# Tokenizer files copied from an HF directory at import and back at export.
+HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                      'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json')
+HF_TOKENIZER_DIR = 'hf'  # under {workdir}/tokenizer/
+
+
+# ---------------------------------------------------------------------------
+# Architectures: HF config.json <-> config.model, and the tensor maps.
+# ---------------------------------------------------------------------------
+
+
+def model_keys_from_hf(hf: dict) -> dict:
+  """`config.model` keys for an HF config.json.
+
+  Raises:
+    ConfigError: the architecture or one of its features is not supported, naming it.
+  """
+  model_type = hf.get('model_type')
+  if model_type not in SUPPORTED:
+    raise ConfigError(f'config.json has model_type={model_type!r}; model.convert supports '
+                      f'{", ".join(SUPPORTED)}.')
+  if model_type == 'gpt2':
+    return _gpt2_keys(hf)
+  return _llama_keys(hf, model_type)
+
+
+def _llama_keys(hf: dict, model_type: str) -> dict:
+  act = hf.get('hidden_act', 'silu')
+  _require(act == 'silu', f'hidden_act={act!r}: only silu (SwiGLU) is supported.')
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  _require(rope_type == 'default', f'rope type {rope_type!r} (rope_scaling / rope_parameters): '
+           'only the default RoPE is supported.')
+  theta = rope.get('rope_theta', hf.get('rope_theta', 10_000.0))
+  layer_types = hf.get('layer_types') or []
+  windowed = (model_type == 'mistral' and hf.get('sliding_window') is not None) or (
+      model_type == 'qwen2' and hf.get('use_sliding_window', False)) or any(
+          t != 'full_attention' for t in layer_types)
+  _require(not windowed, f'sliding_window={hf.get("sliding_window")!r}: sliding-window '
+           'attention is not supported.')
+  heads = int(hf['num_attention_heads'])
+  d_model = int(hf['hidden_size'])
+  if model_type == 'qwen2':  # Qwen2 always has q, k, v biases and no output bias
+    qkv_bias, out_bias = True, False
+  else:
+    qkv_bias = out_bias = bool(hf.get('attention_bias', False))
+  return dict(
+      vocab_size=int(hf['vocab_size']), d_model=d_model, n_layers=int(hf['num_hidden_layers']),
+      n_heads=heads, n_kv_heads=int(hf.get('num_key_value_heads') or heads),
+      head_dim=int(hf.get('head_dim') or d_model // heads),
+      mlp_dim=int(hf['intermediate_size']), rope_theta=float(theta),
+      tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm='rmsnorm', mlp='swiglu',
+      position='rope', max_positions=-1, qkv_bias=qkv_bias, attn_out_bias=out_bias,
+      mlp_bias=bool(hf.get('mlp_bias', False)))
+
+
+def _gpt2_keys(hf: dict) -> dict:
+  act = hf.get('activation_function', 'gelu_new')
+  _require(act in ('gelu_new', 'gelu_pytorch_tanh'),
+           f'activation_function={act!r}: only the tanh GELU (gelu_new) is supported.')
+  _require(hf.get('scale_attn_weights', True) and not hf.get('scale_attn_by_inverse_layer_idx'),
+           'scale_attn_weights must be true and scale_attn_by_inverse_layer_idx false.')
+  _require(not hf.get('add_cross_attention'), 'add_cross_attention is not supported.')
+  d_model, heads = int(hf['n_embd']), int(hf['n_head'])
+  return dict(
+      vocab_size=int(hf['vocab_size']), d_model=d_model, n_layers=int(hf['n_layer']),
+      n_heads=heads, n_kv_heads=heads, head_dim=d_model // heads,
+      mlp_dim=int(hf.get('n_inner') or 4 * d_model), rope_theta=10_000.0,
+      tie_embeddings=bool(hf.get('tie_word_embeddings', True)),
+      norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)), norm='layernorm', mlp='gelu_tanh',
+      position='learned', max_positions=int(hf['n_positions']), qkv_bias=True,
+      attn_out_bias=True, mlp_bias=True)
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(f'Unsupported HF model: {message}')
+
+
+def hf_family(cfg: transformer.TransformerConfig) -> str:
+  """The HF model_type that expresses `cfg` exactly.
+
+  Raises:
+    ConfigError: no supported HF architecture has this combination of switches.
+  """
+  llama = (cfg.norm, cfg.mlp, cfg.position) == ('rmsnorm', 'swiglu', 'rope')
+  gpt2 = (cfg.norm, cfg.mlp, cfg.position) == ('layernorm', 'gelu_tanh', 'learned')
+  if llama and cfg.qkv_bias == cfg.attn_out_bias:
+    return 'llama'  # attention_bias covers q, k, v and o together
+  if llama and cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
+    return 'qwen2'
+  if gpt2 and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias and (
+      cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model):
+    return 'gpt2'
+  raise ConfigError(
+      f'No Hugging Face architecture matches this model (norm={cfg.norm}, mlp={cfg.mlp}, '
+      f'position={cfg.position}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, '
+      f'mlp_bias={cfg.mlp_bias}); export supports Llama (rmsnorm, swiglu, rope, q/k/v/o biases '
+      'both on or both off), Qwen2 (the same with q/k/v biases only) and GPT-2 (layernorm, '
+      'gelu_tanh, learned, all biases, no GQA).')
+
+
+def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
+              eos_id: int, dtype: str) -> dict:
+  """The HF config.json of a Kiln model."""
+  family = hf_family(cfg)
+  special = {k: v for k, v in (('bos_token_id', bos_id), ('eos_token_id', eos_id)) if v >= 0}
+  common = dict(model_type=family, vocab_size=cfg.vocab_size,
+                tie_word_embeddings=cfg.tie_embeddings, dtype=dtype, **special)
+  if family == 'gpt2':
+    return dict(common, architectures=['GPT2LMHeadModel'], n_embd=cfg.d_model,
+                n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.mlp_dim,
+                n_positions=cfg.max_positions, activation_function='gelu_new',
+                layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0)
+  arch = 'Qwen2ForCausalLM' if family == 'qwen2' else 'LlamaForCausalLM'
+  out = dict(common, architectures=[arch], hidden_size=cfg.d_model,
+             intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers,
+             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+             head_dim=cfg.head_dim, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
+             max_position_embeddings=seq_len, rope_theta=cfg.rope_theta,
+             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+             attention_dropout=0.0)
+  if family == 'llama':
+    out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  else:
+    out.update(use_sliding_window=False, max_window_layers=cfg.n_layers,
+               layer_types=['full_attention'] * cfg.n_layers)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One Kiln parameter read from one HF tensor.
+
+  `kiln` is the parameter's path; `hf` the HF name (with `{i}` for the layer in
+  stacked parameters, whose Kiln shape has a leading [N] axis); `hf_shape` its
+  shape in the file; `to_kiln` maps the HF array (of one layer) to Kiln's layout
+  and `to_hf` back. Several parameters that share one HF tensor (GPT-2's fused
+  c_attn: q, k, v) are its consecutive pieces along `concat_axis`.
+  """
+  kiln: tuple[str, ...]
+  hf: str
+  hf_shape: tuple[int, ...]
+  to_kiln: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+  concat_axis: int = 0
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+  return x
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+  return w.T
+
+
+def tensor_map(cfg: transformer.TransformerConfig, family: str) -> list[Tensor]:
+  """Every Kiln parameter of `cfg` and the HF tensor it comes from."""
+  if family == 'gpt2':
+    return _gpt2_map(cfg)
+  d, h, k, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+
+  def proj_in(heads):  # HF Linear [heads * Dh, D] <-> Kiln [D, heads, Dh]
+    return (lambda w: w.T.reshape(d, heads, dh), lambda x: x.reshape(d, heads * dh).T)
+
+  def head_bias(heads):
+    return (lambda b: b.reshape(heads, dh), lambda x: x.reshape(heads * dh))
+
+  out = [Tensor(('embedding',), 'model.embed_tokens.weight', (cfg.vocab_size, d), _same, _same),
+         Tensor(('final_norm', 'scale'), 'model.norm.weight', (d,), _same, _same)]
+  if not cfg.tie_embeddings:
+    out.append(Tensor(('lm_head',), 'lm_head.weight', (cfg.vocab_size, d), _t, _t))
+  blocks = [
+      (('attn_norm', 'scale'), 'input_layernorm.weight', (d,), _same, _same),
+      (('mlp_norm', 'scale'), 'post_attention_layernorm.weight', (d,), _same, _same),
+      (('attn', 'wq'), 'self_attn.q_proj.weight', (h * dh, d), *proj_in(h)),
+      (('attn', 'wk'), 'self_attn.k_proj.weight', (k * dh, d), *proj_in(k)),
+      (('attn', 'wv'), 'self_attn.v_proj.weight', (k * dh, d), *proj_in(k)),
+      (('attn', 'wo'), 'self_attn.o_proj.weight', (d, h * dh),
+       lambda w: w.T.reshape(h, dh, d), lambda x: x.reshape(h * dh, d).T),
+      (('mlp', 'w_gate'), 'mlp.gate_proj.weight', (f, d), _t, _t),
+      (('mlp', 'w_up'), 'mlp.up_proj.weight', (f, d), _t, _t),
+      (('mlp', 'w_down'), 'mlp.down_proj.weight', (d, f), _t, _t),
+  ]
+  if cfg.qkv_bias:
+    blocks += [(('attn', 'q_bias'), 'self_attn.q_proj.bias', (h * dh,), *head_bias(h)),
+               (('attn', 'k_bias'), 'self_attn.k_proj.bias', (k * dh,), *head_bias(k)),
+               (('attn', 'v_bias'), 'self_attn.v_proj.bias', (k * dh,), *head_bias(k))]
+  if cfg.attn_out_bias:
+    blocks.append((('attn', 'o_bias'), 'self_attn.o_proj.bias', (d,), _same, _same))
+  if cfg.mlp_bias:
+    blocks += [(('mlp', f'{n}_bias'), f'mlp.{n}_proj.bias', (d if n == 'down' else f,), _same,
+                _same) for n in ('gate', 'up', 'down')]
+  return out + [Tensor(('blocks',) + path, 'model.layers.{i}.' + name, shape, *fns)
+                for path, name, shape, *fns in blocks]
+
+
+def _gpt2_map(cfg: transformer.TransformerConfig) -> list[Tensor]:
+  d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mlp_dim
+  out = [Tensor(('embedding',), 'transformer.wte.weight', (cfg.vocab_size, d), _same, _same),
+         Tensor(('position_embedding',), 'transformer.wpe.weight', (cfg.max_positions, d),
+                _same, _same),
+         Tensor(('final_norm', 'scale'), 'transformer.ln_f.weight', (d,), _same, _same),
+         Tensor(('final_norm', 'bias'), 'transformer.ln_f.bias', (d,), _same, _same)]
+  if not cfg.tie_embeddings:
+    out.append(Tensor(('lm_head',), 'lm_head.weight', (cfg.vocab_size, d), _t, _t))
+  # GPT-2's Conv1D weights are [in, out], Kiln's layout already.
+  blocks = [
+      (('attn_norm', 'scale'), 'ln_1.weight', (d,), _same, _same),
+      (('attn_norm', 'bias'), 'ln_1.bias', (d,), _same, _same),
+      (('mlp_norm', 'scale'), 'ln_2.weight', (d,), _same, _same),
+      (('mlp_norm', 'bias'), 'ln_2.bias', (d,), _same, _same),
+      (('attn', 'wo'), 'attn.c_proj.weight', (d, d),
+       lambda w: w.reshape(h, dh, d), lambda x: x.reshape(d, d)),
+      (('attn', 'o_bias'), 'attn.c_proj.bias', (d,), _same, _same),
+      (('mlp', 'w_up'), 'mlp.c_fc.weight', (d, f), _same, _same),
+      (('mlp', 'up_bias'), 'mlp.c_fc.bias', (f,), _same, _same),
+      (('mlp', 'w_down'), 'mlp.c_proj.weight', (f, d), _same, _same),
+      (('mlp', 'down_bias'), 'mlp.c_proj.bias', (d,), _same, _same),
+  ]
+  for part, name in enumerate(('q', 'k', 'v')):  # c_attn: [D, 3D], columns q | k | v
+    cols = slice(part * d, (part + 1) * d)
+    blocks += [
+        (('attn', f'w{name}'), 'attn.c_attn.weight', (d, 3 * d),
+         lambda w, cols=cols: w[:, cols].reshape(d, h, dh), lambda x: x.reshape(d, d), 1),
+        (('attn', f'{name}_bias'), 'attn.c_attn.bias', (3 * d,),
+         lambda b, cols=cols: b[cols].reshape(h, dh), lambda x: x.reshape(d), 0)]
+  return out + [Tensor(('blocks',) + path, 'transformer.h.{i}.' + name, shape, *fns)
+                for path, name, shape, *fns in blocks]
+
+
+def hf_tensors_from_kiln(params: dict, cfg: transformer.TransformerConfig,
+                         family: str) -> dict[str, Callable[[], np.ndarray]]:
+  """HF name -> a function that builds that tensor from Kiln's (host) params.
+
+  The inverse of `tensor_map`: GPT-2's c_attn is concatenated from q, k and v.
+  """
+  groups: dict[str, list[tuple[Tensor, int | None]]] = {}
+  for t in tensor_map(cfg, family):
+    for i in range(cfg.n_layers) if '{i}' in t.hf else (None,):
+      groups.setdefault(t.hf.format(i=i), []).append((t, i))
+
+  def build(parts) -> Callable[[], np.ndarray]:
+    def tensor():
+      pieces = []
+      for t, i in parts:
+        x = np.asarray(_get(params, t.kiln))
+        pieces.append(t.to_hf(x if i is None else x[i]))
+      return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, parts[0][0].concat_axis)
+    return tensor
+
+  return {name: build(parts) for name, parts in groups.items()}
+
+
+# ---------------------------------------------------------------------------
+# Import.
+# ---------------------------------------------------------------------------
+
+
+class SafetensorsReader:
+  """The tensors of an HF directory (one file or a sharded index), opened lazily."""
+
+  def __init__(self, hf_dir: str):
+    from safetensors import safe_open
+    self._safe_open = safe_open
+    index = os.path.join(hf_dir, 'model.safetensors.index.json')
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)['weight_map']
+      self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+    else:
+      paths = sorted(glob.glob(os.path.join(hf_dir, '*.safetensors')))
+      if not paths:
+        raise DataError(f'{hf_dir} has no *.safetensors files (PyTorch .bin checkpoints are not '
+                        'read; re-save with safe_serialization=True).')
+      self.files = {}
+      for path in paths:
+        with safe_open(path, framework='numpy') as f:
+          self.files.update({name: path for name in f.keys()})
+    self._open: dict[str, object] = {}
+    self.shapes, self.dtypes = {}, {}
+    for path in sorted(set(self.files.values())):
+      if not os.path.exists(path):
+        raise DataError(f'{path}, named by {index}, does not exist.')
+      handle = self._handle(path)
+      for name in handle.keys():
+        s = handle.get_slice(name)
+        self.shapes[name], self.dtypes[name] = tuple(s.get_shape()), s.get_dtype()
+
+  def _handle(self, path: str):
+    if path not in self._open:
+      self._open[path] = self._safe_open(path, framework='numpy')
+    return self._open[path]
+
+  def names(self) -> set[str]:
+    return set(self.shapes)
+
+  def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+    """The tensor (or the rows `rows` of it), read from disk now."""
+    s = self._handle(self.files[name]).get_slice(name)
+    return s[rows] if rows is not None else s[:]
+
+
+def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor], n_layers: int,
+                   family: str, tied: bool) -> dict[str, str]:
+  """Maps the expected HF names to the names in the files; checks names, shapes, dtypes.
+
+  GPT-2 checkpoints on the Hub often drop the `transformer.` prefix.
+
+  Raises:
+    DataError: naming every missing or unexpected tensor, or the first wrong shape or dtype.
+  """
+  expected = {}
+  for t in tensors:
+    for i in range(n_layers) if '{i}' in t.hf else (None,):
+      expected[t.hf.format(i=i)] = t.hf_shape
+  names = reader.names()
+  rename = {}
+  for name in expected:
+    if name not in names and family == 'gpt2' and name.removeprefix('transformer.') in names:
+      rename[name] = name.removeprefix('transformer.')
+    else:
+      rename[name] = name
+  missing = sorted(n for n, file_name in rename.items() if file_name not in names)
+  if missing:
+    raise DataError(f'The HF checkpoint lacks {len(missing)} tensor(s) the config needs: '
+                    f'{", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}.')
+  ignorable = {'lm_head.weight'} if tied else set()  # some tied checkpoints store the copy
+  unexpected = sorted(n for n in names - set(rename.values())
+                      if n not in ignorable and not n.endswith(IGNORED_SUFFIXES))
+  if unexpected:
+    raise DataError(f'The HF checkpoint has {len(unexpected)} tensor(s) the config does not '
+                    f'explain: {", ".join(unexpected[:8])}{" ..." if len(unexpected) > 8 else ""}.'
+                    ' Is config.json the one of these weights?')
+  for name, shape in expected.items():
+    got, dtype = reader.shapes[rename[name]], reader.dtypes[rename[name]]
+    if got != shape:
+      raise DataError(f'HF tensor {rename[name]} has shape {got}; config.json implies {shape}.')
+    if dtype not in FLOAT_DTYPES:
+      raise DataError(f'HF tensor {rename[name]} has dtype {dtype}; expected one of '
+                      f'{", ".join(FLOAT_DTYPES)}.')
+  return rename
+
+
+def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, family: str,
+                abstract_params: dict, shardings: dict) -> dict:
+  """Kiln's params, each array built shard by shard in its NamedSharding.
+
+  A device's shard of a stacked parameter is read one layer at a time (the
+  layer's HF tensor, then the device's slice of it); unstacked ones read only
+  the rows the device holds when their layout keeps HF's rows.
+  """
+  tensors = tensor_map(cfg, family)
+  rename = _resolve_names(reader, tensors, cfg.n_layers, family, cfg.tie_embeddings)
+  by_path = {t.kiln: t for t in tensors}
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  paths = {tuple(k.key for k in p) for p, _ in flat}
+  if paths != set(by_path):  # a bug in tensor_map, not a user error
+    raise AssertionError(f'tensor_map does not cover the model: {paths ^ set(by_path)}')
+
+  def build(path, abstract):
+    t = by_path[path]
+    sharding = _get(shardings, path)
+
+    def callback(index):
+      if path[0] == 'blocks':
+        layers = range(cfg.n_layers)[index[0]]
+        rest = index[1:]
+        return np.stack([_cast(t.to_kiln(reader.read(rename[t.hf.format(i=i)])), abstract.dtype,
+                               t.hf.format(i=i))[rest] for i in layers])
+      if t.to_kiln is _same:  # same layout: read only this shard's rows
+        return _cast(reader.read(rename[t.hf], index[0]), abstract.dtype, t.hf)[
+            (slice(None),) + tuple(index[1:])]
+      return _cast(t.to_kiln(reader.read(rename[t.hf])), abstract.dtype, t.hf)[index]
+
+    return jax.make_array_from_callback(abstract.shape, sharding, callback)
+
+  return jax.tree_util.tree_map_with_path(
+      lambda p, a: build(tuple(k.key for k in p), a), abstract_params)
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
+  if x.dtype not in (np.float32, np.float16, jnp.bfloat16):
+    raise DataError(f'HF tensor {name} has dtype {x.dtype}; expected a float type.')
+  return np.ascontiguousarray(x.astype(dtype))
+
+
+def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
+              dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1) -> None:
+  """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`."""
+  from train import checkpoint, trainer
+  from train import mesh as mesh_lib
+  from train.tasks.lm import LMTask
+
+  hf = _read_json(os.path.join(hf_dir, 'config.json'))
+  keys = model_keys_from_hf(hf)
+  _check_target(workdir)
+  config = lm.get_config('tiny')
+  config.model.update(keys, dtype=dtype, param_dtype=param_dtype, scan_unroll=1)
+  max_len = keys['max_positions'] if keys['position'] == 'learned' else int(
+      hf.get('max_position_embeddings', 2048))
+  config.data.seq_len = seq_len or min(max_len, 2048)
+  config.mesh.update(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor)
+  config.checkpoint.async_save = False
+  spm_proto = _read_spm(hf_dir)
+  if spm_proto is not None:
+    config.data.tokenizer.update(kind='sentencepiece', vocab_size=_piece_count(spm_proto),
+                                 model_type=_spm_model_type(spm_proto))
+  task = LMTask(config)
+  family = hf['model_type']
+  reader = SafetensorsReader(hf_dir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
+  params = load_params(reader, task.model_cfg, family, abstract['params'], shardings['params'])
+  opt_state = jax.jit(task.tx.init, out_shardings=shardings['opt_state'])(params)
+  rng = jax.random.key_data(jax.random.split(jax.random.key(config.seed))[1])
+  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), shardings['step']),
+           'params': params, 'opt_state': opt_state,
+           'rng': jax.device_put(rng, shardings['rng'])}
+
+  with _staging(workdir) as tmp:
+    trainer.write_config(config, tmp)
+    _copy_hf_tokenizer(hf_dir, tmp, spm_proto, config)
+    ckpt = checkpoint.Checkpointer(tmp, config.checkpoint)
+    ckpt.save(0, state, None)
+    ckpt.wait()
+    ckpt.close()
+  logging.info('Imported %s (%s, %d parameters) into %s.', hf_dir, family,
+               transformer.count_params(task.model_cfg), workdir)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise DataError(f'Cannot read {path}: {e}') from None
+
+
+def _check_target(path: str) -> None:
+  if os.path.exists(path) and os.listdir(path):
+    raise ConfigError(f'{path} exists and is not empty; give a new directory.')
+
+
+class _staging:
+  """A temporary sibling of `target`, renamed to it on success and deleted on failure."""
+
+  def __init__(self, target: str):
+    self.target = os.path.abspath(target)
+
+  def __enter__(self) -> str:
+    parent = os.path.dirname(self.target)
+    os.makedirs(parent, exist_ok=True)
+    self.tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.target)}.partial-', dir=parent)
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:
+      shutil.rmtree(self.tmp, ignore_errors=True)
+      return False
+    if os.path.exists(self.target):
+      os.rmdir(self.target)  # empty, checked before
+    os.rename(self.tmp, self.target)
+    return False
+
+
+def _read_spm(hf_dir: str) -> bytes | None:
+  path = os.path.join(hf_dir, 'tokenizer.model')
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    proto = f.read()
+  return proto if _spm_model_type(proto) in ('bpe', 'unigram') else None
+
+
+def _piece_count(proto: bytes) -> int:
+  return tokenizers.SentencePieceTokenizer(proto).vocab_size
+
+
+def _spm_model_type(proto: bytes) -> str:
+  """SentencePiece's trainer_spec.model_type, read from the protobuf wire format (the
+  generated protobuf module of sentencepiece needs a matching protobuf runtime)."""
+  trainer_spec = _proto_field(proto, 2)
+  value = _proto_field(trainer_spec, 3) if trainer_spec is not None else None
+  return {1: 'unigram', 2: 'bpe', 3: 'word', 4: 'char'}.get(
+      1 if value is None else value, 'unknown')
+
+
+def _proto_field(buf: bytes, number: int):
+  """The last value of field `number` in a protobuf message: bytes or int (None if absent)."""
+  pos, found = 0, None
+
+  def varint():
+    nonlocal pos
+    shift = result = 0
+    while True:
+      byte = buf[pos]
+      pos += 1
+      result |= (byte & 0x7F) << shift
+      if not byte & 0x80:
+        return result
+      shift += 7
+
+  while pos < len(buf):
+    key = varint()
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value = varint()
+    elif wire == 2:
+      n = varint()
+      value, pos = buf[pos:pos + n], pos + n
+    elif wire == 1:
+      value, pos = None, pos + 8
+    elif wire == 5:
+      value, pos = None, pos + 4
+    else:
+      raise DataError('tokenizer.model is not a SentencePiece model.')
+    if field == number:
+      found = value
+  return found
+
+
+def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
+                       config: ml_collections.ConfigDict) -> None:
+  """Kiln's tokenizer cache (when the HF one is SentencePiece) and the HF files, for export."""
+  directory = os.path.join(workdir, 'tokenizer')
+  hf_files = [n for n in HF_TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
+  for name in hf_files + ['generation_config.json']:
+    if os.path.exists(os.path.join(hf_dir, name)):
+      os.makedirs(os.path.join(directory, HF_TOKENIZER_DIR), exist_ok=True)
+      shutil.copy(os.path.join(hf_dir, name), os.path.join(directory, HF_TOKENIZER_DIR, name))
+  if spm_proto is None:
+    logging.warning('%s has no SentencePiece tokenizer.model: the Kiln run has no tokenizer, so '
+                    'train.sample cannot encode prompts; export keeps the HF tokenizer files.',
+                    hf_dir)
+    return
+  tokenizers.write_atomic(os.path.join(directory, tokenizers.SPM_FILE), spm_proto)
+  meta = {'config': tokenizers.tokenizer_spec(config.data.tokenizer)}
+  tokenizers.write_atomic(os.path.join(directory, tokenizers.META_FILE),
+                          json.dumps(meta, indent=1).encode())
+
+
+# ---------------------------------------------------------------------------
+# Export.
+# ---------------------------------------------------------------------------
+
+
+def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float = 5.0) -> None:
+  """Writes the newest checkpoint of the Kiln run in `workdir` as an HF model in `hf_dir`."""
+  from safetensors.numpy import save_file
+
+  _check_target(hf_dir)
+  task, state, step = load_run(workdir)
+  cfg = task.model_cfg
+  family = hf_family(cfg)
+  out_dtype = np.dtype(transformer.DTYPES[dtype] if dtype else cfg.param_dtype)
+  if out_dtype not in (np.float32, np.float16, jnp.bfloat16):
+    raise ConfigError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
+  tokenizer = task.tokenizer  # None for an import whose HF tokenizer is not SentencePiece
+  bos = getattr(tokenizer, 'bos_id', -1)
+  eos = tokenizer._sp.eos_id() if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) else -1
+  builders = hf_tensors_from_kiln(jax.device_get(state['params']), cfg, family)
+  del state
+  nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
+  shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
+
+  with _staging(hf_dir) as tmp:
+    weight_map = {}
+    for k, names in enumerate(shards):
+      file = ('model.safetensors' if len(shards) == 1 else
+              f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors')
+      save_file({n: np.ascontiguousarray(builders[n](), out_dtype) for n in names},
+                os.path.join(tmp, file),
+                metadata={'format': 'pt'})
+      weight_map.update({n: file for n in names})
+    if len(shards) > 1:
+      index = {'metadata': {'total_size': sum(nbytes.values())}, 'weight_map': weight_map}
+      _write_json(os.path.join(tmp, 'model.safetensors.index.json'), index)
+    dtype_name = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16',
+                  np.dtype(jnp.bfloat16): 'bfloat16'}[out_dtype]
+    _write_json(os.path.join(tmp, 'config.json'),
+                hf_config(cfg, task.config.data.seq_len, bos, eos, dtype_name))
+    _export_tokenizer(workdir, tmp, tokenizer, task.config, bos, eos)
+  logging.info('Exported step %d of %s as %s into %s.', step, workdir, family, hf_dir)
+
+
+def load_run(workdir: str):
+  """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.sample's
+  load_latest, but a run without a Kiln tokenizer (imported with another kind) loads too."""
+  from train import checkpoint, trainer
+  from train import mesh as mesh_lib
+  from train.sample import load_run_config
+  from train.tasks.lm import LMTask
+
+  config = load_run_config(workdir)
+  if config.get('task') != 'lm':
+    raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM runs export to HF.')
+  task = LMTask(config)
+  if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
+    task.setup_inference(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  step = ckpt.latest_step()
+  if step is None:
+    raise ConfigError(f'No checkpoint in {ckpt.directory}.')
+  state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
+  ckpt.close()
+  return task, state, step
+
+
+def _hf_shape(cfg, family, name):
+  for t in tensor_map(cfg, family):
+    if name in (t.hf, *(t.hf.format(i=i) for i in range(cfg.n_layers))):
+      return t.hf_shape
+  raise KeyError(name)
+
+
+def _plan_shards(names: Sequence[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
+  shards, size = [[]], 0
+  for name in names:
+    if shards[-1] and size + nbytes[name] > limit:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes[name]
+  return shards
+
+
+def _write_json(path: str, obj: dict) -> None:
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2)
+
+
+def _export_tokenizer(workdir: str, hf_dir: str, tokenizer, config, bos: int, eos: int) -> None:
+  kept = os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR)
+  if os.path.isdir(kept):  # imported from HF: give back the files as they were
+    for name in os.listdir(kept):
+      shutil.copy(os.path.join(kept, name), os.path.join(hf_dir, name))
+  elif isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
+    with open(os.path.join(workdir, 'tokenizer', tokenizers.SPM_FILE), 'rb') as f:
+      proto = f.read()
+    with open(os.path.join(hf_dir, 'tokenizer.model'), 'wb') as f:
+      f.write(proto)
+    hf_tokenizer.write(proto, config.data.tokenizer.model_type, tokenizer.encode, bos, eos,
+                       hf_dir, max_length=config.data.seq_len)
+  else:
+    logging.warning('The run\'s %s tokenizer has no HF form; export writes no tokenizer.',
+                    type(tokenizer).__name__)
+  if not os.path.exists(os.path.join(hf_dir, 'generation_config.json')):
+    gen = {k: v for k, v in (('bos_token_id', bos), ('eos_token_id', eos)) if v >= 0}
+    _write_json(os.path.join(hf_dir, 'generation_config.json'), gen)
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string('hf_dir', None, 'The Hugging Face model directory (read or written).')
+  flags.DEFINE_string('workdir', None, 'The Kiln run directory (written or read).')
+  flags.DEFINE_string('param_dtype', 'float32', 'import: Kiln parameter dtype.')
+  flags.DEFINE_string('dtype', '', 'import: compute dtype (default bfloat16); export: the '
+                      'dtype of the safetensors (default: the parameter dtype).')
+  flags.DEFINE_integer('seq_len', 0, 'import: data.seq_len of the run (default: the model\'s '
+                       'maximum length, at most 2048).')
+  flags.DEFINE_integer('fsdp', 1, 'import: mesh.fsdp to load into (-1: all devices).')
+  flags.DEFINE_integer('tensor', 1, 'import: mesh.tensor to load into.')
+  flags.DEFINE_float('max_shard_gb', 5.0, 'export: split model.safetensors above this size.')
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ('import', 'export'):
+    raise app.UsageError('Usage: python -m model.convert import|export --hf_dir=DIR '
+                         '--workdir=DIR')
+  f = flags.FLAGS
+  if not f.hf_dir or not f.workdir:
+    raise app.UsageError('Both --hf_dir and --workdir are required.')
+  from train.config import exit_on_user_error
+  if argv[1] == 'import':
+    exit_on_user_error(lambda: import_hf(
+        f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
+        seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor))
+  else:
+    exit_on_user_error(lambda: export_hf(f.workdir, f.hf_dir, dtype=f.dtype,
+                                         max_shard_gb=f.max_shard_gb))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
