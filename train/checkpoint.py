@@ -52,3 +52,24 @@ class Checkpointer:
 def abstract_with_shardings(abstract_tree, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_tree, shardings)
+
+
+def restore_subtree(workdir: str, key: str, abstract_subtree):
+  """`state[key]` of the newest checkpoint in `workdir`, into the shardings of
+  `abstract_subtree` (ShapeDtypeStructs); the rest of the state is not read.
+
+  Returns (subtree, step), or (None, None) when `workdir` has no checkpoint.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    return None, None
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+  if step is None:
+    return None, None
+  item = {key: abstract_subtree}
+  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(os.path.join(directory, str(step), 'state'), args=args)
+  return restored[key], step

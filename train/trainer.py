@@ -146,6 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   start = ckpt.latest_step()
   if start is None:
     state, start = init(rng), 0
+    if hasattr(task, 'warm_start'):  # optional: a task may start from pretrained weights
+      state = task.warm_start(state)
   else:
     logging.info('Resuming from step %d in %s.', start, ckpt.directory)
     target = checkpoint.abstract_with_shardings(abstract, state_shardings)

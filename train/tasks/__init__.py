@@ -62,6 +62,10 @@ class Task(Protocol):
   def samples(self, state: State) -> dict[str, 'str | np.ndarray']:
     """Samples to log at each evaluation, by tag: text, or an image grid [H, W, C] uint8."""
 
+  # Optional: `warm_start(state) -> state`, called on a fresh state (not on resume),
+  # e.g. to load pretrained parameters (LMTask's `init_from`). The trainer calls it
+  # when the task has it.
+
 
 def get_task(config: ml_collections.ConfigDict) -> Task:
   if config.task == 'lm':

@@ -1,6 +1,8 @@
 """Decoder-only language modelling: next-token cross-entropy on packed windows."""
 
 import functools
+import json
+import os
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -8,12 +10,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, tokenizers
 from model import transformer
-from train import optim
+from train import checkpoint, optim
 from train.config import ConfigError, check_choice, check_positive, require
 
 
@@ -33,9 +36,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'arrayrecord':
     require(bool(config.data.path), "data.source='arrayrecord' needs data.path: a directory "
             'written by python -m data.tokenize.')
+  model = config.model
+  if model.get('position') == 'learned' and config.data.seq_len > model.get('max_positions', 0):
+    raise ConfigError(f'data.seq_len={config.data.seq_len} exceeds model.max_positions='
+                      f'{model.max_positions}, the size of the learned position table.')
   if config.data.source == 'tfds':
     require(bool(config.data.name), "data.source='tfds' needs data.name, e.g. "
             '--config.data.name=tiny_shakespeare.')
+
+
+# The model keys that fix the parameters' shapes and meaning; `init_from` takes them
+# from the run it starts from.
+ARCHITECTURE_KEYS = (
+    'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
+    'rope_theta', 'tie_embeddings', 'norm_eps', 'norm', 'mlp', 'position', 'max_positions',
+    'qkv_bias', 'attn_out_bias', 'mlp_bias')
+
+
+def adopt_init_run(config: ml_collections.ConfigDict) -> None:
+  """Sets `config.model`'s architecture keys and `config.data.tokenizer` to those of the
+  run in `config.init_from`, so that the written config.json describes this run's model.
+
+  Does nothing when that run's config.json is absent (checked in `setup_data`, since a
+  finished run can be sampled after the run it started from is gone).
+  """
+  path = os.path.join(config.init_from, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    other = json.load(f)
+  changed = {}
+  for key in ARCHITECTURE_KEYS:
+    if key in other.get('model', {}) and other['model'][key] != config.model[key]:
+      changed[f'model.{key}'] = config.model[key] = type(config.model[key])(other['model'][key])
+  meta = os.path.join(config.init_from, 'tokenizer', tokenizers.META_FILE)
+  if os.path.exists(meta):
+    with open(meta) as f:
+      spec = json.load(f)['config']
+    for key, value in spec.items():
+      if config.data.tokenizer[key] != value:
+        changed[f'data.tokenizer.{key}'] = config.data.tokenizer[key] = value
+  if changed:
+    logging.info('init_from=%s sets %s.', config.init_from, changed)
 
 
 class LMTask:
@@ -43,6 +85,8 @@ class LMTask:
   logical_rules = transformer.LOGICAL_AXIS_RULES
 
   def __init__(self, config: ml_collections.ConfigDict):
+    if config.get('init_from'):
+      adopt_init_run(config)
     check_config(config)
     self.config = config
     self.tokenizer = None
@@ -56,6 +100,8 @@ class LMTask:
 
   def setup_data(self, workdir: str, process_index: int, process_count: int):
     c = self.config
+    if c.get('init_from'):
+      self._copy_init_tokenizer(workdir)
     self.data = lm_pipeline.build_lm_data(
         c.data, seed=c.seed, global_batch_size=c.batch_size, eval_steps=c.eval_steps,
         workdir=workdir, process_index=process_index, process_count=process_count)
@@ -84,6 +130,47 @@ class LMTask:
     if jax.tree.leaves(rest):
       raise ValueError('The transformer holds non-parameter state, which LMTask does not keep.')
     self._param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+
+  def _copy_init_tokenizer(self, workdir: str) -> None:
+    """The tokenizer of the `init_from` run, so this run's ids mean what its model learnt."""
+    init = self.config.init_from
+    resuming = os.path.isdir(os.path.join(workdir, 'checkpoints'))
+    if not os.path.exists(os.path.join(init, 'config.json')) and not resuming:
+      raise ConfigError(f'init_from={init!r} has no config.json: give the --workdir of a '
+                        'training run or of `python -m model.convert import`.')
+    source = os.path.join(init, 'tokenizer')
+    target = os.path.join(workdir, 'tokenizer')
+    names = (tokenizers.SPM_FILE, tokenizers.META_FILE)  # the meta file last: it marks whole
+    if os.path.exists(os.path.join(target, tokenizers.META_FILE)):
+      return
+    if not os.path.exists(os.path.join(source, tokenizers.META_FILE)):
+      logging.warning('init_from=%s has no Kiln tokenizer; this run trains its own, whose ids '
+                      'need not match the model\'s.', init)
+      return
+    for name in names:
+      if os.path.exists(os.path.join(source, name)):
+        with open(os.path.join(source, name), 'rb') as f:
+          tokenizers.write_atomic(os.path.join(target, name), f.read())
+
+  def warm_start(self, state):
+    """A fresh state with the parameters of `init_from`'s newest checkpoint (in the
+    state's shardings) and a fresh optimizer state for them."""
+    init = self.config.get('init_from')
+    if not init:
+      return state
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state['params'])
+    try:
+      params, step = checkpoint.restore_subtree(init, 'params', abstract)
+    except ValueError as e:  # orbax: a tree or shape mismatch
+      raise ConfigError(
+          f'init_from={init!r}: its parameters do not fit this model ({e}).') from None
+    if params is None:
+      raise ConfigError(f'init_from={init!r} has no checkpoint in {init}/checkpoints.')
+    logging.info('Parameters from step %d of %s; fresh optimizer.', step, init)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, state['opt_state'])
+    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+    return dict(state, params=params, opt_state=opt_state)
 
   def _new_model(self, key: jax.Array) -> transformer.Transformer:
     return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))

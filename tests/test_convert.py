@@ -1,0 +1,299 @@
+"""model/convert.py against transformers: small random HF models built offline.
+
+Oracles: HF's own forward pass and greedy generation (import parity), the
+imported parameters themselves (round trip, sharded vs one-device import), the
+Kiln model's logits (trained export), Kiln's tokenizer (exported tokenizer) and
+a run's own evaluation (init_from).
+"""
+
+import json
+import logging
+import os
+import pathlib
+import textwrap
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch', reason='needs the hf extra: pip install -e ".[hf]"')
+transformers = pytest.importorskip('transformers',
+                                   reason='needs the hf extra: pip install -e ".[hf]"')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+from configs import lm  # noqa: E402
+from data.sources import DataError  # noqa: E402
+from model import convert  # noqa: E402
+from train import trainer  # noqa: E402
+from train.config import ConfigError  # noqa: E402
+
+VOCAB = 96
+
+
+def _hf_model(kind: str):
+  torch.manual_seed(0)
+  common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64)
+  if kind == 'llama_gqa_untied':
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500_000.0))
+  elif kind == 'llama_tied_bias':
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **common, num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True,
+        rope_theta=20_000.0))
+  elif kind == 'qwen2':
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **common, num_key_value_heads=2, tie_word_embeddings=False))
+  else:
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        bos_token_id=0, eos_token_id=1))
+  with torch.no_grad():  # larger than HF's init, so that logits (and argmaxes) are distinct
+    for name, param in model.named_parameters():
+      is_norm_scale = param.ndim == 1 and ('norm' in name or 'ln_' in name) and 'bias' not in name
+      param.normal_(1.0 if is_norm_scale else 0.0, 0.3)
+  return model.eval()
+
+
+KINDS = ('llama_gqa_untied', 'llama_tied_bias', 'qwen2', 'gpt2')
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """kind -> (HF model, HF dir, Kiln workdir); the untied Llama is saved in shards."""
+  out = {}
+  for kind in KINDS:
+    root = tmp_path_factory.mktemp(kind)
+    model = _hf_model(kind)
+    shard = '20KB' if kind == 'llama_gqa_untied' else '5GB'
+    model.save_pretrained(root / 'hf', max_shard_size=shard)
+    convert.import_hf(str(root / 'hf'), str(root / 'kiln'), dtype='float32')
+    out[kind] = (model, root / 'hf', root / 'kiln')
+  assert (out['llama_gqa_untied'][1] / 'model.safetensors.index.json').exists()
+  return out
+
+
+_JITTED = {}
+
+
+def _kiln_logits(task, params, tokens_BxL):
+  b, length = tokens_BxL.shape
+  batch = {'inputs': tokens_BxL, 'positions': np.broadcast_to(np.arange(length), (b, length)),
+           'segment_ids': np.ones((b, length), np.int32)}
+  if id(task) not in _JITTED:
+    _JITTED[id(task)] = (task, jax.jit(task._logits))
+  return np.asarray(_JITTED[id(task)][1](params, batch))
+
+
+def _hf_logits(model, tokens_BxL):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens_BxL))).logits.numpy()
+
+
+def _tokens(shape, seed=0, vocab=VOCAB):
+  return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _assert_logits_close(ours, theirs):
+  scale = float(np.abs(theirs).max())
+  assert scale > 1.0  # not a vacuous comparison of near-zero logits
+  assert ours.shape == theirs.shape
+  np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4 * scale)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_import_logits_and_greedy_match_hf(imported, kind):
+  model, _, workdir = imported[kind]
+  task, state, step = convert.load_run(str(workdir))
+  assert step == 0
+  tokens = _tokens((2, 24), seed=1)
+  _assert_logits_close(_kiln_logits(task, state['params'], tokens), _hf_logits(model, tokens))
+
+  # Greedy: Kiln re-runs its fixed window (as LMTask.generate does) and takes the argmax.
+  prompt = _tokens((1, 5), seed=2)
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
+                          pad_token_id=0)[0, 5:].numpy()
+  window = np.zeros((1, 32), np.int32)
+  ids = list(prompt[0])
+  for _ in range(20):
+    window[0, :len(ids)] = ids
+    ids.append(int(np.argmax(_kiln_logits(task, state['params'], window)[0, len(ids) - 1])))
+  assert ids[5:] == list(want)
+
+
+def test_import_into_fsdp_and_tensor_shards_matches_one_copy(imported, tmp_path):
+  _, hf_dir, workdir = imported['llama_gqa_untied']
+  sharded = tmp_path / 'sharded'
+  convert.import_hf(str(hf_dir), str(sharded), dtype='float32', fsdp=2, tensor=2)
+  _, want, _ = convert.load_run(str(workdir))
+  task, got, _ = convert.load_run(str(sharded))
+  assert (task.config.mesh.fsdp, task.config.mesh.tensor) == (2, 2)
+  for a, b in zip(jax.tree.leaves(want['params']), jax.tree.leaves(got['params']), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  wq = got['params']['blocks']['attn']['wq']  # [N, D, H, Dh]: D over fsdp, H over tensor
+  assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_import_export_import_is_bitwise(imported, kind, tmp_path):
+  model, _, workdir = imported[kind]
+  hf_out = tmp_path / 'hf_out'
+  convert.export_hf(str(workdir), str(hf_out), max_shard_gb=20e3 / 2**30)  # ~20 KB shards
+  assert (hf_out / 'model.safetensors.index.json').exists()
+  reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      hf_out, output_loading_info=True)
+  assert type(reloaded) is type(model)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  again = tmp_path / 'kiln_again'
+  convert.import_hf(str(hf_out), str(again), dtype='float32')
+  _, first, _ = convert.load_run(str(workdir))
+  _, second, _ = convert.load_run(str(again))
+  for a, b in zip(jax.tree.leaves(first['params']), jax.tree.leaves(second['params']),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- a Kiln-trained model out to transformers ------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A small Llama-style Kiln run with a SentencePiece tokenizer, trained until its logits
+  and loss are far from those at init."""
+  root = tmp_path_factory.mktemp('trained')
+  text = ''.join(pathlib.Path(m.__file__).read_text() for m in (textwrap, json.decoder))
+  corpus = root / 'input.txt'
+  corpus.write_text(text[:40_000])
+  config = _small_config(corpus)
+  result = trainer.train_and_evaluate(config, str(root / 'run'))
+  return config, root / 'run', result
+
+
+def _small_config(corpus, **overrides) -> ml_collections.ConfigDict:
+  c = lm.get_config('tiny')
+  c.update(steps=12, batch_size=8, log_every=1, eval_every=12, eval_steps=2)
+  c.checkpoint.update(every=1000, async_save=False)
+  c.data.update(source='text', path=str(corpus), seq_len=32)
+  c.data.tokenizer.update(vocab_size=512, train_chars=100_000)
+  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32',
+                 tie_embeddings=False)
+  c.optimizer.update(lr=3e-2, warmup_steps=1)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def test_trained_export_matches_in_transformers(trained, tmp_path, caplog):
+  _, run, _ = trained
+  out = tmp_path / 'hf'
+  convert.export_hf(str(run), str(out))
+  task, state, _ = convert.load_run(str(run))
+  transformers.logging.enable_propagation()
+  try:
+    with caplog.at_level(logging.WARNING):
+      model, info = transformers.AutoModelForCausalLM.from_pretrained(
+          out, output_loading_info=True)
+  finally:
+    transformers.logging.disable_propagation()
+  assert isinstance(model, transformers.LlamaForCausalLM)
+  assert not any(info.values()), info
+  assert not [r for r in caplog.records if 'missing' in r.getMessage().lower()
+              or 'unexpected' in r.getMessage().lower()]
+  tokens = _tokens((2, 32), seed=3, vocab=task.tokenizer.vocab_size)
+  _assert_logits_close(_kiln_logits(task, state['params'], tokens),
+                       _hf_logits(model.eval(), tokens))
+
+  # The tokenizer: same ids as Kiln's, BOS first by default, as in Kiln's training data.
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  texts = ('def f(x):\n    return x  # 42\n', '  spaces\tand tabs\n\n', 'h\u00e9llo \U0001f642')
+  for text in texts:
+    ids = task.tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)['input_ids'] == ids
+    assert hf_tok(text)['input_ids'] == [task.tokenizer.bos_id] + ids
+    assert hf_tok.decode(ids) == task.tokenizer.decode(ids)
+
+
+def test_init_from_starts_from_the_run_params(trained, tmp_path):
+  config, run, result = trained
+  trained_loss = result.eval['eval/loss']
+  assert trained_loss < np.log(512) - 0.5  # the run learnt something a fresh start lacks
+  # This config's other model size and tokenizer are replaced by the run's. One step at a
+  # negligible learning rate leaves the run's parameters: the same evaluation gives the
+  # run's loss (same eval batches: the tokenizer is the run's, copied).
+  c = _small_config(config.data.path, **{
+      'init_from': str(run), 'steps': 1, 'eval_every': 1, 'model.d_model': 64,
+      'data.tokenizer.vocab_size': 700, 'optimizer.lr': 1e-12, 'optimizer.warmup_steps': 0})
+  started = trainer.train_and_evaluate(c, str(tmp_path / 'new'))
+  np.testing.assert_allclose(started.eval['eval/loss'], trained_loss, rtol=1e-5)
+  written = json.loads((tmp_path / 'new' / 'config.json').read_text())
+  assert written['model']['d_model'] == 32 and written['data']['tokenizer']['vocab_size'] == 512
+  assert written['init_from'] == str(run)
+
+
+# --- errors and interruptions ------------------------------------------------------------
+
+
+def _save(model, directory, drop=None, config_edit=None):
+  model.save_pretrained(directory)
+  if drop:
+    path = directory / 'model.safetensors'
+    tensors = safetensors_torch.load_file(path)
+    del tensors[drop]
+    safetensors_torch.save_file(tensors, path, metadata={'format': 'pt'})
+  if config_edit:
+    cfg = json.loads((directory / 'config.json').read_text())
+    config_edit(cfg)
+    (directory / 'config.json').write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize('case, error, message', [
+    ('missing', DataError, r'lacks 1 tensor.*model\.layers\.1\.self_attn\.k_proj\.weight'),
+    ('shape', DataError, r'model\.layers\.0\.mlp\.gate_proj\.weight has shape \(48, 32\); '
+     r'config.json implies \(64, 32\)'),
+    ('unexpected', DataError, r'does not explain: .*model\.layers\.0\.self_attn\.q_proj\.bias'),
+    ('model_type', ConfigError, r"model_type='falcon'.*llama, mistral, qwen2, gpt2"),
+    ('rope', ConfigError, r"rope type 'llama3'"),
+    ('window', ConfigError, r'sliding_window=16'),
+])
+def test_bad_checkpoints_name_the_problem(tmp_path, case, error, message):
+  model = _hf_model('llama_gqa_untied')
+  edits = {
+      'shape': lambda c: c.update(intermediate_size=64),
+      'unexpected': lambda c: c.update(attention_bias=False),
+      'model_type': lambda c: c.update(model_type='falcon'),
+      'rope': lambda c: c.update(rope_parameters={'rope_type': 'llama3', 'rope_theta': 1e4}),
+      'window': lambda c: c.update(model_type='mistral', sliding_window=16),
+  }
+  if case == 'unexpected':
+    model = _hf_model('llama_tied_bias')
+  _save(model, tmp_path / 'hf', drop='model.layers.1.self_attn.k_proj.weight'
+        if case == 'missing' else None, config_edit=edits.get(case))
+  with pytest.raises(error, match=message):
+    convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'kiln'))
+  assert not (tmp_path / 'kiln').exists()
+
+
+def test_interrupted_import_leaves_no_checkpoint(imported, tmp_path, monkeypatch):
+  _, hf_dir, _ = imported['gpt2']
+  target = tmp_path / 'kiln'
+  seen = []
+  real_save = convert.checkpoint_save if hasattr(convert, 'checkpoint_save') else None
+  del real_save
+  from train import checkpoint
+
+  original = checkpoint.Checkpointer.save
+
+  def save_then_die(self, step, state, data_iter):
+    original(self, step, state, data_iter)
+    self.wait()
+    seen.append(sorted(os.listdir(self.directory)))
+    assert not target.exists()  # while writing, nothing is at the target path
+    raise KeyboardInterrupt  # killed after orbax committed its step
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_die)
+  with pytest.raises(KeyboardInterrupt):
+    convert.import_hf(str(hf_dir), str(target), dtype='float32')
+  assert seen == [['0']]  # orbax had finished its checkpoint...
+  assert not target.exists()  # ...but the run directory never appeared
+  assert os.listdir(tmp_path) == []  # and the staging directory is gone
