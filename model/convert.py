@@ -610,6 +610,13 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
   family = hf_family(cfg)
+  kept = os.path.isdir(os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR))
+  if isinstance(task.tokenizer, tokenizers.SentencePieceTokenizer) and not kept:
+    try:
+      import tokenizers as hf_tokenizers_lib  # noqa: F401
+    except ImportError:
+      raise ConfigError('Exporting a SentencePiece tokenizer needs the `tokenizers` package: '
+                        'pip install -e ".[hf]".') from None
   out_dtype = np.dtype(transformer.DTYPES[dtype] if dtype else cfg.param_dtype)
   if out_dtype not in (np.float32, np.float16, jnp.bfloat16):
     raise ConfigError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')

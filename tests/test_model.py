@@ -15,6 +15,9 @@ from model import attention as attention_lib
 from model import transformer as tfm
 
 VOCAB = 61
+# GPT-2's block: LayerNorm, GELU-tanh MLP, learned positions, biases everywhere.
+GPT2_STYLE = dict(norm='layernorm', mlp='gelu_tanh', position='learned', max_positions=16,
+                  qkv_bias=True, attn_out_bias=True, mlp_bias=True)
 
 
 def _cfg(**overrides) -> tfm.TransformerConfig:
@@ -66,8 +69,9 @@ def _param_count(model) -> int:
 # ---------------------------------------------------------------------------
 
 
-def test_causality():
-  model = _init(_cfg())
+@pytest.mark.parametrize('switches', [{}, GPT2_STYLE], ids=['llama', 'gpt2'])
+def test_causality(switches):
+  model = _init(_cfg(**switches))
   tokens = _tokens((2, 12))
   logits = _forward(model, tokens)
   for t in (0, 4, 10):
@@ -231,9 +235,10 @@ def test_rope_scores_depend_only_on_relative_position():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize('switches', [{}, GPT2_STYLE, dict(qkv_bias=True, mlp_bias=True)])
 @pytest.mark.parametrize('tie', [True, False])
-def test_every_param_has_logical_names_in_rules(tie):
-  model = _abstract(_cfg(tie_embeddings=tie))
+def test_every_param_has_logical_names_in_rules(tie, switches):
+  model = _abstract(_cfg(tie_embeddings=tie, **switches))
   rule_names = {name for name, _ in tfm.LOGICAL_AXIS_RULES}
   specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
   params = nnx.state(model, nnx.Param)
@@ -254,7 +259,9 @@ def test_jitted_init_matches_abstract_shapes():
       lambda x: (x.shape, x.dtype), concrete)
 
 
-@pytest.mark.parametrize('overrides', [{}, dict(tie_embeddings=False), dict(n_kv_heads=4)])
+@pytest.mark.parametrize('overrides', [
+    {}, dict(tie_embeddings=False), dict(n_kv_heads=4), GPT2_STYLE, dict(qkv_bias=True),
+    dict(attn_out_bias=True, mlp_bias=True, norm='layernorm')])
 def test_count_params_matches_model(overrides):
   cfg = _cfg(**overrides)
   assert tfm.count_params(cfg) == _param_count(_abstract(cfg))
@@ -273,6 +280,34 @@ def test_train_flops_per_token():
   per_layer = 2 * d * 4 * 8 + 2 * d * 2 * 8 + 3 * d * 64  # q,o + k,v + gate,up,down
   n = 2 * per_layer + d * v
   assert tfm.train_flops_per_token(cfg, 10) == 6 * n + 12 * 2 * 4 * 8 * 10
+
+
+def test_train_flops_per_token_gelu_mlp_has_two_matrices():
+  swiglu, gelu = _cfg(), _cfg(**GPT2_STYLE)
+  d, f = swiglu.d_model, swiglu.mlp_dim
+  assert (tfm.train_flops_per_token(swiglu, 10) - tfm.train_flops_per_token(gelu, 10)
+          == 6 * swiglu.n_layers * d * f)
+
+
+def test_layernorm_and_gelu_mlp_match_numpy():
+  cfg = _cfg(**GPT2_STYLE)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, cfg.d_model)).astype(np.float32)
+  with nnx.use_eager_sharding(False):
+    norm, mlp = tfm.Norm(cfg), tfm.Mlp(cfg, rngs=nnx.Rngs(0))
+  norm.scale[...] = rng.normal(size=cfg.d_model).astype(np.float32)
+  norm.bias[...] = rng.normal(size=cfg.d_model).astype(np.float32)
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  want = (x - mean) / np.sqrt(var + cfg.norm_eps) * norm.scale[...] + norm.bias[...]
+  np.testing.assert_allclose(norm(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+
+  mlp.up_bias[...] = rng.normal(size=cfg.mlp_dim).astype(np.float32)
+  mlp.down_bias[...] = rng.normal(size=cfg.d_model).astype(np.float32)
+  h = x @ np.asarray(mlp.w_up[...]) + mlp.up_bias[...]
+  gelu = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  want = gelu @ np.asarray(mlp.w_down[...]) + mlp.down_bias[...]
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), want, rtol=1e-4, atol=1e-5)
+  assert not hasattr(mlp, 'w_gate')
 
 
 # ---------------------------------------------------------------------------
@@ -306,6 +341,9 @@ def test_from_config_resolves_defaults():
     (dict(attention='flash'), "model.attention='flash'.*xla"),
     (dict(vocab_size=50), r'model.vocab_size=50 is smaller than the tokenizer vocabulary \(100\)'),
     (dict(head_dim=7), 'model.head_dim=7'),
+    (dict(norm='batchnorm'), "model.norm='batchnorm'.*rmsnorm, layernorm"),
+    (dict(mlp='relu'), "model.mlp='relu'.*swiglu, gelu_tanh"),
+    (dict(position='learned'), "model.position='learned' needs model.max_positions > 0"),
 ])
 def test_config_errors_name_the_key(overrides, message):
   with pytest.raises(ValueError, match=message):
