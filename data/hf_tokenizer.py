@@ -76,8 +76,8 @@ def _merges(pieces: list[str], scores: list[float], normal: list[bool]) -> list[
 
 
 def write(proto: bytes, model_type: str, encode, bos_id: int, eos_id: int, directory: str,
-          max_length: int) -> None:
-  """Writes tokenizer.json and tokenizer_config.json for `proto` into `directory`.
+          max_length: int, tokenizer_config: bool = True) -> None:
+  """Writes tokenizer.json (and tokenizer_config.json) for `proto` into `directory`.
 
   Raises:
     DataError: the HF tokenizer would encode a probe string differently from `encode`.
@@ -89,6 +89,8 @@ def write(proto: bytes, model_type: str, encode, bos_id: int, eos_id: int, direc
       raise DataError(f'The HF form of the SentencePiece tokenizer encodes {text!r} as {got}, '
                       f'Kiln as {want}; the tokenizer is not exported.')
   tok.save(os.path.join(directory, 'tokenizer.json'))
+  if not tokenizer_config:
+    return
   sp = spm.SentencePieceProcessor(model_proto=proto)
   config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': max_length,
             'clean_up_tokenization_spaces': False,

@@ -50,7 +50,10 @@ IGNORED_SUFFIXES = ('rotary_emb.inv_freq', '.attn.bias', '.attn.masked_bias')
 # Tokenizer files copied from an HF directory at import and back at export.
 HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                       'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json')
-HF_TOKENIZER_DIR = 'hf'  # under {workdir}/tokenizer/
+# Under {workdir}/tokenizer/: the HF files that travel with the tokenizer (tokenizer files,
+# generation_config.json and the original config.json, whose maximum length and special
+# token ids the export keeps).
+HF_TOKENIZER_DIR = 'hf'
 
 
 # ---------------------------------------------------------------------------
@@ -582,7 +585,7 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
   """Kiln's tokenizer cache (when the HF one is SentencePiece) and the HF files, for export."""
   directory = os.path.join(workdir, 'tokenizer')
   hf_files = [n for n in HF_TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
-  for name in hf_files + ['generation_config.json']:
+  for name in hf_files + ['generation_config.json', 'config.json']:
     if os.path.exists(os.path.join(hf_dir, name)):
       os.makedirs(os.path.join(directory, HF_TOKENIZER_DIR), exist_ok=True)
       shutil.copy(os.path.join(hf_dir, name), os.path.join(directory, HF_TOKENIZER_DIR, name))
@@ -610,8 +613,8 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
   family = hf_family(cfg)
-  kept = os.path.isdir(os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR))
-  if isinstance(task.tokenizer, tokenizers.SentencePieceTokenizer) and not kept:
+  kept = os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR, 'tokenizer.json')
+  if isinstance(task.tokenizer, tokenizers.SentencePieceTokenizer) and not os.path.exists(kept):
     try:
       import tokenizers as hf_tokenizers_lib  # noqa: F401
     except ImportError:
@@ -642,10 +645,24 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
       _write_json(os.path.join(tmp, 'model.safetensors.index.json'), index)
     dtype_name = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16',
                   np.dtype(jnp.bfloat16): 'bfloat16'}[out_dtype]
-    _write_json(os.path.join(tmp, 'config.json'),
-                hf_config(cfg, task.config.data.seq_len, bos, eos, dtype_name))
+    _write_json(os.path.join(tmp, 'config.json'), _with_original(
+        hf_config(cfg, task.config.data.seq_len, bos, eos, dtype_name), workdir))
     _export_tokenizer(workdir, tmp, tokenizer, task.config, bos, eos)
   logging.info('Exported step %d of %s as %s into %s.', step, workdir, family, hf_dir)
+
+
+def _with_original(config: dict, workdir: str) -> dict:
+  """`config` with the maximum length and special token ids of the imported config.json."""
+  path = os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR, 'config.json')
+  if not os.path.exists(path):
+    return config
+  original = _read_json(path)
+  if original.get('model_type') != config['model_type']:
+    return config
+  for key in ('max_position_embeddings', 'bos_token_id', 'eos_token_id', 'pad_token_id'):
+    if key in original and (key not in config or key == 'max_position_embeddings'):
+      config[key] = original[key]
+  return config
 
 
 def load_run(workdir: str):
@@ -697,18 +714,30 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _export_tokenizer(workdir: str, hf_dir: str, tokenizer, config, bos: int, eos: int) -> None:
+  """The HF files kept at import, as they were; for a SentencePiece tokenizer without a
+  tokenizer.json among them, `tokenizer.model` and a tokenizer.json built from it."""
   kept = os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR)
-  if os.path.isdir(kept):  # imported from HF: give back the files as they were
-    for name in os.listdir(kept):
+  if os.path.isdir(kept):
+    for name in set(os.listdir(kept)) - {'config.json'}:
       shutil.copy(os.path.join(kept, name), os.path.join(hf_dir, name))
-  elif isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
+  if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) and not os.path.exists(
+      os.path.join(hf_dir, 'tokenizer.json')):
     with open(os.path.join(workdir, 'tokenizer', tokenizers.SPM_FILE), 'rb') as f:
       proto = f.read()
     with open(os.path.join(hf_dir, 'tokenizer.model'), 'wb') as f:
       f.write(proto)
-    hf_tokenizer.write(proto, config.data.tokenizer.model_type, tokenizer.encode, bos, eos,
-                       hf_dir, max_length=config.data.seq_len)
-  else:
+    try:
+      hf_tokenizer.write(proto, config.data.tokenizer.model_type, tokenizer.encode, bos, eos,
+                         hf_dir, max_length=config.data.seq_len,
+                         tokenizer_config=not os.path.exists(
+                             os.path.join(hf_dir, 'tokenizer_config.json')))
+    except DataError as e:
+      if not os.path.isdir(kept):
+        raise
+      # An imported SentencePiece model with other settings (e.g. Llama 2's dummy prefix):
+      # its own files, copied above, are what transformers loads.
+      logging.warning('No tokenizer.json written: %s', e)
+  elif not isinstance(tokenizer, tokenizers.SentencePieceTokenizer) and not os.path.isdir(kept):
     logging.warning('The run\'s %s tokenizer has no HF form; export writes no tokenizer.',
                     type(tokenizer).__name__)
   if not os.path.exists(os.path.join(hf_dir, 'generation_config.json')):

@@ -23,12 +23,24 @@ transformers = pytest.importorskip('transformers',
 safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from configs import lm  # noqa: E402
+from data import tokenizers  # noqa: E402
 from data.sources import DataError  # noqa: E402
 from model import convert  # noqa: E402
 from train import trainer  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 
 VOCAB = 96
+SP_VOCAB = 384
+
+
+def _corpus() -> str:
+  return ''.join(pathlib.Path(m.__file__).read_text() for m in (textwrap, json.decoder))[:40_000]
+
+
+def _sentencepiece(vocab_size: int) -> bytes:
+  spec = ml_collections.ConfigDict(dict(vocab_size=vocab_size, model_type='bpe',
+                                        train_chars=100_000))
+  return tokenizers.train_sentencepiece(spec, lambda: [_corpus()])
 
 
 def _hf_model(kind: str):
@@ -38,10 +50,10 @@ def _hf_model(kind: str):
   if kind == 'llama_gqa_untied':
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500_000.0))
-  elif kind == 'llama_tied_bias':
+  elif kind == 'llama_tied_bias':  # with a SentencePiece tokenizer of SP_VOCAB pieces
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **common, num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True,
-        rope_theta=20_000.0))
+        **dict(common, vocab_size=SP_VOCAB), num_key_value_heads=4, tie_word_embeddings=True,
+        attention_bias=True, rope_theta=20_000.0, bos_token_id=1, eos_token_id=2))
   elif kind == 'qwen2':
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         **common, num_key_value_heads=2, tie_word_embeddings=False))
@@ -69,8 +81,11 @@ def imported(tmp_path_factory):
     model = _hf_model(kind)
     sharded = kind == 'llama_gqa_untied'
     model.save_pretrained(root / 'hf', max_shard_size='20KB' if sharded else '5GB')
+    if kind == 'llama_tied_bias':
+      (root / 'hf' / 'tokenizer.model').write_bytes(_sentencepiece(SP_VOCAB))
     convert.import_hf(str(root / 'hf'), str(root / 'kiln'), dtype='float32',
-                      fsdp=2 if sharded else 1, tensor=2 if sharded else 1)
+                      fsdp=2 if sharded else 1, tensor=2 if sharded else 1,
+                      seq_len=32 if kind == 'llama_tied_bias' else 0)
     out[kind] = (model, root / 'hf', root / 'kiln')
   assert (out['llama_gqa_untied'][1] / 'model.safetensors.index.json').exists()
   return out
@@ -139,6 +154,15 @@ def test_import_export_import_is_bitwise(imported, kind, tmp_path):
       hf_out, output_loading_info=True)
   assert type(reloaded) is type(model)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
+  if kind == 'llama_tied_bias':  # the imported tokenizer and max length come back out
+    original = json.loads((imported[kind][1] / 'config.json').read_text())
+    written = json.loads((hf_out / 'config.json').read_text())
+    assert written['max_position_embeddings'] == original['max_position_embeddings'] == 64
+    task, _, _ = convert.load_run(str(workdir))
+    assert task.config.data.seq_len == 32 and task.tokenizer.vocab_size == SP_VOCAB
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_out)
+    text = _corpus()[:500]
+    assert hf_tok(text)['input_ids'] == [1] + task.tokenizer.encode(text)
   again = tmp_path / 'kiln_again'
   convert.import_hf(str(hf_out), str(again), dtype='float32')
   _, first, _ = convert.load_run(str(workdir))
@@ -156,9 +180,8 @@ def trained(tmp_path_factory):
   """A small Llama-style Kiln run with a SentencePiece tokenizer, trained until its logits
   and loss are far from those at init."""
   root = tmp_path_factory.mktemp('trained')
-  text = ''.join(pathlib.Path(m.__file__).read_text() for m in (textwrap, json.decoder))
   corpus = root / 'input.txt'
-  corpus.write_text(text[:40_000])
+  corpus.write_text(_corpus())
   config = _small_config(corpus)
   result = trainer.train_and_evaluate(config, str(root / 'run'))
   return config, root / 'run', result

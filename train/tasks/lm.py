@@ -147,7 +147,10 @@ class LMTask:
       logging.warning('init_from=%s has no Kiln tokenizer; this run trains its own, whose ids '
                       'need not match the model\'s.', init)
       return
-    for name in names:
+    # The HF files an import keeps with the tokenizer (model.convert), then Kiln's.
+    hf_files = [os.path.join('hf', n) for n in sorted(os.listdir(os.path.join(source, 'hf')))
+                ] if os.path.isdir(os.path.join(source, 'hf')) else []
+    for name in hf_files + list(names):
       if os.path.exists(os.path.join(source, name)):
         with open(os.path.join(source, name), 'rb') as f:
           tokenizers.write_atomic(os.path.join(target, name), f.read())
