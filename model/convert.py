@@ -349,10 +349,10 @@ class SafetensorsReader:
   def names(self) -> set[str]:
     return set(self.shapes)
 
-  def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-    """The tensor (or the rows `rows` of it), read from disk now."""
+  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The tensor (or its slice `index`), read from disk now."""
     s = self._handle(self.files[name]).get_slice(name)
-    return s[rows] if rows is not None else s[:]
+    return s[index] if index else s[:]
 
 
 def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor], n_layers: int,
@@ -416,16 +416,22 @@ def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, f
     t = by_path[path]
     sharding = _get(shardings, path)
 
+    def piece(name: str, index: tuple) -> np.ndarray:
+      """Kiln's `index` of the (one-layer) parameter read from HF tensor `name`: only that
+      slice is read when the layouts agree up to a transpose."""
+      if t.to_kiln is _same:
+        x = reader.read(name, index)
+      elif t.to_kiln is _t:
+        x = reader.read(name, index[::-1]).T
+      else:
+        x = t.to_kiln(reader.read(name))[index]
+      return _cast(x, abstract.dtype, name)
+
     def callback(index):
-      if path[0] == 'blocks':
-        layers = range(cfg.n_layers)[index[0]]
-        rest = index[1:]
-        return np.stack([_cast(t.to_kiln(reader.read(rename[t.hf.format(i=i)])), abstract.dtype,
-                               t.hf.format(i=i))[rest] for i in layers])
-      if t.to_kiln is _same:  # same layout: read only this shard's rows
-        return _cast(reader.read(rename[t.hf], index[0]), abstract.dtype, t.hf)[
-            (slice(None),) + tuple(index[1:])]
-      return _cast(t.to_kiln(reader.read(rename[t.hf])), abstract.dtype, t.hf)[index]
+      if path[0] != 'blocks':
+        return piece(rename[t.hf], tuple(index))
+      layers = range(cfg.n_layers)[index[0]]
+      return np.stack([piece(rename[t.hf.format(i=i)], tuple(index[1:])) for i in layers])
 
     return jax.make_array_from_callback(abstract.shape, sharding, callback)
 

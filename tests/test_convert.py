@@ -254,12 +254,15 @@ def test_init_from_starts_from_the_run_params(trained, tmp_path):
 # --- errors and interruptions ------------------------------------------------------------
 
 
-def _save(model, directory, drop=None, config_edit=None):
+def _save(model, directory, drop=None, config_edit=None, to_int=None):
   model.save_pretrained(directory)
-  if drop:
+  if drop or to_int:
     path = directory / 'model.safetensors'
     tensors = safetensors_torch.load_file(path)
-    del tensors[drop]
+    if drop:
+      del tensors[drop]
+    if to_int:
+      tensors[to_int] = tensors[to_int].to(torch.int32)
     safetensors_torch.save_file(tensors, path, metadata={'format': 'pt'})
   if config_edit:
     cfg = json.loads((directory / 'config.json').read_text())
@@ -272,6 +275,7 @@ def _save(model, directory, drop=None, config_edit=None):
     ('shape', DataError, r'model\.layers\.0\.mlp\.gate_proj\.weight has shape \(48, 32\); '
      r'config.json implies \(64, 32\)'),
     ('unexpected', DataError, r'does not explain: .*model\.layers\.0\.self_attn\.q_proj\.bias'),
+    ('dtype', DataError, r'model\.norm\.weight has dtype I32; expected one of F32, F16, BF16'),
     ('model_type', ConfigError, r"model_type='falcon'.*llama, mistral, qwen2, gpt2"),
     ('rope', ConfigError, r"rope type 'llama3'"),
     ('window', ConfigError, r'sliding_window=16'),
@@ -288,7 +292,8 @@ def test_bad_checkpoints_name_the_problem(tmp_path, case, error, message):
   if case == 'unexpected':
     model = _hf_model('llama_tied_bias')
   _save(model, tmp_path / 'hf', drop='model.layers.1.self_attn.k_proj.weight'
-        if case == 'missing' else None, config_edit=edits.get(case))
+        if case == 'missing' else None, config_edit=edits.get(case),
+        to_int='model.norm.weight' if case == 'dtype' else None)
   with pytest.raises(error, match=message):
     convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'kiln'))
   assert not (tmp_path / 'kiln').exists()
