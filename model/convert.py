@@ -400,9 +400,10 @@ def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, f
                 abstract_params: dict, shardings: dict) -> dict:
   """Kiln's params, each array built shard by shard in its NamedSharding.
 
-  A device's shard of a stacked parameter is read one layer at a time (the
-  layer's HF tensor, then the device's slice of it); unstacked ones read only
-  the rows the device holds when their layout keeps HF's rows.
+  Each device's shard is read on its own, a layer at a time for stacked
+  parameters: only the device's slice where Kiln's layout is HF's or its
+  transpose (embeddings, lm_head, norms, MLP), else the layer's whole HF tensor
+  (attention projections, which Kiln splits into heads) sliced in memory.
   """
   tensors = tensor_map(cfg, family)
   rename = _resolve_names(reader, tensors, cfg.n_layers, family, cfg.tie_embeddings)
