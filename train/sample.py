@@ -138,7 +138,7 @@ def write_image_samples(samples: dict, out: str, scale: int = 1) -> list[str]:
 def _sample() -> None:
   f = flags.FLAGS
   task, state, step = load_latest(f.workdir)
-  if not hasattr(task, 'generate'):  # an image family: write its sample grids
+  if task.items_name != 'tokens':  # an image family: write its sample grids
     _sample_images(task, state, step)
     return
   s = task.config.sample
