@@ -154,15 +154,21 @@ def _sample() -> None:
       print(f'--- sample {i} (step {step}) ---\n{text}')
 
 
+def save_image_samples(task, state, out: str, scale: int = 1) -> list[str]:
+  """Writes an image task's evaluation samples (`task.samples`) as PNGs at `out`, on
+  process 0; returns the paths written. E.g. `save_image_samples(*load_latest(dir)[:2], out)`.
+  """
+  with jax.set_mesh(mesh_lib.make_mesh(task.config.mesh)):  # as in training's evaluations
+    samples = task.samples(state)
+  return write_image_samples(samples, out, scale) if jax.process_index() == 0 else []
+
+
 def _sample_images(task, state, step: int) -> None:
   f = flags.FLAGS
   if not f.out:
     raise app.UsageError('--out=FILE.png is required for an image model.')
-  with jax.set_mesh(mesh_lib.make_mesh(task.config.mesh)):  # as in training's evaluations
-    samples = task.samples(state)
-  if jax.process_index() == 0:
-    for path in write_image_samples(samples, f.out, f.scale):
-      print(f'Wrote {path} (step {step}).')
+  for path in save_image_samples(task, state, f.out, f.scale):
+    print(f'Wrote {path} (step {step}).')
 
 
 def _define_flags() -> None:
