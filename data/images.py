@@ -174,14 +174,25 @@ def load_split(cfg_data: ml_collections.ConfigDict, split: str) -> tuple[np.ndar
     raise ValueError(f'split={split!r} is not one of {SPLITS}.')
   check_image_data_config(cfg_data)
   images, labels, where = _load_cached(cfg_data.source, cfg_data.path, cfg_data.name,
-                                       cfg_data.data_dir, cfg_data.eval_fraction, split)
+                                       cfg_data.data_dir, cfg_data.eval_fraction, split,
+                                       _stamp(cfg_data.path))
   _check_matches(cfg_data, images, labels, where)
   return images, labels
 
 
+def _stamp(path: str) -> tuple[int, int] | None:
+  """(mtime, size) of data.path: a rewritten file is read again, not served from the cache."""
+  try:
+    stat = os.stat(os.path.expanduser(path)) if path else None
+  except OSError:
+    return None
+  return (stat.st_mtime_ns, stat.st_size) if stat else None
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(source: str, path: str, name: str, data_dir: str, eval_fraction: float,
-                 split: str) -> tuple[np.ndarray, np.ndarray, str]:
+                 split: str, stamp) -> tuple[np.ndarray, np.ndarray, str]:
+  del stamp  # only part of the cache key
   if source == 'digits':
     images, labels = _holdout(*_digits(), eval_fraction, split)
     where = "data.source='digits'"

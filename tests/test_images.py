@@ -167,6 +167,16 @@ def test_npz_test_split_and_errors(tmp_path):
     build(cfg, batch=16)
 
 
+def test_a_rewritten_file_is_read_again(tmp_path):
+  path = str(tmp_path / 'data.npz')
+  cfg = data_config(source='npz', path=path, image_size=2, eval_fraction=0.5)
+  np.savez(path, images=np.zeros((4, 2, 2), np.uint8), labels=np.zeros(4, int))
+  assert images.load_split(cfg, 'train')[0].max() == 0
+  np.savez(path, images=np.full((6, 2, 2), 9, np.uint8), labels=np.zeros(6, int))
+  os.utime(path, ns=(1, 10**18))  # a different mtime even on a coarse clock
+  assert images.load_split(cfg, 'train')[0].max() == 9
+
+
 def test_folder_of_class_subfolders(tmp_path):
   from PIL import Image
 
