@@ -221,13 +221,13 @@ def _check_matches(cfg_data, images: np.ndarray, labels: np.ndarray, where: str)
   if images.ndim != 4 or images.shape[1:] != want:
     got = 'x'.join(map(str, images.shape[1:]))
     raise DataError(
-        f'{where} holds images of shape {got} (H x W x C), but data.image_size='
+        f'The images of {where} are {got} (H x W x C), but data.image_size='
         f'{cfg_data.image_size} and data.channels={cfg_data.channels} ask for '
         f'{"x".join(map(str, want))}; set those keys to match the data.')
   if len(labels) != len(images):
-    raise DataError(f'{where} has {len(images)} images but {len(labels)} labels.')
+    raise DataError(f'{where}: {len(images)} images but {len(labels)} labels.')
   if len(labels) and (labels.min() < 0 or labels.max() >= cfg_data.num_classes):
-    raise DataError(f'{where} has labels in [{labels.min()}, {labels.max()}], outside '
+    raise DataError(f'The labels of {where} span [{labels.min()}, {labels.max()}], outside '
                     f'[0, data.num_classes={cfg_data.num_classes}); set data.num_classes to '
                     'the number of classes.')
 

@@ -151,7 +151,7 @@ def test_npz_test_split_and_errors(tmp_path):
   assert not train_x.flags.writeable  # the in-memory cache is shared
   with pytest.raises(DataError, match=r'data.image_size=8 and data.channels=3'):
     images.load_split(data_config(source='npz', path=path, channels=3), 'train')
-  with pytest.raises(DataError, match=r'data.npz.*labels in \[0, 2\].*data.num_classes=2'):
+  with pytest.raises(DataError, match=r'labels of .*data.npz span \[0, 2\].*data.num_classes=2'):
     images.load_split(data_config(source='npz', path=path, image_size=4, channels=3,
                                   num_classes=2), 'train')
   bad = str(tmp_path / 'bad.npz')
