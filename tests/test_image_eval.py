@@ -7,6 +7,8 @@ second evaluator against the first (cache reuse), and grids against a
 hand-built arrangement.
 """
 
+import os
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -102,6 +104,37 @@ def test_classifier_is_accurate_and_reused_from_its_cache(digits_eval, monkeypat
   cfg_eval.classifier_steps += 1  # another classifier: another cache entry
   with pytest.raises(AssertionError, match='should have been loaded'):
     image_eval.ImageEvaluator(cfg_data, cfg_eval)
+
+
+def test_other_processes_receive_process_0s_classifier(digits_eval, monkeypatch, tmp_path):
+  """Process 1 of 2, simulated: it neither trains nor reads a cache (its own is empty); it
+  sends placeholders shaped like process 0's classifier and scores with what it receives."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  cfg_data, cfg_eval, first = digits_eval
+  sent = (jax.device_get(first.params), first.train_features * first.feature_scale)
+
+  def broadcast_one_to_all(tree):
+    assert jax.tree.structure(tree) == jax.tree.structure(sent)
+    for mine, theirs in zip(jax.tree.leaves(tree), jax.tree.leaves(sent), strict=True):
+      assert mine.shape == theirs.shape
+    return sent
+
+  def no_training(*args, **kwargs):
+    raise AssertionError('only process 0 trains')
+
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost_utils, 'broadcast_one_to_all', broadcast_one_to_all)
+  monkeypatch.setattr(image_eval, 'train_classifier', no_training)
+  cfg_eval = cfg_eval.copy_and_resolve_references()
+  cfg_eval.classifier_dir = str(tmp_path)
+  other = image_eval.ImageEvaluator(cfg_data, cfg_eval)
+  assert os.listdir(tmp_path) == []  # only process 0 saves
+  assert other.floor == first.floor
+  real = images.to_float(images.load_split(cfg_data, 'test')[0][:cfg_eval.num_samples])
+  assert other.score(real) == first.score(real)
 
 
 def test_scores_of_real_shuffled_and_noise_images(digits_eval):
