@@ -78,7 +78,7 @@ def test_kid_matches_the_direct_sum_and_is_unbiased():
 def digits_eval(tmp_path_factory):
   cfg_eval = common.eval_defaults()
   cfg_eval.classifier_dir = str(tmp_path_factory.mktemp('classifiers'))
-  cfg_eval.classifier_steps = 500
+  cfg_eval.classifier_steps = 300  # 98.6% held out; the default 1000 gives 99.2%
   return common.image_data_defaults(), cfg_eval, image_eval.ImageEvaluator(
       common.image_data_defaults(), cfg_eval)
 
