@@ -186,7 +186,8 @@ def guided(model_fn: ModelFn, labels_B: jax.Array | None, null_label: int,
 def sample(model_fn: ModelFn, process: Process, shape: tuple[int, ...], key: jax.Array, *,
            sampler: str = 'ddim', steps: int = 50, eta: float = 0.0,
            labels_B: jax.Array | None = None, null_label: int = -1,
-           guidance_scale: float = 1.0) -> jax.Array:
+           guidance_scale: float = 1.0,
+           clip_x0: tuple[float, float] | None = None) -> jax.Array:
   """Draws x0 of `shape` (batch first) from pure noise; jittable, `steps` static.
 
   Args:
@@ -200,6 +201,7 @@ def sample(model_fn: ModelFn, process: Process, shape: tuple[int, ...], key: jax
     labels_B: class labels for a conditional model, or None.
     null_label: the label the model was trained with for "no class" (label dropout).
     guidance_scale: classifier-free guidance scale; 1 is no guidance.
+    clip_x0: (low, high) to clip every x0 prediction to (the data range), or None.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; choose one of {", ".join(SAMPLERS)}.')
@@ -211,7 +213,14 @@ def sample(model_fn: ModelFn, process: Process, shape: tuple[int, ...], key: jax
 
   def denoise(x, t):
     t_B = jnp.full((b,), t, jnp.int32)
-    return process.to_x0_eps(net(x, t_B).astype(jnp.float32), x, t_B)
+    x0, eps = process.to_x0_eps(net(x, t_B).astype(jnp.float32), x, t_B)
+    if clip_x0 is None:
+      return x0, eps
+    # Clipped predictions, as DDPM and ADM sample: at high noise an eps network's x0 is far
+    # outside the data range, and the trajectory would carry that into saturated images.
+    x0 = jnp.clip(x0, *clip_x0)
+    a, s = (_bcast(c, x) for c in process.coefficients(t_B))
+    return x0, (x - a * x0) / s
 
   if sampler == 'dpm2m':
     return _dpm_solver_2m(denoise, process, x, grid)

@@ -263,6 +263,6 @@ class DiffusionTask:
       x = diffusion.sample(
           self._model_fn(params), self.process, shape, key, sampler=s.sampler, steps=s.steps,
           eta=s.eta, labels_B=labels_B, null_label=self.num_classes,
-          guidance_scale=s.guidance_scale)
+          guidance_scale=s.guidance_scale, clip_x0=(-1.0, 1.0) if s.clip_denoised else None)
       return jnp.clip(x, -1.0, 1.0)
     return sampler
