@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 
 from data import images
 from model import gan
-from train import mesh as mesh_lib
 from train import optim
 from train.config import ConfigError, check_choice, check_positive, get, require
 
@@ -159,11 +158,12 @@ class GANTask:
   def _noise(self, key: jax.Array, m: int):
     """m latent vectors and, for a conditional model, m uniformly drawn labels (else None)."""
     z_key, label_key = jax.random.split(key)
-    z_MxZ = _shard_batch(jax.random.normal(z_key, (m, self.model_cfg.latent_dim), jnp.float32))
+    z_MxZ = jax.random.normal(z_key, (m, self.model_cfg.latent_dim), jnp.float32)
+    z_MxZ = gan.constrain_batch(z_MxZ)
     if not self.model_cfg.num_classes:
       return z_MxZ, None
     labels_M = jax.random.randint(label_key, (m,), 0, self.model_cfg.num_classes, jnp.int32)
-    return z_MxZ, _shard_batch(labels_M)
+    return z_MxZ, gan.constrain_batch(labels_M)
 
   def _labels(self, batch):
     return batch['labels'] if self.model_cfg.num_classes else None
@@ -264,7 +264,7 @@ class GANTask:
     labels = self._labels(batch)
     z = jax.random.normal(jax.random.key(self.config.seed + 1),
                           (real.shape[0], self.model_cfg.latent_dim), jnp.float32)
-    fake = self._generate(state['ema_params'], _shard_batch(z), labels)
+    fake = self._generate(state['ema_params'], gan.constrain_batch(z), labels)
     real_logits, _ = self._discriminate(state['d_params'], state['sn'], real, labels)
     fake_logits, _ = self._discriminate(state['d_params'], state['sn'], fake, labels)
     per_example = jax.vmap(
@@ -336,14 +336,3 @@ class GANTask:
     images_NxHxWxC, _ = self.generate(state, rows * rows, seed=self.config.seed + 2)
     return {'samples/grid': image_eval.image_grid(images_NxHxWxC, rows)}
 
-
-def _shard_batch(x: jax.Array) -> jax.Array:
-  """Splits x's leading (batch) axis over the data-parallel mesh axes, when a mesh is set.
-
-  Noise drawn inside the step has no sharding of its own; this keeps the
-  generator's work split like the real images'.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or x.shape[0] % int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH_AXES])):
-    return x
-  return jax.lax.with_sharding_constraint(x, P(mesh_lib.BATCH_AXES))
