@@ -298,7 +298,9 @@ def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                state['ema'], ema)
 
-  for shape in [(8, 1, 1), (1, 8, 1), (1, 1, 8)]:
+  # (2, 2, 2) splits along all three axes at once; (1, 1, 8) splits every channel and head
+  # dimension 8 ways. (The LM test covers 8-way data and FSDP meshes of the same trainer.)
+  for shape in [(2, 2, 2), (1, 1, 8)]:
     config = small_config(**{'mesh.data': shape[0], 'mesh.fsdp': shape[1],
                              'mesh.tensor': shape[2], 'steps': steps})
     losses = trainer.train_and_evaluate(config, str(tmp_path / str(shape))).losses
@@ -328,7 +330,7 @@ def test_generate_and_grid():
     ({'sample.sampler': 'euler'}, r"sample.sampler='euler' is not allowed; choose one of ddpm"),
     ({'sample.steps': 2000}, r'sample.steps=2000 must be at most diffusion.timesteps=1000'),
     ({'diffusion.label_dropout': 0.0},
-     r'sample.guidance_scale=2.0 needs .*diffusion.label_dropout > 0'),
+     r'sample.guidance_scale=1.5 needs .*diffusion.label_dropout > 0'),
     ({'ema.decay': 1.0}, r'ema.decay=1.0 must be in \[0, 1\)'),
     ({'model.attention_resolutions': (3,)}, r'model.attention_resolutions=\(3,\) must be among'),
     ({'model.channel_mult': (1, 2, 2, 2, 2)}, r'model.channel_mult=.* image size 8 must divide'),
