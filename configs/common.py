@@ -35,3 +35,34 @@ def trainer_defaults() -> ml_collections.ConfigDict:
       clip_norm=1.0,  # 0 disables clipping
   ))
   return c
+
+
+def image_data_defaults() -> ml_collections.ConfigDict:
+  """`config.data` of the image families (data/images.py reads it)."""
+  return ml_collections.ConfigDict(dict(
+      source='digits',  # digits | fashion_mnist | tfds | folder | npz
+      # folder: a directory of images (class = subfolder); npz: a file with `images` and
+      # `labels`; fashion_mnist: the directory of its IDX .gz files ('' = Debian's).
+      path='',
+      name='',  # TFDS dataset name: mnist, fashion_mnist, cifar10, ...
+      data_dir='',  # TFDS data_dir ('' = TFDS default)
+      # The model is built from these before any data is read; the data must match them.
+      image_size=8,  # height = width
+      channels=1,  # 1 (grey) or 3 (RGB)
+      num_classes=10,
+      random_flip=False,  # mirror left-right: each image appears plain and mirrored per 2 epochs
+      eval_fraction=0.2,  # held-out share for sources without a test split (digits, folder, npz)
+  ))
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+  """`config.eval` of the image families: FD, KID and their floors (train/image_eval.py)."""
+  return ml_collections.ConfigDict(dict(
+      # Images generated per evaluation; the floor uses as many held-out images, because FD's
+      # bias depends on the count. At most the held-out split's size (359 for digits).
+      num_samples=350,
+      classifier_dir='',  # '' = $KILN_CACHE/classifiers, else ~/.cache/kiln/classifiers
+      classifier_steps=1000,  # training steps of the feature classifier (batch 128)
+      kid_subset_size=1000,  # images per KID subset (as Binkowski et al.), at most num_samples
+      kid_subsets=10,  # 1000-image subsets of ~2000 samples overlap: more add little but time
+  ))

@@ -1,0 +1,371 @@
+"""DDPM/ADM-style U-Net (Ho et al. 2020; Dhariwal & Nichol 2021) in Flax NNX.
+
+Shape letters: B batch, H height, W width, C image channels, F feature channels, E time/class
+embedding width (4 * base channels), N heads, D head dim, L = H * W positions.
+
+  stem conv 3x3 -> per level: num_res_blocks x [ResBlock (+ self-attention at the resolutions
+  in `attention_resolutions`)], then a stride-2 conv (not after the last level) -> middle
+  ResBlock, attention, ResBlock -> per level in reverse: num_res_blocks + 1 x [concat skip,
+  ResBlock (+ attention)], then nearest-neighbour upsample + conv (not after the first level)
+  -> GroupNorm, SiLU, conv 3x3 to C channels.
+
+ResBlock: GroupNorm, SiLU, conv 3x3, + Dense(SiLU(emb)), GroupNorm, SiLU, dropout, conv 3x3
+(zero-initialised, so each block starts as the identity), plus a 1x1 conv on the skip path when
+the width changes. The time step enters as a sinusoidal embedding through a two-layer MLP;
+a class label adds a learned embedding, with one extra row (index num_classes) for "no label",
+which label dropout trains for classifier-free guidance.
+
+Parameters carry logical axis names (`LOGICAL_AXIS_RULES` maps them to the mesh): conv kernels
+[kh, kw, F_in, F_out] are ('kernel', 'kernel', 'conv_in', 'channels'); the image-side convs use
+'image' for their C side, which is never split. Norms and statistics run in float32.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from model import attention as attention_lib
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('conv_in', 'fsdp'),  # FSDP: weights gathered where they are used
+    ('channels', 'tensor'),
+    ('embed', 'tensor'),
+    ('heads', 'tensor'),
+    ('head_dim', None),
+    ('kernel', None),
+    ('image', None),
+    ('norm', None),
+    ('classes', None),
+)
+
+DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  image_size: int
+  channels: int  # image channels C
+  num_classes: int  # 0: unconditional
+  base_channels: int = 64
+  channel_mult: tuple[int, ...] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attention_resolutions: tuple[int, ...] = (16,)
+  head_dim: int = 32
+  dropout: float = 0.0
+  norm_groups: int = 32
+  dtype: jnp.dtype = jnp.dtype('float32')
+  param_dtype: jnp.dtype = jnp.dtype('float32')
+  attention: str = 'xla'
+
+  @classmethod
+  def from_config(cls, model_cfg: ml_collections.ConfigDict, *, image_size: int, channels: int,
+                  num_classes: int) -> 'UNetConfig':
+    """From `config.model` (configs/diffusion.py) and the data's shape.
+
+    Raises:
+      ValueError: naming the `model.*` key that is wrong and what it may be.
+    """
+    m = model_cfg
+    for key in ('base_channels', 'num_res_blocks', 'head_dim', 'norm_groups'):
+      if int(m[key]) <= 0:
+        raise ValueError(f'model.{key}={m[key]!r} must be a positive integer.')
+    mult = tuple(int(x) for x in m.channel_mult)
+    if not mult or min(mult) <= 0:
+      raise ValueError(f'model.channel_mult={m.channel_mult!r} must be a non-empty tuple of '
+                       'positive integers, e.g. (1, 2, 2).')
+    levels = len(mult)
+    if image_size % 2 ** (levels - 1):
+      raise ValueError(
+          f'model.channel_mult={mult!r} has {levels} levels, which halve the image '
+          f'{levels - 1} times; image size {image_size} must divide by {2 ** (levels - 1)}.')
+    resolutions = {image_size // 2 ** i for i in range(levels)}
+    attn = tuple(int(r) for r in m.attention_resolutions)
+    if not set(attn) <= resolutions:
+      raise ValueError(
+          f'model.attention_resolutions={attn!r} must be among the U-Net\'s resolutions '
+          f'{sorted(resolutions)} (image size {image_size}, {levels} levels).')
+    widths = {int(m.base_channels) * k for k in mult}
+    for width in sorted(widths):
+      if width % int(m.norm_groups):
+        raise ValueError(f'model.norm_groups={m.norm_groups} must divide every level width '
+                         f'(model.base_channels * model.channel_mult = {sorted(widths)}).')
+      if attn and width % int(m.head_dim):
+        raise ValueError(f'model.head_dim={m.head_dim} must divide every level width '
+                         f'{sorted(widths)} when attention is used.')
+    if not 0.0 <= float(m.dropout) < 1.0:
+      raise ValueError(f'model.dropout={m.dropout!r} must be in [0, 1).')
+    for key in ('dtype', 'param_dtype'):
+      if m[key] not in DTYPES:
+        raise ValueError(f'model.{key}={m[key]!r} is not allowed; choose one of '
+                         f'{", ".join(DTYPES)}.')
+    if m.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f'model.attention={m.attention!r} is not allowed; choose one of '
+                       f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
+    try:
+      attention_lib.check_available(m.attention)
+    except ValueError as e:
+      raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+    return cls(image_size=image_size, channels=channels, num_classes=num_classes,
+               base_channels=int(m.base_channels), channel_mult=mult,
+               num_res_blocks=int(m.num_res_blocks), attention_resolutions=attn,
+               head_dim=int(m.head_dim), dropout=float(m.dropout),
+               norm_groups=int(m.norm_groups), dtype=DTYPES[m.dtype],
+               param_dtype=DTYPES[m.param_dtype], attention=m.attention)
+
+  @property
+  def embed_dim(self) -> int:
+    return 4 * self.base_channels
+
+
+# --- layers --------------------------------------------------------------------------------
+
+
+def _uniform_fan_in(key, shape, dtype, fan_in):
+  # PyTorch's default init for conv and linear layers (ADM keeps it): U(+-1/sqrt(fan_in)).
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Conv(nnx.Module):
+  """2-D convolution, NHWC, 'SAME' padding; kernel [k, k, F_in, F_out]."""
+
+  def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, *, rngs: nnx.Rngs, k: int = 3,
+               stride: int = 1, zero_init: bool = False, names=('conv_in', 'channels')):
+    shape = (k, k, f_in, f_out)
+    pd = cfg.param_dtype
+    kernel = (jnp.zeros(shape, pd) if zero_init
+              else _uniform_fan_in(rngs.params(), shape, pd, k * k * f_in))
+    self.kernel = nnx.Param(kernel, out_sharding=('kernel', 'kernel') + tuple(names))
+    bias = (jnp.zeros((f_out,), pd) if zero_init
+            else _uniform_fan_in(rngs.params(), (f_out,), pd, k * k * f_in))
+    self.bias = nnx.Param(bias, out_sharding=(names[1],))
+    self.stride = stride
+    self.dtype = cfg.dtype
+
+  def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
+    y = jax.lax.conv_general_dilated(
+        x_BxHxWxF.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        (self.stride, self.stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, names: tuple[str, str], *,
+               rngs: nnx.Rngs):
+    pd = cfg.param_dtype
+    self.kernel = nnx.Param(_uniform_fan_in(rngs.params(), (f_in, f_out), pd, f_in),
+                            out_sharding=names)
+    self.bias = nnx.Param(_uniform_fan_in(rngs.params(), (f_out,), pd, f_in),
+                          out_sharding=(names[1],))
+    self.dtype = cfg.dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(
+        self.dtype)
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over (H, W, F / groups) with a learned per-channel scale and bias; float32 stats."""
+
+  def __init__(self, f: int, cfg: UNetConfig):
+    self.groups = min(cfg.norm_groups, f)
+    self.scale = nnx.Param(jnp.ones((f,), cfg.param_dtype), out_sharding=('norm',))
+    self.bias = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=('norm',))
+    self.dtype = cfg.dtype
+
+  def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
+    b, h, w, f = x_BxHxWxF.shape
+    x = x_BxHxWxF.astype(jnp.float32).reshape(b, h, w, self.groups, f // self.groups)
+    mean = jnp.mean(x, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 4), keepdims=True)
+    x = ((x - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(b, h, w, f)
+    return (x * self.scale[...].astype(jnp.float32)
+            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin], float32 [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles_BxHalf = t_B.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(angles_BxHalf), jnp.sin(angles_BxHalf)], axis=-1)
+
+
+class ResBlock(nnx.Module):
+  def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    self.norm1 = GroupNorm(f_in, cfg)
+    self.conv1 = Conv(f_in, f_out, cfg, rngs=rngs)
+    self.emb = Dense(cfg.embed_dim, f_out, cfg, ('embed', 'channels'), rngs=rngs)
+    self.norm2 = GroupNorm(f_out, cfg)
+    self.conv2 = Conv(f_out, f_out, cfg, rngs=rngs, zero_init=True)
+    self.skip = Conv(f_in, f_out, cfg, rngs=rngs, k=1) if f_in != f_out else None
+    self.dropout = cfg.dropout
+
+  def __call__(self, x_BxHxWxF, emb_BxE, dropout_key):
+    h = self.conv1(jax.nn.silu(self.norm1(x_BxHxWxF)))
+    h = h + self.emb(jax.nn.silu(emb_BxE))[:, None, None, :]
+    h = _dropout(jax.nn.silu(self.norm2(h)), self.dropout, dropout_key)
+    h = self.conv2(h)
+    skip = x_BxHxWxF if self.skip is None else self.skip(x_BxHxWxF)
+    return skip + h
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention over the H * W positions, through model/attention.py."""
+
+  def __init__(self, f: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    self.norm = GroupNorm(f, cfg)
+    heads, d, pd = f // cfg.head_dim, cfg.head_dim, cfg.param_dtype
+    self.wqkv = nnx.Param(_uniform_fan_in(rngs.params(), (3, f, heads, d), pd, f),
+                          out_sharding=(None, 'conv_in', 'heads', 'head_dim'))
+    self.wo = nnx.Param(jnp.zeros((heads, d, f), pd),
+                        out_sharding=('heads', 'head_dim', 'channels'))
+    self.bo = nnx.Param(jnp.zeros((f,), pd), out_sharding=('channels',))
+    self.cfg = cfg
+
+  def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
+    b, h, w, f = x_BxHxWxF.shape
+    dt = self.cfg.dtype
+    x_BxLxF = self.norm(x_BxHxWxF).reshape(b, h * w, f)
+    q, k, v = (jnp.einsum('blf,fnd->blnd', x_BxLxF, self.wqkv[i].astype(dt)) for i in range(3))
+    out_BxLxNxD = attention_lib.attention(q, k, v, causal=False,
+                                          implementation=self.cfg.attention)
+    out_BxLxF = jnp.einsum('blnd,ndf->blf', out_BxLxNxD, self.wo[...].astype(dt))
+    out_BxLxF = out_BxLxF + self.bo[...].astype(dt)
+    return x_BxHxWxF + out_BxLxF.reshape(b, h, w, f)
+
+
+class Level(nnx.Module):
+  """One resolution of the encoder or decoder: ResBlocks, each followed by optional attention."""
+
+  def __init__(self, widths_in: list[int], f_out: int, attend: bool, cfg: UNetConfig, *,
+               rngs: nnx.Rngs):
+    self.blocks = nnx.List([ResBlock(f, f_out, cfg, rngs=rngs) for f in widths_in])
+    self.attns = nnx.List([SelfAttention(f_out, cfg, rngs=rngs) for _ in widths_in]
+                          if attend else [])
+
+
+class UNet(nnx.Module):
+  """eps / v / x0 predictor: (x_t [B, H, W, C], t [B], labels [B] | None) -> [B, H, W, C]."""
+
+  def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    ch, e = cfg.base_channels, cfg.embed_dim
+    self.time_mlp1 = Dense(ch, e, cfg, ('channels', 'embed'), rngs=rngs)
+    self.time_mlp2 = Dense(e, e, cfg, ('embed', 'embed'), rngs=rngs)
+    if cfg.num_classes:
+      self.class_embed = nnx.Param(
+          jax.random.normal(rngs.params(), (cfg.num_classes + 1, e), cfg.param_dtype),
+          out_sharding=('classes', 'embed'))
+    self.stem = Conv(cfg.channels, ch, cfg, rngs=rngs, names=('image', 'channels'))
+
+    # Encoder: record the width of every activation kept for a skip connection.
+    skips, f, res = [ch], ch, cfg.image_size
+    down, downsample = [], []
+    for i, mult in enumerate(cfg.channel_mult):
+      widths_in = [f] + [ch * mult] * (cfg.num_res_blocks - 1)
+      down.append(Level(widths_in, ch * mult, res in cfg.attention_resolutions, cfg, rngs=rngs))
+      f = ch * mult
+      skips += [f] * cfg.num_res_blocks
+      if i < len(cfg.channel_mult) - 1:
+        downsample.append(Conv(f, f, cfg, rngs=rngs, stride=2))
+        skips.append(f)
+        res //= 2
+    self.down, self.downsample = nnx.List(down), nnx.List(downsample)
+
+    self.mid1 = ResBlock(f, f, cfg, rngs=rngs)
+    self.mid_attn = SelfAttention(f, cfg, rngs=rngs) if cfg.attention_resolutions else None
+    self.mid2 = ResBlock(f, f, cfg, rngs=rngs)
+
+    up, upsample = [], []
+    for i, mult in reversed(list(enumerate(cfg.channel_mult))):
+      f_out = ch * mult
+      widths_in = []
+      for _ in range(cfg.num_res_blocks + 1):
+        widths_in.append(f + skips.pop())
+        f = f_out
+      up.append(Level(widths_in, f_out, res in cfg.attention_resolutions, cfg, rngs=rngs))
+      if i > 0:
+        upsample.append(Conv(f, f, cfg, rngs=rngs))
+        res *= 2
+    self.up, self.upsample = nnx.List(up), nnx.List(upsample)
+    self.out_norm = GroupNorm(f, cfg)
+    self.out_conv = Conv(f, cfg.channels, cfg, rngs=rngs, zero_init=True,
+                         names=('conv_in', 'image'))
+
+  def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, labels_B: jax.Array | None = None,
+               *, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Labels in [0, num_classes], num_classes meaning "no label"; None for "no label" too.
+
+    dropout_key: None runs deterministically (sampling, evaluation).
+    """
+    cfg = self.cfg
+    b = x_BxHxWxC.shape[0]
+    emb_BxE = self.time_mlp2(jax.nn.silu(self.time_mlp1(
+        timestep_embedding(t_B, cfg.base_channels))))
+    if cfg.num_classes:
+      if labels_B is None:
+        labels_B = jnp.full((b,), cfg.num_classes, jnp.int32)
+      emb_BxE = emb_BxE + jnp.take(self.class_embed[...], labels_B, axis=0).astype(cfg.dtype)
+    n_blocks = 2 * len(cfg.channel_mult) * cfg.num_res_blocks + len(cfg.channel_mult) + 2
+    keys = (iter(jax.random.split(dropout_key, n_blocks)) if dropout_key is not None
+            else iter([None] * n_blocks))
+
+    h = self.stem(x_BxHxWxC)
+    hs = [h]
+    for i, level in enumerate(self.down):
+      h = self._level(level, h, emb_BxE, keys, hs)
+      if i < len(self.downsample):
+        h = self.downsample[i](h)
+        hs.append(h)
+    h = self.mid1(h, emb_BxE, next(keys))
+    if self.mid_attn is not None:
+      h = self.mid_attn(h)
+    h = self.mid2(h, emb_BxE, next(keys))
+    for i, level in enumerate(self.up):
+      h = self._level(level, h, emb_BxE, keys, skips=hs)
+      if i < len(self.upsample):
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+        h = self.upsample[i](h)
+    return self.out_conv(jax.nn.silu(self.out_norm(h)))
+
+  @staticmethod
+  def _level(level: Level, h, emb_BxE, keys, hs=None, skips=None):
+    """Encoder levels append each output to `hs`; decoder levels pop a skip from `skips`."""
+    for j, block in enumerate(level.blocks):
+      if skips is not None:
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+      h = block(h, emb_BxE, next(keys))
+      if len(level.attns):
+        h = level.attns[j](h)
+      if hs is not None:
+        hs.append(h)
+    return h
+
+
+def forward_flops(cfg: UNetConfig, batch: int) -> float:
+  """FLOPs of one forward pass over `batch` images, from XLA's cost analysis of the graph."""
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model)
+  s = cfg.image_size
+
+  def fwd(params, x, t, labels):
+    return nnx.merge(graphdef, params)(x, t, labels if cfg.num_classes else None)
+
+  args = (params, jax.ShapeDtypeStruct((batch, s, s, cfg.channels), cfg.dtype),
+          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  cost = jax.jit(fwd).lower(*args).cost_analysis()
+  return float(cost.get('flops', 0.0)) if cost else 0.0
