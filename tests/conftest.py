@@ -19,5 +19,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='kiln-test-jax-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Trained evaluation classifiers (train/image_eval.py) go to a session directory, never
+# to the user's ~/.cache/kiln.
+if 'KILN_CACHE' not in os.environ:
+  os.environ['KILN_CACHE'] = tempfile.mkdtemp(prefix='kiln-test-cache-')
+  atexit.register(shutil.rmtree, os.environ['KILN_CACHE'], ignore_errors=True)
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
