@@ -29,9 +29,9 @@ SMALL = {
     'steps': STEPS, 'batch_size': 16, 'log_every': 1, 'eval_every': 0,
     'checkpoint.every': 3, 'checkpoint.async_save': False,
     'model.latent_dim': 8, 'model.g_channels': (16, 8), 'model.d_channels': (8, 16),
-    # Non-saturating: at init every hinge term is active, so the read-out bias gradient is a
-    # sum of +-1/m that cancels to rounding noise, and Adam's first step (about lr * sign)
-    # turns that noise into a different bias on each mesh.
+    # Non-saturating: with the hinge, every term is active at init, so the read-out bias
+    # gradient is a sum of +-1/m that cancels to rounding noise, which Adam's first step
+    # (about lr * sign) can turn into a different bias on each mesh.
     'gan.loss': 'non_saturating', 'gan.d_steps': 2, 'gan.r1_gamma': 1.0,
 }
 
@@ -276,6 +276,7 @@ def test_eval_summary_scores_ema_samples_and_grid():
     ({'model.g_channels': (16, 8, 8, 8, 8)}, 'model.g_channels'),
     ({'model.g_norm': 'batch'}, 'model.g_norm'),
     ({'grad_accum': 2}, 'grad_accum'),
+    ({'eval.num_samples': 0}, 'eval.num_samples'),
 ])
 def test_bad_config_names_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key.replace('.', r'\.')):

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from data import images
 from model import gan
-from train import optim
+from train import image_eval, optim
 from train.config import ConfigError, check_choice, check_positive, get, require
 
 SAMPLE_CHUNK = 500  # images per call of the jitted sampler
@@ -61,7 +61,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ('d_optimizer.b1', 'd_optimizer.b2', 'ema.decay'):
     value = get(config, key)
     require(0.0 <= value < 1.0, f'{key}={value!r} must be in [0, 1).')
-  check_positive(config, 'sample.grid_rows', 'eval.num_samples')
+  check_positive(config, 'sample.grid_rows')
+  image_eval.check_eval_config(config.eval)
 
 
 class GANTask:
@@ -98,7 +99,6 @@ class GANTask:
 
   def setup_data(self, workdir: str, process_index: int, process_count: int):
     del workdir  # nothing to save beside the checkpoints
-    from train import image_eval  # the classifier is only needed when training
     c = self.config
     self.data = images.build_image_data(
         c.data, seed=c.seed, global_batch_size=c.batch_size, eval_steps=c.eval_steps,
@@ -331,7 +331,6 @@ class GANTask:
 
   def samples(self, state) -> dict[str, np.ndarray]:
     """A grid of EMA-generator samples; for a conditional model, column j is class j % K."""
-    from train import image_eval
     rows = self.config.sample.grid_rows
     images_NxHxWxC, _ = self.generate(state, rows * rows, seed=self.config.seed + 2)
     return {'samples/grid': image_eval.image_grid(images_NxHxWxC, rows)}
