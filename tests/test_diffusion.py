@@ -298,9 +298,9 @@ def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                state['ema'], ema)
 
-  # (2, 2, 2) splits along all three axes at once; (1, 1, 8) splits every channel and head
-  # dimension 8 ways. (The LM test covers 8-way data and FSDP meshes of the same trainer.)
-  for shape in [(2, 2, 2), (1, 1, 8)]:
+  # (2, 2, 2) splits along all three axes at once. (The GAN test splits convolutions 8 ways
+  # over fsdp and tensor; the LM test covers 8-way data and FSDP meshes of the same trainer.)
+  for shape in [(2, 2, 2)]:
     config = small_config(**{'mesh.data': shape[0], 'mesh.fsdp': shape[1],
                              'mesh.tensor': shape[2], 'steps': steps})
     losses = trainer.train_and_evaluate(config, str(tmp_path / str(shape))).losses
