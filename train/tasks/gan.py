@@ -322,7 +322,11 @@ class GANTask:
       labels = None
       if k:
         labels = np.arange(start, start + SAMPLE_CHUNK, dtype=np.int32) % k
-      chunks.append(np.asarray(jax.device_get(sample(state['ema_params'], z, labels))))
+      x = sample(state['ema_params'], z, labels)
+      if jax.process_count() > 1:  # the images may be sharded over other processes' devices
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+      chunks.append(np.asarray(jax.device_get(x)))
     return np.concatenate(chunks)[:num], labels_N
 
   @functools.cache  # noqa: B019  (one compiled sampler per task)
