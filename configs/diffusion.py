@@ -9,7 +9,8 @@ then a PNG grid of guided samples (one class per column) from the newest checkpo
   python -m train.sample --workdir=/tmp/kiln_diffusion --out=/tmp/digits.png
 
 Other presets: `configs/diffusion.py:fashion_mnist` (Debian's 28x28 Fashion-MNIST:
-`sudo apt-get install dataset-fashion-mnist`; sized for 2 CPU cores, not yet timed) and
+`sudo apt-get install dataset-fashion-mnist`; 42 min on a loaded 2-core CPU and still far
+from the real-data FD floor, see docs/benchmarks.md) and
 `configs/diffusion.py:cifar10` (TFDS cifar10, for accelerators). Any key can be overridden
 with `--config.a.b=value`, e.g. `--config.sample.sampler=ddim --config.sample.eta=1.0`.
 """
@@ -86,7 +87,7 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
     c.ema.decay = 0.995
     c.sample.update(guidance_scale=1.5)
   elif preset == 'fashion_mnist':
-    # Not yet timed or scored (docs/benchmarks.md): about 4x the FLOPs per image of digits.
+    # About 4x the FLOPs per image of digits; undertrained at 1500 steps (docs/benchmarks.md).
     c.steps = 1500
     c.batch_size = 64
     c.log_every = 100
