@@ -675,9 +675,7 @@ def _with_original(config: dict, workdir: str) -> dict:
 def load_run(workdir: str):
   """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.sample's
   load_latest, but a run without a Kiln tokenizer (imported with another kind) loads too."""
-  from train import checkpoint, trainer
-  from train import mesh as mesh_lib
-  from train.sample import load_run_config
+  from train.sample import load_run_config, restore_latest
   from train.tasks.lm import LMTask
 
   config = load_run_config(workdir)
@@ -686,15 +684,7 @@ def load_run(workdir: str):
   task = LMTask(config)
   if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
     task.setup_inference(workdir)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ConfigError(f'No checkpoint in {ckpt.directory}.')
-  state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
-  ckpt.close()
-  return task, state, step
+  return (task, *restore_latest(task, config, workdir))
 
 
 def _hf_shape(cfg, family, name):

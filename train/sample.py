@@ -39,6 +39,11 @@ def load_latest(workdir: str):
   config = load_run_config(workdir)
   task = get_task(config)
   task.setup_inference(workdir)
+  return (task, *restore_latest(task, config, workdir))
+
+
+def restore_latest(task, config: ml_collections.ConfigDict, workdir: str):
+  """(state, step) of the newest checkpoint in `workdir`, in `task`'s shardings."""
   mesh = mesh_lib.make_mesh(config.mesh)
   _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
@@ -47,7 +52,7 @@ def load_latest(workdir: str):
     raise ConfigError(f'No checkpoint in {ckpt.directory}; train first.')
   state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
   ckpt.close()
-  return task, state, step
+  return state, step
 
 
 def load_scorer(workdir: str, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
