@@ -83,3 +83,12 @@ def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int)
   scale = 1.0 / num_micro
   loss, aux, grads = jax.tree.map(lambda x: x * scale, (loss, aux, grads))
   return (loss, aux), grads
+
+
+def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs):
+  """The optimizer state's logical PartitionSpecs: each moment like its parameter, every
+  other leaf (counts, schedules' state) replicated."""
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+  return optax.tree_map_params(
+      tx, lambda _, spec: spec, abstract_opt_state, param_specs,
+      transform_non_params=lambda _: jax.sharding.PartitionSpec(), is_leaf=is_spec)

@@ -112,10 +112,7 @@ class DiffusionTask:
     }
 
   def state_logical_specs(self, abstract_state):
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    opt_specs = optax.tree_map_params(
-        self.tx, lambda _, spec: spec, abstract_state['opt_state'], self._param_specs,
-        transform_non_params=lambda _: P(), is_leaf=is_spec)
+    opt_specs = optim.opt_state_specs(self.tx, abstract_state['opt_state'], self._param_specs)
     return {'step': P(), 'params': self._param_specs, 'ema': self._param_specs,
             'opt_state': opt_specs, 'rng': P()}
 

@@ -130,12 +130,7 @@ class GANTask:
     }
 
   def state_logical_specs(self, abstract_state):
-    is_spec = lambda x: isinstance(x, P)  # noqa: E731
-
-    def opt_specs(tx, opt_state, param_specs):
-      return optax.tree_map_params(tx, lambda _, spec: spec, opt_state, param_specs,
-                                   transform_non_params=lambda _: P(), is_leaf=is_spec)
-
+    opt_specs = optim.opt_state_specs
     return {
         'step': P(), 'rng': P(),
         'g_params': self._g_specs, 'd_params': self._d_specs, 'sn': self._sn_specs,
