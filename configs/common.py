@@ -30,9 +30,14 @@ def trainer_defaults() -> ml_collections.ConfigDict:
       b2=0.95,
       eps=1e-8,
       weight_decay=0.1,
-      # Parameters whose path contains any of these names get no weight decay.
-      no_decay=('norm', 'bias', 'embed'),
       clip_norm=1.0,  # 0 disables clipping
+      # What trains, and how fast (train/optim.py). Parameter paths are keys joined by '/',
+      # e.g. 'blocks/attn/wq'; patterns are regexes that must match the whole path.
+      freeze='',  # e.g. 'embedding|blocks/attn/.*': these get no gradient and no state
+      lr_mults=(),  # ((regex, multiplier), ...): first match scales the update; 0 holds still
+      # ((regex, multiplier), ...) on weight_decay; first match wins. Default: no decay on
+      # norms, biases and embeddings.
+      wd_mults=(('(?i).*(norm|bias|embed).*', 0.0),),
   ))
   return c
 

@@ -457,6 +457,7 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`."""
   from train import checkpoint, trainer
   from train import mesh as mesh_lib
+  from train.state import TrainState
   from train.tasks.lm import LMTask
 
   hf = _read_json(os.path.join(hf_dir, 'config.json'))
@@ -478,12 +479,12 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   reader = SafetensorsReader(hf_dir)
   mesh = mesh_lib.make_mesh(config.mesh)
   _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
-  params = load_params(reader, task.model_cfg, family, abstract['params'], shardings['params'])
-  opt_state = jax.jit(task.tx.init, out_shardings=shardings['opt_state'])(params)
+  params = load_params(reader, task.model_cfg, family, abstract.params, shardings.params)
+  opt_state = jax.jit(task.opt.init, out_shardings=shardings.opt_state)(params)
   rng = jax.random.key_data(jax.random.split(jax.random.key(config.seed))[1])
-  state = {'step': jax.device_put(jnp.zeros((), jnp.int32), shardings['step']),
-           'params': params, 'opt_state': opt_state,
-           'rng': jax.device_put(rng, shardings['rng'])}
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                     params=params, opt_state=opt_state,
+                     rng=jax.device_put(rng, shardings.rng), extras={})
 
   with _staging(workdir) as tmp:
     trainer.write_config(config, tmp)
@@ -633,7 +634,7 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   tokenizer = task.tokenizer  # None for an import whose HF tokenizer is not SentencePiece
   bos = getattr(tokenizer, 'bos_id', -1)
   eos = tokenizer._sp.eos_id() if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) else -1
-  builders = hf_tensors_from_kiln(jax.device_get(state['params']), cfg, family)
+  builders = hf_tensors_from_kiln(jax.device_get(task.inference_params(state)), cfg, family)
   del state
   nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
   shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))

@@ -24,5 +24,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 if 'KILN_CACHE' not in os.environ:
   os.environ['KILN_CACHE'] = tempfile.mkdtemp(prefix='kiln-test-cache-')
   atexit.register(shutil.rmtree, os.environ['KILN_CACHE'], ignore_errors=True)
+# The trainer runs its jitted step under this transfer guard (train/trainer.py): an implicit
+# host transfer inside any test's training step is an error.
+os.environ.setdefault('KILN_TRANSFER_GUARD', 'disallow')
 os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()

@@ -126,10 +126,10 @@ def test_import_logits_and_greedy_match_hf(imported, kind):
   assert step == 0
   if kind == 'llama_gqa_untied':  # loaded and restored into 2 x 2 x 2 shards
     assert (task.config.mesh.fsdp, task.config.mesh.tensor) == (2, 2)
-    wq = state['params']['blocks']['attn']['wq']  # [N, D, H, Dh]: D over fsdp, H over tensor
+    wq = state.params['blocks']['attn']['wq']  # [N, D, H, Dh]: D over fsdp, H over tensor
     assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
   tokens = _tokens((2, 24), seed=1)
-  _assert_logits_close(_kiln_logits(task, state['params'], tokens), _hf_logits(model, tokens))
+  _assert_logits_close(_kiln_logits(task, state.params, tokens), _hf_logits(model, tokens))
 
   # Greedy: Kiln re-runs its fixed window (as LMTask.generate does) and takes the argmax.
   prompt = _tokens((1, 5), seed=2)
@@ -140,7 +140,7 @@ def test_import_logits_and_greedy_match_hf(imported, kind):
   ids = list(prompt[0])
   for _ in range(20):
     window[0, :len(ids)] = ids
-    ids.append(int(np.argmax(_kiln_logits(task, state['params'], window)[0, len(ids) - 1])))
+    ids.append(int(np.argmax(_kiln_logits(task, state.params, window)[0, len(ids) - 1])))
   assert ids[5:] == list(want)
 
 
@@ -167,7 +167,7 @@ def test_import_export_import_is_bitwise(imported, kind, tmp_path):
   convert.import_hf(str(hf_out), str(again), dtype='float32')
   _, first, _ = convert.load_run(str(workdir))
   _, second, _ = convert.load_run(str(again))
-  for a, b in zip(jax.tree.leaves(first['params']), jax.tree.leaves(second['params']),
+  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -219,7 +219,7 @@ def test_trained_export_matches_in_transformers(trained, tmp_path, caplog):
   assert not [r for r in caplog.records if 'missing' in r.getMessage().lower()
               or 'unexpected' in r.getMessage().lower()]
   tokens = _tokens((2, 32), seed=3, vocab=task.tokenizer.vocab_size)
-  _assert_logits_close(_kiln_logits(task, state['params'], tokens),
+  _assert_logits_close(_kiln_logits(task, state.params, tokens),
                        _hf_logits(model.eval(), tokens))
 
   # The tokenizer: same ids as Kiln's, BOS first by default, as in Kiln's training data.

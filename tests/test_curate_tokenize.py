@@ -173,7 +173,7 @@ def trained_run(tokens, tmp_path_factory) -> pathlib.Path:
 
 def test_scorer_matches_the_model_on_each_window_alone(trained_run):
   task, state, _ = sample.load_latest(str(trained_run))
-  score = sample.document_scorer(task, state['params'])
+  score = sample.document_scorer(task, state.params)
   texts = ['A short one.', list(pydoc_data.topics.topics.values())[40][:400]]
   got = score(texts)
   windows = []
@@ -186,7 +186,7 @@ def test_scorer_matches_the_model_on_each_window_alone(trained_run):
       batch = {'inputs': window[:, :-1], 'targets': window[:, 1:],
                'segment_ids': np.ones((1, length), np.int32),
                'positions': np.arange(length, dtype=np.int32)[None]}
-      nll.append(np.asarray(task.token_nll(state['params'], batch))[0])
+      nll.append(np.asarray(task.token_nll(state.params, batch))[0])
     expected = np.concatenate(nll).mean()
     assert len(ids) - 1 == sum(len(n) for n in nll)
     np.testing.assert_allclose(value, expected, rtol=1e-5)

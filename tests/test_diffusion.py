@@ -274,10 +274,10 @@ def test_resume_is_exact(tmp_path):
   assert sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
   assert {**first.losses, **second.losses} == straight.losses  # bitwise
   final = restore(tmp_path / 'b', 4)
-  assert int(final['step']) == 4
+  assert int(final.step) == 4
   assert_trees_equal(restore(tmp_path / 'a', 4), final)
   # The EMA is saved, and it is not the parameters.
-  assert not np.array_equal(final['ema']['stem']['kernel'], final['params']['stem']['kernel'])
+  assert not np.array_equal(final.extras['ema']['stem']['kernel'], final.params['stem']['kernel'])
 
 
 def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
@@ -288,15 +288,15 @@ def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
   data = images.build_image_data(config.data, seed=config.seed, global_batch_size=8,
                                  eval_steps=0, process_index=0, process_count=1)
   state = jax.jit(task.init_state)(jax.random.key(config.seed))
-  step_fn = jax.jit(task.train_step)
-  single, ema = {}, state['ema']
+  step_fn = jax.jit(lambda s, b: task.train_step(s, b, {}))
+  single, ema = {}, state.extras['ema']
   for step in range(1, steps + 1):
     state, metrics = step_fn(state, next(data.train))
     single[step] = float(metrics['loss'])
     decay = min(config.ema.decay, step / (9.0 + step))  # (1 + s) / (10 + s) at s = step - 1
-    ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, state['params'])
+    ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               state['ema'], ema)
+               state.extras['ema'], ema)
 
   # (2, 2, 2) splits along all three axes at once. (The GAN test splits convolutions 8 ways
   # over fsdp and tensor; the LM test covers 8-way data and FSDP meshes of the same trainer.)
@@ -313,15 +313,15 @@ def test_generate_and_grid():
   config = small_config(**{'sample.steps': 3, 'sample.batch_size': 6, 'sample.grid_rows': 4})
   task = DiffusionTask(config)
   state = jax.jit(task.init_state)(jax.random.key(0))
-  grid = task.samples(state)['samples/grid']
+  grid = task.samples(state, config.seed)['samples/grid']
   # 4 x 4 images of 8 x 8 on a 1-pixel lattice, in batches of 6 (the last one padded).
   assert grid.dtype == np.uint8 and grid.shape == (4 * 9 + 1, 4 * 9 + 1, 1)
   labels = np.arange(10, dtype=np.int32) % 10
-  x = task.generate(state['ema'], labels, seed=3)
+  x = task.generate(state.extras['ema'], labels, seed=3)
   assert x.shape == (10, 8, 8, 1) and np.all(np.abs(x) <= 1.0)
   # Images do not depend on which batch they were drawn in beyond their own key and label:
   # the same call gives the same images.
-  np.testing.assert_array_equal(task.generate(state['ema'], labels, seed=3), x)
+  np.testing.assert_array_equal(task.generate(state.extras['ema'], labels, seed=3), x)
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -186,7 +186,7 @@ def run_one_step(config_or_task, batch):
     task = GANTask(task)
   state = jax.jit(task.init_state)(jax.random.key(0))
   before = jax.device_get(state)
-  after, metrics = jax.jit(task.train_step)(state, batch)
+  after, metrics = jax.jit(task.train_step)(state, batch, {})
   return task, before, jax.device_get(after), jax.device_get(metrics)
 
 
@@ -194,35 +194,35 @@ def test_one_step_changes_both_networks_and_lr_zero_changes_neither():
   _, before, after, metrics = run_one_step(small_config(), random_batch())
   assert metrics['skipped'] == 0 and np.isfinite(metrics['loss'])
   assert metrics['loss'] == metrics['g_loss'] and metrics['r1'] > 0
-  g_changed = changed(before['g_params'], after['g_params'])
+  g_changed = changed(before.params, after.params)
   assert all(g_changed.values()), g_changed
   # Every D weight moves (a bias can see a zero gradient: the hinge terms of real and fake
   # cancel when all are active, as at init).
-  d_changed = changed(before['d_params'], after['d_params'])
+  d_changed = changed(before.extras['d_params'], after.extras['d_params'])
   assert all(v for k, v in d_changed.items() if k.endswith("['w']")), d_changed
-  assert all(sn_vectors_changed(before['sn'], after['sn']))
-  assert any(changed(before['ema_params'], after['ema_params']).values())
-  assert int(after['step']) == 1
+  assert all(sn_vectors_changed(before.extras['sn'], after.extras['sn']))
+  assert any(changed(before.extras['ema'], after.extras['ema']).values())
+  assert int(after.step) == 1
 
   # Learning rates zero. The config checks want lr > 0, so the task gets its optimizers
   # from a zero-lr copy of its config after it is built.
   task = GANTask(small_config())
   zero = small_config(**{'optimizer.lr': 0.0, 'optimizer.end_lr': 0.0,
                          'd_optimizer.lr': 0.0, 'd_optimizer.end_lr': 0.0})
-  task.g_tx = optim.make_optimizer(zero.optimizer, zero.steps, zero.max_nonfinite_steps)
-  task.d_tx = optim.make_optimizer(zero.d_optimizer, zero.steps, zero.max_nonfinite_steps)
-  task.g_schedule = optim.lr_schedule(zero.optimizer, zero.steps)
-  task.d_schedule = optim.lr_schedule(zero.d_optimizer, zero.steps)
+  task.g_opt = optim.make_optimizer(zero.optimizer, zero.steps, zero.max_nonfinite_steps,
+                                    task._g_specs)
+  task.d_opt = optim.make_optimizer(zero.d_optimizer, zero.steps, zero.max_nonfinite_steps,
+                                    task._d_specs)
   _, before, after, metrics = run_one_step(task, random_batch())
   assert metrics['skipped'] == 0 and metrics['lr'] == 0 and metrics['d_lr'] == 0
   assert metrics['grad_norm'] > 0 and metrics['d_grad_norm'] > 0  # gradients, not applied
-  assert not any(changed(before['g_params'], after['g_params']).values())
-  assert not any(changed(before['d_params'], after['d_params']).values())
+  assert not any(changed(before.params, after.params).values())
+  assert not any(changed(before.extras['d_params'], after.extras['d_params']).values())
   # Power iteration is not learning: the vectors still advance.
-  assert all(sn_vectors_changed(before['sn'], after['sn']))
+  assert all(sn_vectors_changed(before.extras['sn'], after.extras['sn']))
   # The EMA of an unchanged G is G again, up to the rounding of s*g + (1-s)*g.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               before['ema_params'], after['ema_params'])
+               before.extras['ema'], after.extras['ema'])
 
 
 def test_non_finite_batch_is_skipped():
@@ -231,11 +231,11 @@ def test_non_finite_batch_is_skipped():
   batch['images'][2:4, 2, 2, 0] = np.nan
   _, before, after, metrics = run_one_step(small_config(), batch)
   assert metrics['skipped'] == 1
-  assert not any(changed(before['d_params'], after['d_params']).values())
-  assert not any(changed(before['sn'], after['sn']).values())
+  assert not any(changed(before.extras['d_params'], after.extras['d_params']).values())
+  assert not any(changed(before.extras['sn'], after.extras['sn']).values())
   # G's loss involves no real image: its update goes ahead against the unchanged D.
   assert np.isfinite(metrics['g_loss'])
-  assert all(changed(before['g_params'], after['g_params']).values())
+  assert all(changed(before.params, after.params).values())
 
 
 def test_eval_summary_scores_ema_samples_and_grid():
@@ -257,10 +257,10 @@ def test_eval_summary_scores_ema_samples_and_grid():
   np.testing.assert_array_equal(task.evaluator.labels, np.arange(30) % 10)
   assert np.abs(task.evaluator.images).max() <= 1.0 and task.evaluator.images.std() > 0
   # Samples come from the EMA weights: all-zero EMA weights give tanh(0) = 0 everywhere.
-  state['ema_params'] = jax.tree.map(jnp.zeros_like, state['ema_params'])
+  state.extras['ema'] = jax.tree.map(jnp.zeros_like, state.extras['ema'])
   task.eval_summary({}, state)
   np.testing.assert_array_equal(task.evaluator.images, 0.0)
-  grid = task.samples(state)['samples/grid']
+  grid = task.samples(state, config.seed)['samples/grid']
   assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[-1] == 1
 
 
@@ -322,7 +322,7 @@ def test_meshes_match_one_device(straight, tmp_path):
   task = GANTask(config)
   data = task.setup_data(str(tmp_path), 0, 1)
   state = jax.jit(task.init_state)(jax.random.key(config.seed))
-  step_fn = jax.jit(task.train_step)
+  step_fn = jax.jit(lambda s, b: task.train_step(s, b, {}))
   single = {}
   for step in range(1, STEPS + 1):
     state, metrics = step_fn(state, next(data))

@@ -133,10 +133,10 @@ def test_state_shardings_follow_the_table(corpus, tie):
   rng, _, _, init = trainer.setup_state(task, config, mesh)
   state = init(rng)
 
-  params = jax.tree_util.tree_flatten_with_path(state['params'])[0]
+  params = jax.tree_util.tree_flatten_with_path(state.params)[0]
   assert {_path(p) for p, _ in params} == set(EXPECTED_SPECS) - ({'lm_head'} if tie else set())
-  adam = state['opt_state'].inner_state[1][0]
-  for tree in (state['params'], adam.mu, adam.nu):  # Adam's moments shard like their params
+  adam = state.opt_state.inner_state[1][0]
+  for tree in (state.params, adam.mu, adam.nu):  # Adam's moments shard like their params
     for key_path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
       expected = NamedSharding(mesh, EXPECTED_SPECS[_path(key_path)])
       assert x.sharding.is_equivalent_to(expected, x.ndim), (_path(key_path), x.sharding)
@@ -145,7 +145,7 @@ def test_state_shardings_follow_the_table(corpus, tie):
                     for d, a in zip(x.shape, list(expected.spec) + [None] * x.ndim,
                                     strict=False))
       assert x.addressable_shards[0].data.shape == block, _path(key_path)
-  for x in (state['step'], state['rng'], adam.count):
+  for x in (state.step, state.rng, adam.count):
     assert x.sharding.is_fully_replicated
 
 
@@ -205,7 +205,7 @@ def test_one_step_golden_metrics(corpus, tmp_path):
                                    eval_steps=0, workdir=workdir, process_index=0,
                                    process_count=1)
   task._set_tokenizer(data.tokenizer)
-  params0 = jax.jit(task.init_state)(jax.random.key(config.seed))['params']
+  params0 = jax.jit(task.init_state)(jax.random.key(config.seed)).params
   batch = {k: jnp.asarray(v) for k, v in next(data.train).items()}
 
   def loss_fn(params):
@@ -237,7 +237,7 @@ def test_one_step_golden_metrics(corpus, tmp_path):
   want = jax.tree_util.tree_map_with_path(expected, params0, grads)
   state = checkpoint.Checkpointer(workdir, config.checkpoint)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_shapes(task))
-  got = state.restore(1, abstract, None)['params']
+  got = state.restore(1, abstract, None).params
   state.close()
   # |g| / (|g| + eps) is ill-conditioned only where 0 < |g| ~ eps: compare elsewhere
   # (rows of unseen tokens have g = 0 exactly).
@@ -269,11 +269,11 @@ def test_grad_accumulation_matches_one_batch(corpus, tmp_path):
   # Four microbatches through the config key, against the whole batch at once.
   loss_fn = functools.partial(task._loss, dropout_key=None)
   (loss, _), grads = jax.jit(lambda p, b: optim.value_and_grad_accumulated(loss_fn, p, b, 1))(
-      state['params'], batch)
+      state.params, batch)
   config.unlock()
   config.grad_accum = 4
   config.lock()
-  _, metrics = jax.jit(task.train_step)(state, batch)
+  _, metrics = jax.jit(task.train_step)(state, batch, {})
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-5)
   np.testing.assert_allclose(metrics['grad_norm'], optax.tree.norm(grads), rtol=1e-5)
 
@@ -286,11 +286,11 @@ def poison_steps(monkeypatch, first: int, last: int) -> None:
   out of the vocabulary read as NaN logits."""
   original = LMTask.train_step
 
-  def train_step(self, state, batch):
-    step = state['step'] + 1
+  def train_step(self, state, batch, frozen):
+    step = state.step + 1
     bad = (step >= first) & (step <= last)
     batch = dict(batch, targets=jnp.where(bad, 10**6, batch['targets']))
-    return original(self, state, batch)
+    return original(self, state, batch, frozen)
 
   monkeypatch.setattr(LMTask, 'train_step', train_step)
 
@@ -314,13 +314,13 @@ def test_nonfinite_steps_are_skipped(corpus, tmp_path, monkeypatch):
   assert all(np.isfinite(result.losses[s]) for s in (1, 2, 5, 6))
   two, four = (restore_state(str(tmp_path), config, s) for s in (2, 4))
   # Neither poisoned step changed the parameters or Adam's moments.
-  for a, b in ((two['params'], four['params']),
-               (two['opt_state'].inner_state, four['opt_state'].inner_state)):
+  for a, b in ((two.params, four.params),
+               (two.opt_state.inner_state, four.opt_state.inner_state)):
     jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert int(four['opt_state'].total_notfinite) == 2
+  assert int(four.opt_state.total_notfinite) == 2
   six = restore_state(str(tmp_path), config, 6)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(six['params']))
-  assert not np.array_equal(six['params']['embedding'], four['params']['embedding'])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(six.params))
+  assert not np.array_equal(six.params['embedding'], four.params['embedding'])
 
 
 def test_too_many_nonfinite_steps_stop_the_run(corpus, tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_too_many_nonfinite_steps_stop_the_run(corpus, tmp_path, monkeypatch):
   assert steps and steps[-1] < 10
   last = restore_state(str(tmp_path), config, steps[-1])
   good = restore_state(str(tmp_path), config, 2)
-  jax.tree.map(np.testing.assert_array_equal, last['params'], good['params'])
+  jax.tree.map(np.testing.assert_array_equal, last.params, good.params)
 
 
 # --- config errors, before anything compiles --------------------------------------------
@@ -393,10 +393,10 @@ def test_large_presets_compile_and_fsdp_saves_memory(preset):
     train_step, _ = trainer.compile_step(task, shardings, mesh)
     state = checkpoint.abstract_with_shardings(abstract, shardings)
     with jax.set_mesh(mesh):
-      compiled = train_step.lower(state, batch).compile()
+      compiled = train_step.lower(state, batch, {}).compile()
     stats = compiled.memory_analysis()
     per_device[fsdp] = (stats.argument_size_in_bytes, stats.temp_size_in_bytes)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract['params']))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   # Parameters and two Adam moments in fp32, 12 bytes per parameter, replicated
   # without FSDP: the program's arguments hold that much, and 1/fsdp of it with FSDP.
   for fsdp, (args, _) in per_device.items():

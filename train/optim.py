@@ -1,11 +1,33 @@
-"""Optimizers, schedules and gradient accumulation, shared by every task."""
+"""Optimizers, schedules, trainable subsets and parameter groups, shared by every task.
 
-from collections.abc import Callable
+`make_optimizer(opt_cfg, steps, max_nonfinite_steps, abstract_params)` returns an
+`Optimizer`: AdamW with global-norm clipping over the *trainable* parameters only.
+
+- `optimizer.freeze`: a regex; parameters whose path (keys joined by '/', e.g.
+  'blocks/attn/wq') it fully matches do not train. They get no gradient and no
+  optimizer state at all, so freezing shows in checkpoint bytes and compiled memory.
+- `optimizer.lr_mults` / `optimizer.wd_mults`: (regex, multiplier) pairs, the first
+  full match wins (1.0 when none does), as big_vision's optimizer config does. A
+  group's update is scaled by its lr multiplier after everything else, so a
+  multiplier of 0 leaves the group exactly where it is; the weight decay of a leaf
+  is `weight_decay * wd multiplier`. The defaults exempt norms, biases and
+  embeddings from weight decay.
+
+One Adam state covers every group (per-leaf multipliers are constants in the update),
+instead of optax.multi_transform's one optimizer per group with masked placeholders.
+"""
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from train.config import ConfigError
 
 
 def lr_schedule(opt_cfg: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
@@ -16,36 +38,158 @@ def lr_schedule(opt_cfg: ml_collections.ConfigDict, steps: int) -> optax.Schedul
       decay_steps=max(decay_steps, opt_cfg.warmup_steps + 1), end_value=opt_cfg.end_lr)
 
 
-def decay_mask(params, no_decay: tuple[str, ...]):
-  """True for parameters that get weight decay: those whose path names none of `no_decay`."""
-  def wants_decay(path, _):
-    names = [str(getattr(k, 'key', getattr(k, 'name', k))).lower() for k in path]
-    return not any(word in name for word in no_decay for name in names)
-  return jax.tree_util.tree_map_with_path(wants_decay, params)
+def path_name(path) -> str:
+  """'a/b/0/c' for a pytree key path."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, steps: int,
-                   max_nonfinite_steps: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; a step with non-finite gradients is not applied.
+def _compile(pattern: str, key: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f'{key} has an invalid regular expression {pattern!r}: {e}.') from None
 
-  `optax.apply_if_finite` leaves parameters and moments untouched on such a
-  step and counts it; the trainer stops the run after `max_nonfinite_steps` in
-  a row, so its own give-up threshold (after which it would apply the update
-  anyway) is set beyond that.
-  """
-  no_decay = tuple(opt_cfg.no_decay)
-  chain = []
-  if opt_cfg.clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
-  chain.append(optax.adamw(
-      lr_schedule(opt_cfg, steps), b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-      weight_decay=opt_cfg.weight_decay, mask=lambda p: decay_mask(p, no_decay)))
-  return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=max_nonfinite_steps + 8)
+
+def _rules(pairs: Sequence, key: str) -> list[tuple[re.Pattern, float]]:
+  out = []
+  for pair in pairs:
+    if len(pair) != 2 or not isinstance(pair[0], str):
+      raise ConfigError(f'{key} must be a sequence of (regex, multiplier) pairs; got {pair!r}.')
+    mult = float(pair[1])
+    if mult < 0:
+      raise ConfigError(f'{key}: the multiplier of {pair[0]!r} is {mult}; it must be >= 0.')
+    out.append((_compile(pair[0], key), mult))
+  return out
+
+
+def _first_match(rules, name: str) -> float:
+  return next((mult for pattern, mult in rules if pattern.fullmatch(name)), 1.0)
+
+
+def _scale_per_leaf(mults) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf's constant."""
+  return optax.stateless(lambda updates, params: jax.tree.map(lambda u, m: u * m, updates, mults))
+
+
+def _add_decayed_weights_per_leaf(wds) -> optax.GradientTransformation:
+  """u + wd * p with a constant wd per leaf (leaves with wd 0 are left as they are)."""
+  def fn(updates, params):
+    return jax.tree.map(lambda u, p, wd: u if wd == 0.0 else u + wd * p, updates, params, wds)
+  return optax.stateless(fn)
 
 
 def skipped(opt_state: optax.ApplyIfFiniteState) -> jax.Array:
   """1.0 if the step that produced `opt_state` was not applied, else 0.0."""
   return 1.0 - opt_state.last_finite.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Optimizer:
+  """An optax transformation over the trainable leaves of one parameter tree.
+
+  Parameters are nested dicts (`nnx.to_pure_dict`); `select` keeps the trainable
+  leaves in the same nesting, `merge` puts them back.
+  """
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  trainable: Any  # bool per parameter leaf (a Python bool, fixed at setup)
+
+  @property
+  def all_trainable(self) -> bool:
+    return all(jax.tree.leaves(self.trainable))
+
+  def select(self, tree):
+    """The trainable leaves of a params-shaped tree, nested as in `tree`."""
+    if self.all_trainable:
+      return tree
+    out: dict = {}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, leaf), keep in zip(flat, jax.tree.leaves(self.trainable), strict=True):
+      if keep:
+        node = out
+        for k in path[:-1]:
+          node = node.setdefault(k.key, {})
+        node[path[-1].key] = leaf
+    return out
+
+  def merge(self, tree, trainable_part):
+    """`tree` with its trainable leaves replaced by those of `trainable_part`."""
+    if self.all_trainable:
+      return trainable_part
+    new = iter(jax.tree.leaves(trainable_part))
+    leaves, treedef = jax.tree.flatten(tree)
+    merged = [next(new) if keep else leaf
+              for leaf, keep in zip(leaves, jax.tree.leaves(self.trainable), strict=True)]
+    return jax.tree.unflatten(treedef, merged)
+
+  def init(self, params):
+    return self.tx.init(self.select(params))
+
+  def state_specs(self, abstract_opt_state, param_specs):
+    """The optimizer state's logical PartitionSpecs: each moment like its parameter, every
+    other leaf (counts, schedules' state) replicated."""
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    return optax.tree_map_params(
+        self.tx, lambda _, spec: spec, abstract_opt_state, self.select(param_specs),
+        transform_non_params=lambda _: jax.sharding.PartitionSpec(), is_leaf=is_spec)
+
+  def value_and_grad(self, loss_fn: Callable, params, batch, num_micro: int = 1):
+    """((loss, aux), grads of the trainable leaves), averaged over `num_micro` microbatches.
+
+    loss_fn(params, batch) -> (scalar loss, aux pytree). Frozen leaves enter the loss as
+    constants, so no gradient is computed for them.
+    """
+    if self.all_trainable:
+      return value_and_grad_accumulated(loss_fn, params, batch, num_micro)
+    fn = lambda part, b: loss_fn(self.merge(params, part), b)  # noqa: E731
+    return value_and_grad_accumulated(fn, self.select(params), batch, num_micro)
+
+  def apply(self, params, opt_state, grads, loss):
+    """The finite-guarded update: (params, opt_state, {'grad_norm', 'skipped'}).
+
+    A non-finite loss marks the gradients non-finite too, so that optax.apply_if_finite
+    leaves parameters and moments untouched even if the gradients came out finite.
+    """
+    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+    part = self.select(params)
+    updates, opt_state = self.tx.update(grads, opt_state, part)
+    params = self.merge(params, optax.apply_updates(part, updates))
+    return params, opt_state, {'grad_norm': optax.tree.norm(grads), 'skipped': skipped(opt_state)}
+
+
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, steps: int, max_nonfinite_steps: int,
+                   abstract_params, key: str = 'optimizer') -> Optimizer:
+  """AdamW with global-norm clipping over the trainable leaves; a step with non-finite
+  gradients is not applied.
+
+  `optax.apply_if_finite` leaves parameters and moments untouched on such a step and
+  counts it; the trainer stops the run after `max_nonfinite_steps` in a row, so its own
+  give-up threshold (after which it would apply the update anyway) is set beyond that.
+  `key` names the config node in errors (the GAN's discriminator has `d_optimizer`).
+  """
+  freeze = _compile(opt_cfg.freeze, f'{key}.freeze') if opt_cfg.freeze else None
+  lr_rules = _rules(opt_cfg.lr_mults, f'{key}.lr_mults')
+  wd_rules = _rules(opt_cfg.wd_mults, f'{key}.wd_mults')
+  named = jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), abstract_params)
+  trainable = jax.tree.map(lambda n: not (freeze and freeze.fullmatch(n)), named)
+  if not any(jax.tree.leaves(trainable)):
+    raise ConfigError(f'{key}.freeze={opt_cfg.freeze!r} freezes every parameter; nothing '
+                      'would train.')
+  part = lambda tree: Optimizer(None, None, trainable).select(tree)  # noqa: E731
+  lr_mults = jax.tree.map(lambda n: _first_match(lr_rules, n), part(named))
+  wds = jax.tree.map(lambda n: opt_cfg.weight_decay * _first_match(wd_rules, n), part(named))
+  schedule = lr_schedule(opt_cfg, steps)
+  chain = []
+  if opt_cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
+  # optax.adamw's own chain, with a weight decay per leaf.
+  chain.append(optax.chain(optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps),
+                           _add_decayed_weights_per_leaf(wds),
+                           optax.scale_by_learning_rate(schedule)))
+  if any(m != 1.0 for m in jax.tree.leaves(lr_mults)):
+    chain.append(_scale_per_leaf(lr_mults))
+  tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=max_nonfinite_steps + 8)
+  return Optimizer(tx, schedule, trainable)
 
 
 def split_microbatches(batch, num: int):
@@ -62,9 +206,9 @@ def split_microbatches(batch, num: int):
 def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int):
   """`jax.value_and_grad(loss_fn, has_aux=True)` averaged over `num_micro` microbatches.
 
-  loss_fn(params, batch) -> (scalar loss, aux dict of scalars). With one
-  microbatch this is the plain call; otherwise a `lax.scan` keeps only one
-  microbatch's activations alive at a time.
+  loss_fn(params, batch) -> (scalar loss, aux pytree). With one microbatch this is the
+  plain call; otherwise a `lax.scan` keeps only one microbatch's activations alive at a
+  time.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_micro == 1:
@@ -85,10 +229,13 @@ def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int)
   return (loss, aux), grads
 
 
-def opt_state_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs):
-  """The optimizer state's logical PartitionSpecs: each moment like its parameter, every
-  other leaf (counts, schedules' state) replicated."""
-  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-  return optax.tree_map_params(
-      tx, lambda _, spec: spec, abstract_opt_state, param_specs,
-      transform_non_params=lambda _: jax.sharding.PartitionSpec(), is_leaf=is_spec)
+def ema_update(ema, params, *, decay: float, step: jax.Array, skipped: jax.Array):
+  """The exponential moving average of `params` after step `step` (0-based).
+
+  The decay warms up as (1 + t) / (10 + t) to `decay`; a skipped step (non-finite) leaves
+  the average as it was, as it leaves the parameters.
+  """
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  new = optax.incremental_update(params, ema, 1.0 - d)
+  return jax.tree.map(lambda n, o: jnp.where(skipped > 0, o, n), new, ema)

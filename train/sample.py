@@ -3,11 +3,13 @@
   python -m train.sample --workdir=DIR --prompt='def' [--temperature=0.8 --top_k=40 --top_p=0.95]
   python -m train.sample --workdir=DIR --out=grid.png [--scale=4]
 
-The run's resolved config (DIR/config.json) rebuilds the model. For a
-language model, the tokenizer cached in DIR encodes the prompt. For an image
-model (diffusion, GAN), the task's evaluation samples (`task.samples`, e.g. an
-EMA grid with the config's guidance scale) are written as a PNG at --out; a
-task with several grids writes one PNG per tag, named `<out stem>_<tag><ext>`.
+The run's resolved config (DIR/config.json) rebuilds the task, and the task's
+`samples(state, seed)` makes them, from `task.inference_params(state)` (an EMA
+where the task keeps one). What happens to a sample depends on what it is:
+text is printed, an image grid is written as a PNG at --out (a task with
+several grids writes one PNG per tag, `<out stem>_<tag><ext>`). The text flags
+(--prompt, --temperature, ...) set the run's `sample.*` keys, for tasks that
+have them. Every flag is checked before the model is restored.
 """
 
 import json
@@ -58,7 +60,7 @@ def restore_latest(task, config: ml_collections.ConfigDict, workdir: str):
 def load_scorer(workdir: str, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
   """`document_scorer` of the newest checkpoint in `workdir`."""
   task, state, _ = load_latest(workdir)
-  return document_scorer(task, state['params'], batch_rows)
+  return document_scorer(task, task.inference_params(state), batch_rows)
 
 
 def document_scorer(task, params, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
@@ -114,9 +116,8 @@ def _padded_batch(windows: list[list[int]], rows: int,
 
 
 def main(argv):
-  del argv
-  if not flags.FLAGS.workdir:
-    raise app.UsageError('--workdir is required.')
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   exit_on_user_error(_sample)
 
 
@@ -131,49 +132,101 @@ def write_image_samples(samples: dict, out: str, scale: int = 1) -> list[str]:
   grids = {tag: v for tag, v in samples.items() if isinstance(v, np.ndarray)}
   if not grids:
     raise ConfigError('The task returned no image samples to write.')
-  stem, ext = os.path.splitext(out)
   paths = []
   for tag, grid in grids.items():
-    path = out if len(grids) == 1 else f'{stem}_{re.sub(r"[^0-9A-Za-z]+", "_", tag)}{ext or ".png"}'
+    path = out if len(grids) == 1 else _tagged(out, tag)
     image_eval.save_png(grid, path, scale)
     paths.append(path)
   return paths
 
 
-def _sample() -> None:
-  f = flags.FLAGS
-  task, state, step = load_latest(f.workdir)
-  if task.items_name != 'tokens':  # an image family: write its sample grids
-    _sample_images(task, state, step)
-    return
-  s = task.config.sample
-  for i in range(f.num_samples):
-    text = task.generate(
-        state['params'], s.prompt if f.prompt is None else f.prompt,
-        max_new_tokens=f.max_new_tokens or s.max_new_tokens,
-        temperature=s.temperature if f.temperature is None else f.temperature,
-        top_k=s.top_k if f.top_k is None else f.top_k,
-        top_p=s.top_p if f.top_p is None else f.top_p,
-        seed=f.seed + i)
-    if jax.process_index() == 0:
-      print(f'--- sample {i} (step {step}) ---\n{text}')
+def _tagged(out: str, tag: str) -> str:
+  stem, ext = os.path.splitext(out)
+  return f'{stem}_{re.sub(r"[^0-9A-Za-z]+", "_", tag)}{ext or ".png"}'
 
 
-def save_image_samples(task, state, out: str, scale: int = 1) -> list[str]:
-  """Writes an image task's evaluation samples (`task.samples`) as PNGs at `out`, on
-  process 0; returns the paths written. E.g. `save_image_samples(*load_latest(dir)[:2], out)`.
+def save_image_samples(task, state, out: str, scale: int = 1, seed: int | None = None) -> list[str]:
+  """Writes a task's image samples (`task.samples`) as PNGs at `out`, on process 0; returns
+  the paths written. E.g. `save_image_samples(*load_latest(dir)[:2], out)`.
   """
   with jax.set_mesh(mesh_lib.make_mesh(task.config.mesh)):  # as in training's evaluations
-    samples = task.samples(state)
+    samples = task.samples(state, task.config.seed if seed is None else seed)
   return write_image_samples(samples, out, scale) if jax.process_index() == 0 else []
 
 
-def _sample_images(task, state, step: int) -> None:
+# Flags that set `config.sample.<key>` of a run whose task samples text from a prompt.
+_TEXT_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+
+
+def check_flags(f, config: ml_collections.ConfigDict) -> None:
+  """Every check on the flags, before the model is restored or anything generated."""
+  if f.num_samples < 1:
+    raise ConfigError(f'--num_samples={f.num_samples} must be >= 1.')
+  if f.scale < 1:
+    raise ConfigError(f'--scale={f.scale} must be >= 1 (pixels per image pixel).')
+  if f.max_new_tokens is not None and f.max_new_tokens < 1:
+    raise ConfigError(f'--max_new_tokens={f.max_new_tokens} must be >= 1.')
+  if f.temperature is not None and f.temperature < 0:
+    raise ConfigError(f'--temperature={f.temperature} must be >= 0 (0 is greedy).')
+  if f.top_k is not None and f.top_k < 0:
+    raise ConfigError(f'--top_k={f.top_k} must be >= 0 (0 disables top-k).')
+  if f.top_p is not None and not 0.0 < f.top_p <= 1.0:
+    raise ConfigError(f'--top_p={f.top_p} must be in (0, 1] (1 disables nucleus sampling).')
+  given = [name for name in _TEXT_FLAGS if getattr(f, name) is not None]
+  missing = [name for name in given if name not in config.get('sample', {})]
+  if missing:
+    raise ConfigError(f'--{missing[0]} does not apply to this run: its task '
+                      f'({config.get("task")!r}) has no sample.{missing[0]}.')
+  if f.out:
+    outs = [f.out] if f.num_samples == 1 else [_numbered(f.out, i) for i in range(f.num_samples)]
+    for out in outs:
+      _check_writable(out, f.overwrite)
+
+
+def _numbered(out: str, i: int) -> str:
+  stem, ext = os.path.splitext(out)
+  return f'{stem}_{i}{ext or ".png"}'
+
+
+def _check_writable(path: str, overwrite: bool) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ConfigError(f'--out={path!r} is a directory; give a file name such as grid.png.')
+  if os.path.exists(path) and not overwrite:
+    raise ConfigError(f'--out={path!r} exists; choose another name or pass --overwrite.')
+  if not os.path.isdir(parent):
+    raise ConfigError(f'--out={path!r}: the directory {parent!r} does not exist.')
+  if not os.access(parent, os.W_OK):
+    raise ConfigError(f'--out={path!r}: the directory {parent!r} is not writable.')
+
+
+def _sample() -> None:
   f = flags.FLAGS
-  if not f.out:
-    raise app.UsageError('--out=FILE.png is required for an image model.')
-  for path in save_image_samples(task, state, f.out, f.scale):
-    print(f'Wrote {path} (step {step}).')
+  if not f.workdir:
+    raise ConfigError('--workdir is required: the --workdir of a training run.')
+  config = load_run_config(f.workdir)
+  check_flags(f, config)
+  with config.unlocked():
+    for name in _TEXT_FLAGS:
+      if getattr(f, name) is not None:
+        config.sample[name] = getattr(f, name)
+  task = get_task(config)
+  task.setup_inference(f.workdir)
+  state, step = restore_latest(task, config, f.workdir)
+  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
+    for i in range(f.num_samples):
+      samples = task.samples(state, f.seed + i)
+      if jax.process_index() != 0:
+        continue
+      for tag, sample in samples.items():
+        if isinstance(sample, str):
+          print(f'--- {tag} {i} (step {step}) ---\n{sample}')
+      if any(isinstance(v, np.ndarray) for v in samples.values()):
+        if not f.out:
+          raise ConfigError('This run samples images: give --out=FILE.png to write them.')
+        out = f.out if f.num_samples == 1 else _numbered(f.out, i)
+        for path in write_image_samples(samples, out, f.scale):
+          print(f'Wrote {path} (step {step}).')
 
 
 def _define_flags() -> None:
@@ -185,10 +238,12 @@ def _define_flags() -> None:
   flags.DEFINE_float('temperature', None, '0 is greedy.')
   flags.DEFINE_integer('top_k', None, '0 disables top-k filtering.')
   flags.DEFINE_float('top_p', None, '1.0 disables nucleus filtering.')
-  flags.DEFINE_integer('num_samples', 1, 'How many samples.')
+  flags.DEFINE_integer('num_samples', 1, 'How many samples (seeds seed, seed + 1, ...).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_string('out', None, 'Image models: the PNG file for the sample grid.')
-  flags.DEFINE_integer('scale', 1, 'Image models: each pixel becomes a scale x scale block.')
+  flags.DEFINE_string('out', None, 'Image samples: the PNG file to write (several samples or '
+                      'grids get a suffix).')
+  flags.DEFINE_integer('scale', 1, 'Image samples: each pixel becomes a scale x scale block.')
+  flags.DEFINE_boolean('overwrite', False, 'Replace an existing --out file.')
 
 
 if __name__ == '__main__':

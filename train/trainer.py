@@ -17,7 +17,13 @@ from train import checkpoint
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train.config import ConfigError, check_common
+from train.state import setup_state
 from train.tasks import Task, get_task
+
+# The jitted step runs under this transfer guard. Tests set 'disallow' (tests/conftest.py):
+# an implicit host transfer inside the step (a NumPy array or Python scalar reaching it)
+# is then an error rather than a silent per-step copy.
+TRANSFER_GUARD = os.environ.get('KILN_TRANSFER_GUARD', 'allow')
 
 
 class NonFiniteError(RuntimeError):
@@ -74,30 +80,33 @@ def global_batch(local_batch, sharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
 
-def setup_state(task: Task, config: ml_collections.ConfigDict, mesh):
-  """Abstract state, its shardings, and a jitted init that places it shard by shard."""
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(task.init_state, rng)
-  specs = task.state_logical_specs(abstract)
-  shardings = mesh_lib.shardings(abstract, specs, mesh, task.logical_rules)
-  init = jax.jit(task.init_state, out_shardings=shardings)
-  return rng, abstract, shardings, init
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def compile_step(task: Task, state_shardings, mesh):
+def compile_step(task: Task, state_shardings, mesh, frozen_shardings=None):
+  """The jitted train and eval steps: (state, batch, frozen) -> ...
+
+  The train step collects its batch (`task.collect`, on-policy data) and updates, in one
+  program. The state is donated; frozen inputs are not (they live for the whole run).
+  """
   repl = mesh_lib.replicated(mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = jax.jit(task.train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, repl), donate_argnums=0)
-  eval_step = jax.jit(task.eval_step, in_shardings=(state_shardings, batch_sharding),
-                      out_shardings=repl)
+  frozen_shardings = {} if frozen_shardings is None else frozen_shardings
+  in_shardings = (state_shardings, batch_sharding, frozen_shardings)
+
+  def step(state, batch, frozen):
+    return task.train_step(state, task.collect(state, batch, frozen), frozen)
+  train_step = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, repl),
+                       donate_argnums=0)
+  eval_step = jax.jit(task.eval_step, in_shardings=in_shardings, out_shardings=repl)
   return train_step, eval_step
 
 
-def evaluate(task: Task, eval_step, state, batch_sharding) -> dict[str, float]:
+def evaluate(task: Task, eval_step, state, batch_sharding, frozen) -> dict[str, float]:
   sums: dict[str, float] = {}
   for local in task.eval_batches():
-    out = jax.device_get(eval_step(state, global_batch(local, batch_sharding)))
+    out = jax.device_get(eval_step(state, global_batch(local, batch_sharding), frozen))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
   return task.eval_summary(sums, state)
@@ -137,17 +146,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   train_iter = task.setup_data(workdir, jax.process_index(), jax.process_count())
   write_config(config, workdir)
 
-  # --- state, shardings, jit ---------------------------------------------------
+  # --- state, shardings, frozen inputs, jit -------------------------------------
   rng, abstract, state_shardings, init = setup_state(task, config, mesh)
-  train_step, eval_step = compile_step(task, state_shardings, mesh)
+  frozen = task.load_frozen(mesh)  # on every start: never checkpointed
+  train_step, eval_step = compile_step(task, state_shardings, mesh, shardings_of(frozen))
 
   # --- checkpoint: resume or start -----------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   start = ckpt.latest_step()
   if start is None:
-    state, start = init(rng), 0
-    if hasattr(task, 'warm_start'):  # optional: a task may start from pretrained weights
-      state = task.warm_start(state)
+    state, start = task.warm_start(init(rng)), 0
   else:
     logging.info('Resuming from step %d in %s.', start, ckpt.directory)
     target = checkpoint.abstract_with_shardings(abstract, state_shardings)
@@ -207,9 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   with jax.set_mesh(mesh), _Preemption() as preemption:
     try:
       for step in range(start + 1, config.steps + 1):
-        batch = global_batch(next(train_iter), batch_sharding)
+        batch = {} if train_iter is None else global_batch(next(train_iter), batch_sharding)
         profiler.maybe_start(step)
-        state, device_metrics = train_step(state, batch)
+        with jax.transfer_guard(TRANSFER_GUARD):
+          state, device_metrics = train_step(state, batch, frozen)
         profiler.maybe_stop(step, block_on=device_metrics)
         read_pending()
         pending = (step, device_metrics)
@@ -219,9 +228,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
           read_pending()
           pending = None
           eval_start = time.perf_counter()
-          last_eval = evaluate(task, eval_step, state, batch_sharding)
+          last_eval = evaluate(task, eval_step, state, batch_sharding, frozen)
           writer.scalars(step, last_eval)
-          last_samples = task.samples(state)
+          last_samples = task.samples(state, config.seed)
           for tag, sample in last_samples.items():
             if isinstance(sample, str):
               writer.text(step, tag, sample)

@@ -13,14 +13,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
 from model import diffusion, unet
-from train import optim
+from train import optim, tasks
 from train.config import ConfigError, check_choice, check_positive, require
+from train.state import TrainState
+from train.tasks import kit
 
 # Eval noise and sampling keys derive from the seed through these, apart from training's.
 _EVAL_SALT, _SAMPLE_SALT = 1, 2
@@ -48,7 +49,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             'sample.guidance_scale=1.0.')
 
 
-class DiffusionTask:
+@tasks.register('diffusion')
+class DiffusionTask(tasks.Task):
   items_name = 'examples'
   logical_rules = unet.LOGICAL_AXIS_RULES
 
@@ -69,14 +71,10 @@ class DiffusionTask:
         schedule=c.diffusion.schedule, timesteps=c.diffusion.timesteps,
         parameterization=c.diffusion.parameterization,
         loss_weighting=c.diffusion.loss_weighting, min_snr_gamma=c.diffusion.min_snr_gamma)
-    self.tx = optim.make_optimizer(c.optimizer, c.steps, c.max_nonfinite_steps)
-    self.schedule = optim.lr_schedule(c.optimizer, c.steps)
-    with nnx.use_eager_sharding(False):
-      abstract_model = nnx.eval_shape(lambda: self._new_model(jax.random.key(0)))
-    self.graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-      raise ValueError('The U-Net holds non-parameter state, which DiffusionTask does not keep.')
-    self._param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    self.graphdef, (self._param_specs,) = kit.abstract_split(
+        lambda: self._new_model(jax.random.key(0)), nnx.Param, what='The U-Net')
+    self.opt = optim.make_optimizer(c.optimizer, c.steps, c.max_nonfinite_steps,
+                                    self._param_specs)
 
   def _new_model(self, key: jax.Array) -> unet.UNet:
     return unet.UNet(self.model_cfg, rngs=nnx.Rngs(params=key))
@@ -100,21 +98,18 @@ class DiffusionTask:
 
   def init_state(self, rng: jax.Array):
     init_key, step_key = jax.random.split(rng)
-    with nnx.use_eager_sharding(False):
-      model = self._new_model(init_key)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {
-        'step': jnp.zeros((), jnp.int32),
-        'params': params,
-        'ema': jax.tree.map(jnp.copy, params),
-        'opt_state': self.tx.init(params),
-        'rng': jax.random.key_data(step_key),
-    }
+    params = kit.pure_state(kit.build(lambda: self._new_model(init_key)), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.opt.init(params), rng=jax.random.key_data(step_key),
+                      extras={'ema': jax.tree.map(jnp.copy, params)})
 
   def state_logical_specs(self, abstract_state):
-    opt_specs = optim.opt_state_specs(self.tx, abstract_state['opt_state'], self._param_specs)
-    return {'step': P(), 'params': self._param_specs, 'ema': self._param_specs,
-            'opt_state': opt_specs, 'rng': P()}
+    return TrainState(step=P(), params=self._param_specs, rng=P(),
+                      opt_state=self.opt.state_specs(abstract_state.opt_state, self._param_specs),
+                      extras={'ema': self._param_specs})
+
+  def inference_params(self, state):
+    return state.extras['ema']
 
   # --- steps -----------------------------------------------------------------
 
@@ -151,44 +146,33 @@ class DiffusionTask:
     loss = jnp.mean(self.process.loss(out, noised['x0'], noised['eps'], noised['t']))
     return loss, {}
 
-  def train_step(self, state, batch):
-    step = state['step']
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+  def train_step(self, state, batch, frozen):
+    del frozen
+    step = state.step
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     noise_key, dropout_key = jax.random.split(key)
     loss_fn = functools.partial(self._loss, dropout_key=dropout_key)
-    (loss, _), grads = optim.value_and_grad_accumulated(
-        loss_fn, state['params'], self._noised(batch, noise_key), self.config.grad_accum)
-    # A non-finite loss marks the gradients non-finite too, so that
-    # optax.apply_if_finite skips the update even if the gradients came out finite.
-    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    skipped = optim.skipped(opt_state)
-    decay = jnp.minimum(self.config.ema.decay, (1.0 + step) / (10.0 + step))
-    ema = optax.incremental_update(params, state['ema'], 1.0 - decay)
-    # A skipped step leaves the average alone, as it leaves the parameters.
-    ema = jax.tree.map(lambda new, old: jnp.where(skipped > 0, old, new), ema, state['ema'])
-    metrics = {
-        'loss': loss,
-        'grad_norm': optax.tree.norm(grads),
-        'lr': self.schedule(step),
-        'skipped': skipped,
-    }
-    new_state = {'step': step + 1, 'params': params, 'ema': ema, 'opt_state': opt_state,
-                 'rng': state['rng']}
-    return new_state, metrics
+    (loss, _), grads = self.opt.value_and_grad(
+        loss_fn, state.params, self._noised(batch, noise_key), self.config.grad_accum)
+    params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
+    ema = optim.ema_update(state.extras['ema'], params, decay=self.config.ema.decay, step=step,
+                           skipped=update['skipped'])
+    metrics = {'loss': loss, 'lr': self.opt.schedule(step), **update}
+    return state.replace(step=step + 1, params=params, opt_state=opt_state,
+                         extras={'ema': ema}), metrics
 
   def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
     return self.data.eval_batches()
 
-  def eval_step(self, state, batch):
+  def eval_step(self, state, batch, frozen):
     """Held-out loss of the EMA weights: timesteps evenly spread over [0, T), fixed noise."""
     x0 = batch['images'].astype(jnp.float32)
     b = x0.shape[0]
     t = (jnp.arange(b, dtype=jnp.int32) * self.process.timesteps) // b
     eps = jax.random.normal(jax.random.key(self.config.seed + _EVAL_SALT), x0.shape, jnp.float32)
     x_t = self.process.add_noise(x0, eps, t)
-    out = self._model_fn(state['ema'])(x_t, t, batch['labels'].astype(jnp.int32))
+    del frozen
+    out = self._model_fn(self.inference_params(state))(x_t, t, batch['labels'].astype(jnp.int32))
     per_example = self.process.loss(out, x0, eps, t)
     return {'loss_sum': jnp.sum(per_example), 'count': jnp.asarray(b, jnp.float32)}
 
@@ -198,7 +182,8 @@ class DiffusionTask:
       out['eval/loss'] = sums['loss_sum'] / max(sums['count'], 1.0)
     if self.evaluator is not None:
       labels = self._cycle_labels(self.config.eval.num_samples)
-      samples = self.generate(state['ema'], labels, seed=self.config.seed + _SAMPLE_SALT)
+      samples = self.generate(self.inference_params(state), labels,
+                              seed=self.config.seed + _SAMPLE_SALT)
       out.update(self.evaluator.score(samples, labels))
     return out
 
@@ -216,12 +201,13 @@ class DiffusionTask:
   def _cycle_labels(self, n: int) -> np.ndarray | None:
     return (np.arange(n) % self.num_classes).astype(np.int32) if self.num_classes else None
 
-  def samples(self, state) -> dict[str, np.ndarray]:
+  def samples(self, state, seed: int) -> dict[str, np.ndarray]:
     from train import image_eval
     rows = self.config.sample.grid_rows
     # Row-major grid: with as many columns as classes, each column is one class.
     labels = self._cycle_labels(rows * rows)
-    grid = self.generate(state['ema'], labels, n=rows * rows, seed=self.config.seed + _SAMPLE_SALT)
+    grid = self.generate(self.inference_params(state), labels, n=rows * rows,
+                         seed=seed + _SAMPLE_SALT)
     return {'samples/grid': image_eval.image_grid(grid, rows)}
 
   def generate(self, params, labels_N: np.ndarray | None, *, n: int | None = None,
@@ -235,19 +221,15 @@ class DiffusionTask:
     bs = min(self.config.sample.batch_size, n)
     sampler = self._sampler_fn(bs)
     key = jax.random.key(seed)
-    out = []
-    for i, lo in enumerate(range(0, n, bs)):
+
+    def run(i, lo):
       labels = None
       if labels_N is not None:
         labels = np.zeros(bs, np.int32)
         chunk = labels_N[lo:lo + bs]
         labels[:len(chunk)] = chunk
-      x = sampler(params, jax.random.fold_in(key, i), labels)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-      out.append(np.asarray(jax.device_get(x)))
-    return np.concatenate(out)[:n]
+      return sampler(params, jax.random.fold_in(key, i), labels)
+    return kit.in_chunks(n, bs, run)
 
   @functools.cache  # noqa: B019  (one compiled sampler per batch size)
   def _sampler_fn(self, batch_size: int):

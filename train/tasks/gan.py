@@ -8,10 +8,11 @@ epoch whatever d_steps is, and the GAN minibatch is m = batch_size / d_steps
 for both networks. Fresh noise comes from the state's key folded with the
 step, so a resumed run draws the same noise as a straight one.
 
-State: step, g_params, d_params, sn (the discriminator's spectral-norm
-power-iteration vectors, advanced by D steps only), g_opt, d_opt (separate
-optimizers and learning rates: `optimizer.*` for G, `d_optimizer.*` for D),
-ema_params (EMA of G, used for evaluation and samples) and rng.
+State (train/state.py): `params` and `opt_state` are the generator's
+(`optimizer.*`); `extras` holds the discriminator's `d_params` and `d_opt`
+(`d_optimizer.*`, its own learning rate), `sn` (the discriminator's
+spectral-norm power-iteration vectors, advanced by D steps only) and `ema`
+(EMA of G, used for evaluation and samples: `inference_params`).
 
 Metrics: `loss` is the generator's loss of this step (non-saturating
 softplus(-D(G(z))) or hinge -D(G(z)), against the discriminator just updated),
@@ -29,14 +30,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
 from model import gan
-from train import image_eval, optim
+from train import image_eval, optim, tasks
 from train.config import ConfigError, check_choice, check_positive, get, require
+from train.state import TrainState
+from train.tasks import kit
 
 SAMPLE_CHUNK = 500  # images per call of the jitted sampler
 
@@ -65,7 +67,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   image_eval.check_eval_config(config.eval)
 
 
-class GANTask:
+@tasks.register('gan')
+class GANTask(tasks.Task):
   items_name = 'examples'
   logical_rules = gan.LOGICAL_AXIS_RULES
 
@@ -79,21 +82,23 @@ class GANTask:
     self.data = None
     self.evaluator = None
     c = config
-    self.g_tx = optim.make_optimizer(c.optimizer, c.steps, c.max_nonfinite_steps)
-    self.d_tx = optim.make_optimizer(c.d_optimizer, c.steps, c.max_nonfinite_steps)
-    self.g_schedule = optim.lr_schedule(c.optimizer, c.steps)
-    self.d_schedule = optim.lr_schedule(c.d_optimizer, c.steps)
-    with nnx.use_eager_sharding(False):
-      abstract_g, abstract_d = nnx.eval_shape(lambda: self._new_models(jax.random.key(0)))
-    self.g_graphdef, g_params = nnx.split(abstract_g, nnx.Param)
-    self.d_graphdef, d_params, sn = nnx.split(abstract_d, nnx.Param, gan.SpectralState)
-    to_specs = lambda s: nnx.to_pure_dict(nnx.get_partition_spec(s))  # noqa: E731
-    self._g_specs, self._d_specs, self._sn_specs = map(to_specs, (g_params, d_params, sn))
+    key = jax.random.key(0)
+    self.g_graphdef, (self._g_specs,) = kit.abstract_split(
+        lambda: self._new_generator(key), nnx.Param, what='The generator')
+    self.d_graphdef, (self._d_specs, self._sn_specs) = kit.abstract_split(
+        lambda: self._new_discriminator(key), nnx.Param, gan.SpectralState,
+        what='The discriminator')
+    self.g_opt = optim.make_optimizer(c.optimizer, c.steps, c.max_nonfinite_steps,
+                                      self._g_specs)
+    self.d_opt = optim.make_optimizer(c.d_optimizer, c.steps, c.max_nonfinite_steps,
+                                      self._d_specs, key='d_optimizer')
 
-  def _new_models(self, key: jax.Array) -> tuple[gan.Generator, gan.Discriminator]:
-    g_key, d_key = jax.random.split(key)
-    return (gan.Generator(self.model_cfg, rngs=nnx.Rngs(params=g_key)),
-            gan.Discriminator(self.model_cfg, rngs=nnx.Rngs(params=d_key)))
+  def _new_generator(self, model_key: jax.Array) -> gan.Generator:
+    return gan.Generator(self.model_cfg, rngs=nnx.Rngs(params=jax.random.split(model_key)[0]))
+
+  def _new_discriminator(self, model_key: jax.Array) -> gan.Discriminator:
+    return gan.Discriminator(self.model_cfg,
+                             rngs=nnx.Rngs(params=jax.random.split(model_key)[1]))
 
   # --- setup -----------------------------------------------------------------
 
@@ -114,30 +119,25 @@ class GANTask:
 
   def init_state(self, rng: jax.Array):
     model_key, noise_key = jax.random.split(rng)
-    with nnx.use_eager_sharding(False):
-      g, d = self._new_models(model_key)
-    g_params = nnx.to_pure_dict(nnx.state(g, nnx.Param))
-    d_params = nnx.to_pure_dict(nnx.state(d, nnx.Param))
-    return {
-        'step': jnp.zeros((), jnp.int32),
-        'g_params': g_params,
-        'd_params': d_params,
-        'sn': nnx.to_pure_dict(nnx.state(d, gan.SpectralState)),
-        'g_opt': self.g_tx.init(g_params),
-        'd_opt': self.d_tx.init(d_params),
-        'ema_params': jax.tree.map(jnp.copy, g_params),
-        'rng': jax.random.key_data(noise_key),
-    }
+    g_params = kit.pure_state(kit.build(lambda: self._new_generator(model_key)), nnx.Param)
+    d_params, sn = kit.pure_state(kit.build(lambda: self._new_discriminator(model_key)),
+                                  nnx.Param, gan.SpectralState)
+    extras = {'d_params': d_params, 'd_opt': self.d_opt.init(d_params), 'sn': sn,
+              'ema': jax.tree.map(jnp.copy, g_params)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=g_params,
+                      opt_state=self.g_opt.init(g_params), rng=jax.random.key_data(noise_key),
+                      extras=extras)
 
   def state_logical_specs(self, abstract_state):
-    opt_specs = optim.opt_state_specs
-    return {
-        'step': P(), 'rng': P(),
-        'g_params': self._g_specs, 'd_params': self._d_specs, 'sn': self._sn_specs,
-        'g_opt': opt_specs(self.g_tx, abstract_state['g_opt'], self._g_specs),
-        'd_opt': opt_specs(self.d_tx, abstract_state['d_opt'], self._d_specs),
-        'ema_params': self._g_specs,
-    }
+    extras = abstract_state.extras
+    return TrainState(
+        step=P(), rng=P(), params=self._g_specs,
+        opt_state=self.g_opt.state_specs(abstract_state.opt_state, self._g_specs),
+        extras={'d_params': self._d_specs, 'sn': self._sn_specs, 'ema': self._g_specs,
+                'd_opt': self.d_opt.state_specs(extras['d_opt'], self._d_specs)})
+
+  def inference_params(self, state):
+    return state.extras['ema']
 
   # --- the networks as functions of pure dicts -------------------------------
 
@@ -188,45 +188,38 @@ class GANTask:
     real_labels = self._labels(micro)
     z, fake_labels = self._noise(key, micro['images'].shape[0])
     fake = jax.lax.stop_gradient(self._generate(g_params, z, fake_labels))
-    (total, (aux, new_sn)), grads = jax.value_and_grad(self._d_loss, has_aux=True)(
-        d_params, sn, micro['images'], real_labels, fake, fake_labels)
-    # A non-finite loss marks the gradients non-finite, so apply_if_finite skips the update.
-    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(total), g, jnp.nan), grads)
-    updates, d_opt = self.d_tx.update(grads, d_opt, d_params)
-    d_params = optax.apply_updates(d_params, updates)
-    skipped = optim.skipped(d_opt)
+    loss_fn = lambda p, _: self._d_loss(p, sn, micro['images'], real_labels, fake,  # noqa: E731
+                                        fake_labels)
+    (total, (aux, new_sn)), grads = self.d_opt.value_and_grad(loss_fn, d_params, None)
+    d_params, d_opt, update = self.d_opt.apply(d_params, d_opt, grads, total)
     # A skipped step leaves the power-iteration vectors as they were, like the weights.
-    sn = jax.tree.map(lambda new, old: jnp.where(skipped > 0, old, new), new_sn, sn)
-    metrics = {**aux, 'd_grad_norm': optax.tree.norm(grads), 'd_skipped': skipped}
+    sn = jax.tree.map(lambda new, old: jnp.where(update['skipped'] > 0, old, new), new_sn, sn)
+    metrics = {**aux, 'd_grad_norm': update['grad_norm'], 'd_skipped': update['skipped']}
     return (d_params, d_opt, sn), metrics
 
   def _g_loss(self, g_params, d_params, sn, z, labels):
     fake = self._generate(g_params, z, labels)
     logits_M, _ = self._discriminate(d_params, sn, fake, labels)
-    return gan.g_loss(self.config.gan.loss, logits_M)
+    return gan.g_loss(self.config.gan.loss, logits_M), {}
 
-  def train_step(self, state, batch):
-    c, step = self.config, state['step']
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+  def train_step(self, state, batch, frozen):
+    del frozen
+    c, step, x = self.config, state.step, state.extras
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     d_key, g_key = jax.random.split(key)
     n_d = c.gan.d_steps
 
     micro = optim.split_microbatches(dict(batch), n_d)
     (d_params, d_opt, sn), d_metrics = jax.lax.scan(
-        functools.partial(self._d_update, state['g_params']),
-        (state['d_params'], state['d_opt'], state['sn']),
+        functools.partial(self._d_update, state.params), (x['d_params'], x['d_opt'], x['sn']),
         (micro, jax.random.split(d_key, n_d)))
 
     z, labels = self._noise(g_key, c.batch_size // n_d)
-    g_loss, grads = jax.value_and_grad(self._g_loss)(state['g_params'], d_params, sn, z, labels)
-    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g_loss), g, jnp.nan), grads)
-    updates, g_opt = self.g_tx.update(grads, state['g_opt'], state['g_params'])
-    g_params = optax.apply_updates(state['g_params'], updates)
-
-    # EMA with a warm-up: the decay grows as (1 + t) / (10 + t) up to ema.decay.
-    t = step.astype(jnp.float32)
-    decay = jnp.minimum(c.ema.decay, (1.0 + t) / (10.0 + t))
-    ema_params = optax.incremental_update(g_params, state['ema_params'], 1.0 - decay)
+    g_loss_fn = lambda p, _: self._g_loss(p, d_params, sn, z, labels)  # noqa: E731
+    (g_loss, _), grads = self.g_opt.value_and_grad(g_loss_fn, state.params, None)
+    g_params, g_opt, update = self.g_opt.apply(state.params, state.opt_state, grads, g_loss)
+    ema = optim.ema_update(x['ema'], g_params, decay=c.ema.decay, step=step,
+                           skipped=update['skipped'])
 
     d_means = jax.tree.map(jnp.mean, d_metrics)
     metrics = {
@@ -236,20 +229,19 @@ class GANTask:
         'r1': d_means['r1'],
         'd_real': d_means['d_real'],
         'd_fake': d_means['d_fake'],
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': update['grad_norm'],
         'd_grad_norm': d_means['d_grad_norm'],
-        'lr': self.g_schedule(step),
-        'd_lr': self.d_schedule(step),
-        'skipped': jnp.maximum(optim.skipped(g_opt), jnp.max(d_metrics['d_skipped'])),
+        'lr': self.g_opt.schedule(step),
+        'd_lr': self.d_opt.schedule(step),
+        'skipped': jnp.maximum(update['skipped'], jnp.max(d_metrics['d_skipped'])),
     }
-    new_state = {'step': step + 1, 'g_params': g_params, 'd_params': d_params, 'sn': sn,
-                 'g_opt': g_opt, 'd_opt': d_opt, 'ema_params': ema_params, 'rng': state['rng']}
-    return new_state, metrics
+    extras = {'d_params': d_params, 'd_opt': d_opt, 'sn': sn, 'ema': ema}
+    return state.replace(step=step + 1, params=g_params, opt_state=g_opt, extras=extras), metrics
 
   def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
     return self.data.eval_batches()
 
-  def eval_step(self, state, batch):
+  def eval_step(self, state, batch, frozen):
     """The discriminator's loss on held-out real images against as many EMA-G fakes.
 
     The fakes take the real batch's labels and a fixed noise key, so every
@@ -259,9 +251,11 @@ class GANTask:
     labels = self._labels(batch)
     z = jax.random.normal(jax.random.key(self.config.seed + 1),
                           (real.shape[0], self.model_cfg.latent_dim), jnp.float32)
-    fake = self._generate(state['ema_params'], gan.constrain_batch(z), labels)
-    real_logits, _ = self._discriminate(state['d_params'], state['sn'], real, labels)
-    fake_logits, _ = self._discriminate(state['d_params'], state['sn'], fake, labels)
+    del frozen
+    x = state.extras
+    fake = self._generate(self.inference_params(state), gan.constrain_batch(z), labels)
+    real_logits, _ = self._discriminate(x['d_params'], x['sn'], real, labels)
+    fake_logits, _ = self._discriminate(x['d_params'], x['sn'], fake, labels)
     per_example = jax.vmap(
         lambda r, f: gan.d_loss(self.config.gan.loss, r[None], f[None]))(real_logits, fake_logits)
     return {
@@ -278,8 +272,8 @@ class GANTask:
       out = {'eval/loss': sums['d_loss_sum'] / n, 'eval/d_real_acc': sums['d_real_correct'] / n,
              'eval/d_fake_acc': sums['d_fake_correct'] / n}
     if self.evaluator is not None:
-      images_NxHxWxC, labels_N = self.generate(state, self.config.eval.num_samples,
-                                               seed=self.config.seed)
+      images_NxHxWxC, labels_N = self.generate(
+          self.inference_params(state), self.config.eval.num_samples, seed=self.config.seed)
       out.update(self.evaluator.score(images_NxHxWxC, labels_N))
     return out
 
@@ -299,8 +293,8 @@ class GANTask:
 
   # --- sampling --------------------------------------------------------------
 
-  def generate(self, state, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """`num` EMA-generator images (float32 [N, H, W, C] in [-1, 1]) and their labels.
+  def generate(self, g_params, num: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """`num` generator images (float32 [N, H, W, C] in [-1, 1]) and their labels.
 
     Labels cycle over the classes (None for an unconditional model). The
     noise depends only on `seed`, so evaluations compare generators, not draws.
@@ -310,27 +304,21 @@ class GANTask:
     z_NxZ = np.asarray(jax.random.normal(jax.random.key(seed),
                                          (num, self.model_cfg.latent_dim), jnp.float32))
     sample = self._sample_fn()
-    chunks = []
-    for start in range(0, num, SAMPLE_CHUNK):
+
+    def run(_, start):
       z = np.zeros((SAMPLE_CHUNK, z_NxZ.shape[1]), np.float32)  # one shape, one compile
       z[:min(SAMPLE_CHUNK, num - start)] = z_NxZ[start:start + SAMPLE_CHUNK]
-      labels = None
-      if k:
-        labels = np.arange(start, start + SAMPLE_CHUNK, dtype=np.int32) % k
-      x = sample(state['ema_params'], z, labels)
-      if jax.process_count() > 1:  # the images may be sharded over other processes' devices
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-      chunks.append(np.asarray(jax.device_get(x)))
-    return np.concatenate(chunks)[:num], labels_N
+      labels = np.arange(start, start + SAMPLE_CHUNK, dtype=np.int32) % k if k else None
+      return sample(g_params, z, labels)
+    return kit.in_chunks(num, SAMPLE_CHUNK, run), labels_N
 
   @functools.cache  # noqa: B019  (one compiled sampler per task)
   def _sample_fn(self):
     return jax.jit(self._generate)
 
-  def samples(self, state) -> dict[str, np.ndarray]:
+  def samples(self, state, seed: int) -> dict[str, np.ndarray]:
     """A grid of EMA-generator samples; for a conditional model, column j is class j % K."""
     rows = self.config.sample.grid_rows
-    images_NxHxWxC, _ = self.generate(state, rows * rows, seed=self.config.seed + 2)
+    images_NxHxWxC, _ = self.generate(self.inference_params(state), rows * rows, seed=seed + 2)
     return {'samples/grid': image_eval.image_grid(images_NxHxWxC, rows)}
 

@@ -9,15 +9,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, tokenizers
 from model import transformer
-from train import checkpoint, optim
+from train import optim, tasks
 from train.config import ConfigError, check_choice, check_positive, require
+from train.state import TrainState
+from train.tasks import kit
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -80,7 +81,8 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
     logging.info('init_from=%s sets %s.', config.init_from, changed)
 
 
-class LMTask:
+@tasks.register('lm')
+class LMTask(tasks.Task):
   items_name = 'tokens'
   logical_rules = transformer.LOGICAL_AXIS_RULES
 
@@ -121,15 +123,10 @@ class LMTask:
           self.config.model, tokenizer_vocab_size)
     except ValueError as e:  # the model names the key; the trainer reports it as a config error
       raise ConfigError(str(e)) from None
-    self.tx = optim.make_optimizer(self.config.optimizer, self.config.steps,
-                                   self.config.max_nonfinite_steps)
-    self.schedule = optim.lr_schedule(self.config.optimizer, self.config.steps)
-    with nnx.use_eager_sharding(False):
-      abstract_model = nnx.eval_shape(lambda: self._new_model(jax.random.key(0)))
-    self.graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-      raise ValueError('The transformer holds non-parameter state, which LMTask does not keep.')
-    self._param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+    self.graphdef, (self._param_specs,) = kit.abstract_split(
+        lambda: self._new_model(jax.random.key(0)), nnx.Param, what='The transformer')
+    self.opt = optim.make_optimizer(self.config.optimizer, self.config.steps,
+                                    self.config.max_nonfinite_steps, self._param_specs)
 
   def _copy_init_tokenizer(self, workdir: str) -> None:
     """The tokenizer of the `init_from` run, so this run's ids mean what its model learnt."""
@@ -162,18 +159,15 @@ class LMTask:
     if not init:
       return state
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state['params'])
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
     try:
-      params, step = checkpoint.restore_subtree(init, 'params', abstract)
-    except ValueError as e:  # orbax: a tree or shape mismatch
-      raise ConfigError(
-          f'init_from={init!r}: its parameters do not fit this model ({e}).') from None
-    if params is None:
-      raise ConfigError(f'init_from={init!r} has no checkpoint in {init}/checkpoints.')
+      params, step = kit.load_run_params(init, abstract)
+    except ConfigError as e:
+      raise ConfigError(f'init_from={e}') from None
     logging.info('Parameters from step %d of %s; fresh optimizer.', step, init)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, state['opt_state'])
-    opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
-    return dict(state, params=params, opt_state=opt_state)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+    opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
+    return state.replace(params=params, opt_state=opt_state)
 
   def _new_model(self, key: jax.Array) -> transformer.Transformer:
     return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))
@@ -182,19 +176,14 @@ class LMTask:
 
   def init_state(self, rng: jax.Array):
     init_key, dropout_key = jax.random.split(rng)
-    with nnx.use_eager_sharding(False):
-      model = self._new_model(init_key)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {
-        'step': jnp.zeros((), jnp.int32),
-        'params': params,
-        'opt_state': self.tx.init(params),
-        'rng': jax.random.key_data(dropout_key),
-    }
+    params = kit.pure_state(kit.build(lambda: self._new_model(init_key)), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.opt.init(params), rng=jax.random.key_data(dropout_key),
+                      extras={})
 
   def state_logical_specs(self, abstract_state):
-    opt_specs = optim.opt_state_specs(self.tx, abstract_state['opt_state'], self._param_specs)
-    return {'step': P(), 'params': self._param_specs, 'opt_state': opt_specs, 'rng': P()}
+    return TrainState(step=P(), params=self._param_specs, rng=P(), extras={},
+                      opt_state=self.opt.state_specs(abstract_state.opt_state, self._param_specs))
 
   # --- steps -----------------------------------------------------------------
 
@@ -213,26 +202,17 @@ class LMTask:
     z_loss = self.config.loss.z_loss * jnp.mean(jnp.square(lse_BxL))
     return nll + z_loss, {'nll': nll, 'z_loss': z_loss}
 
-  def train_step(self, state, batch):
-    step = state['step']
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+  def train_step(self, state, batch, frozen):
+    del frozen
+    step = state.step
+    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     loss_fn = functools.partial(self._loss, dropout_key=dropout_key)
-    (loss, aux), grads = optim.value_and_grad_accumulated(
-        loss_fn, state['params'], batch, self.config.grad_accum)
-    # A non-finite loss marks the gradients non-finite too, so that
-    # optax.apply_if_finite skips the update even if the gradients came out finite.
-    grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
-    updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics = {
-        'loss': aux['nll'],
-        'z_loss': aux['z_loss'],
-        'grad_norm': optax.tree.norm(grads),
-        'lr': self.schedule(step),
-        'skipped': optim.skipped(opt_state),
-    }
-    new_state = {'step': step + 1, 'params': params, 'opt_state': opt_state, 'rng': state['rng']}
-    return new_state, metrics
+    (loss, aux), grads = self.opt.value_and_grad(loss_fn, state.params, batch,
+                                                 self.config.grad_accum)
+    params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
+    metrics = {'loss': aux['nll'], 'z_loss': aux['z_loss'], 'lr': self.opt.schedule(step),
+               **update}
+    return state.replace(step=step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:
     return self.data.eval_batches()
@@ -243,8 +223,9 @@ class LMTask:
     return -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
                                 batch['targets'][..., None], -1)[..., 0]
 
-  def eval_step(self, state, batch):
-    nll_BxL = self.token_nll(state['params'], batch)
+  def eval_step(self, state, batch, frozen):
+    del frozen
+    nll_BxL = self.token_nll(state.params, batch)
     return {'nll_sum': jnp.sum(nll_BxL), 'tokens': jnp.asarray(nll_BxL.size, jnp.float32)}
 
   def eval_summary(self, sums: Mapping[str, float], state) -> dict[str, float]:
@@ -265,11 +246,11 @@ class LMTask:
 
   # --- sampling --------------------------------------------------------------
 
-  def samples(self, state) -> dict[str, str]:
+  def samples(self, state, seed: int) -> dict[str, str]:
     s = self.config.sample
-    text = self.generate(state['params'], s.prompt, max_new_tokens=s.max_new_tokens,
-                         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                         seed=self.config.seed)
+    text = self.generate(self.inference_params(state), s.prompt,
+                         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         top_k=s.top_k, top_p=s.top_p, seed=seed)
     return {'samples/text': text}
 
   def generate(self, params, prompt: str, *, max_new_tokens: int, temperature: float,
@@ -284,6 +265,11 @@ class LMTask:
     if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
       raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got '
                         f'temperature={temperature}, top_k={top_k}, top_p={top_p}.')
+    unknown = unencodable(self.tokenizer, prompt)
+    if unknown:
+      shown = ', '.join(f'{c!r} (U+{ord(c):04X})' for c in unknown[:5])
+      raise ConfigError(f'The prompt has characters this tokenizer cannot encode: {shown}. '
+                        'Remove or replace them.')
     ids = list(self.tokenizer.encode(prompt))
     if self.tokenizer.bos_id >= 0:
       ids = [self.tokenizer.bos_id] + ids
@@ -316,6 +302,15 @@ class LMTask:
                            logits_V, -jnp.inf)
       return sample_logits(logits_V, key, temperature=temperature, top_k=top_k, top_p=top_p)
     return next_token
+
+
+def unencodable(tokenizer: tokenizers.Tokenizer, text: str) -> list[str]:
+  """The characters of `text` that `tokenizer` would drop (a character vocabulary) or map
+  to its unknown piece (a SentencePiece model without byte fallback)."""
+  unk = (tokenizer._sp.unk_id() if isinstance(tokenizer, tokenizers.SentencePieceTokenizer)
+         else None)
+  return sorted(c for c in set(text)
+                if not c.isspace() and (not (ids := tokenizer.encode(c)) or unk in ids))
 
 
 def sample_logits(logits_V: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
