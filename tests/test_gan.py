@@ -238,6 +238,24 @@ def test_non_finite_batch_is_skipped():
   assert all(changed(before.params, after.params).values())
 
 
+def test_ema_holds_when_the_generator_step_is_skipped():
+  # Regression: the GAN's EMA used to move on a skipped step (the diffusion model's did not).
+  task = GANTask(small_config())
+  state = jax.jit(task.init_state)(jax.random.key(0))
+  first = next(iter(state.params))  # one generator leaf made NaN: G's loss is NaN
+  poisoned = jax.tree.map(lambda x: x, state.params)
+  leaf_path = jax.tree_util.tree_flatten_with_path(poisoned[first])[0][0][0]
+  bad = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[(0,) * x.ndim].set(jnp.nan) if p == leaf_path else x, poisoned[first])
+  state = state.replace(params=dict(poisoned, **{first: bad}))
+  before = jax.device_get(state)
+  after, metrics = jax.jit(task.train_step)(state, random_batch(), {})
+  after = jax.device_get(after)
+  assert metrics['skipped'] == 1 and not np.isfinite(metrics['g_loss'])
+  jax.tree.map(np.testing.assert_array_equal, before.extras['ema'], after.extras['ema'])
+  jax.tree.map(np.testing.assert_array_equal, before.params, after.params)
+
+
 def test_eval_summary_scores_ema_samples_and_grid():
   config = small_config(**{'eval.num_samples': 30})
   task = GANTask(config)

@@ -26,6 +26,7 @@ from data import lm_pipeline
 from train import checkpoint, optim, trainer
 from train import mesh as mesh_lib
 from train.config import ConfigError
+from train.state import setup_state
 from train.tasks.lm import LMTask
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_state_shardings_follow_the_table(corpus, tie):
                                    'model.tie_embeddings': tie})
   task = LMTask(config)
   mesh = mesh_lib.make_mesh(config.mesh)
-  rng, _, _, init = trainer.setup_state(task, config, mesh)
+  rng, _, _, init = setup_state(task, config, mesh)
   state = init(rng)
 
   params = jax.tree_util.tree_flatten_with_path(state.params)[0]
@@ -389,7 +390,7 @@ def test_large_presets_compile_and_fsdp_saves_memory(preset):
   for fsdp in (1, 8):
     config.mesh.update(data=8 // fsdp, fsdp=fsdp, tensor=1)
     mesh = mesh_lib.make_mesh(config.mesh)
-    _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
+    _, abstract, shardings, _ = setup_state(task, config, mesh)
     train_step, _ = trainer.compile_step(task, shardings, mesh)
     state = checkpoint.abstract_with_shardings(abstract, shardings)
     with jax.set_mesh(mesh):

@@ -28,6 +28,7 @@ import optax
 from configs import lm
 from train import mesh as mesh_lib
 from train import trainer
+from train.state import setup_state
 
 
 def nanogpt_config(data: str, steps: int = 2000, scan_unroll: int = -1):
@@ -59,10 +60,10 @@ def kiln_step(args) -> None:
   batch_sharding = mesh_lib.batch_sharding(mesh)
   with tempfile.TemporaryDirectory() as workdir:
     batch = trainer.global_batch(next(task.setup_data(workdir, 0, 1)), batch_sharding)
-  rng, _, shardings, init = trainer.setup_state(task, config, mesh)
+  rng, _, shardings, init = setup_state(task, config, mesh)
   train_step, _ = trainer.compile_step(task, shardings, mesh)
   with jax.set_mesh(mesh):
-    ms = best_ms(lambda state: train_step(state, batch)[0], init(rng))
+    ms = best_ms(lambda state: train_step(state, batch, {})[0], init(rng))
   print(f'kiln step, scan_unroll={args.scan_unroll}, {jax.device_count()} device(s): '
         f'{ms:.1f} ms/step')
 
