@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from data import sources, tokenizers
-from data.sources import DataError
+from data.errors import DataError
 
 Batch = dict[str, np.ndarray]
 # Documents per call to the tokenizer: big enough to use its threads, small

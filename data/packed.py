@@ -24,7 +24,7 @@ import grain
 import numpy as np
 
 from data import lm_pipeline, tokenizers
-from data.sources import DataError
+from data.errors import DataError
 
 META_FILE = 'meta.json'
 FORMAT_VERSION = 1

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data import lm_pipeline, packed, sources, tokenizers
-from train.config import exit_on_user_error
+from data.errors import DataError, exit_on_user_error
 
 # One record per chunk: the loader reads records at random, and a chunk is read whole.
 _WRITER_OPTIONS = 'group_size:1'
@@ -36,11 +36,11 @@ def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
              text_field: str = 'text') -> dict:
   """Writes tokenizer/, the shards of both splits and meta.json; returns the meta."""
   if os.path.exists(os.path.join(output_dir, packed.META_FILE)):
-    raise sources.DataError(f'--output={output_dir} already holds packed shards; give a new '
-                            'directory.')
+    raise DataError(f'--output={output_dir} already holds packed shards; give a new '
+                    'directory.')
   if seq_len < 1 or num_shards < 1 or not 0.0 < val_fraction < 1.0:
-    raise sources.DataError(f'Need seq_len >= 1, num_shards >= 1 and 0 < val_fraction < 1; got '
-                            f'{seq_len}, {num_shards}, {val_fraction}.')
+    raise DataError(f'Need seq_len >= 1, num_shards >= 1 and 0 < val_fraction < 1; got '
+                    f'{seq_len}, {num_shards}, {val_fraction}.')
   data_cfg = ml_collections.ConfigDict(dict(
       source='jsonl', path=input_glob, name='', data_dir='', text_field=text_field,
       val_fraction=val_fraction))
@@ -48,8 +48,8 @@ def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
     tokenizer = tokenizers.load_or_train_tokenizer(
         tokenizer_cfg, lambda: sources.read_documents(data_cfg, 'train'), output_dir)
   except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary too small
-    raise sources.DataError(f'SentencePiece cannot train this tokenizer ({tokenizer_cfg.to_dict()}'
-                            f'): {str(e).splitlines()[-1]}') from None
+    raise DataError(f'SentencePiece cannot train this tokenizer ({tokenizer_cfg.to_dict()}'
+                    f'): {str(e).splitlines()[-1]}') from None
   dtype = np.uint16 if max(tokenizer.vocab_size, seq_len) <= 2**16 else np.int32
   meta = {'format': packed.FORMAT_VERSION, 'seq_len': seq_len, 'dtype': np.dtype(dtype).name,
           'vocab_size': tokenizer.vocab_size, 'input': input_glob, 'splits': {}}

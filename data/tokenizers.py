@@ -18,7 +18,7 @@ import ml_collections
 import sentencepiece as spm
 from absl import logging
 
-from data.sources import DataError
+from data.errors import DataError
 
 META_FILE = 'tokenizer.json'
 SPM_FILE = 'spm.model'

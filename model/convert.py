@@ -39,9 +39,8 @@ from absl import app, flags, logging
 
 from configs import lm
 from data import hf_tokenizer, tokenizers
-from data.sources import DataError
+from data.errors import ConfigError, DataError
 from model import transformer
-from train.config import ConfigError
 
 SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2')
 FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
@@ -767,7 +766,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.hf_dir or not f.workdir:
     raise app.UsageError('Both --hf_dir and --workdir are required.')
-  from train.config import exit_on_user_error
+  from data.errors import exit_on_user_error
   if argv[1] == 'import':
     exit_on_user_error(lambda: import_hf(
         f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',

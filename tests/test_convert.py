@@ -24,10 +24,9 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from configs import lm  # noqa: E402
 from data import tokenizers  # noqa: E402
-from data.sources import DataError  # noqa: E402
+from data.errors import ConfigError, DataError  # noqa: E402
 from model import convert  # noqa: E402
 from train import trainer  # noqa: E402
-from train.config import ConfigError  # noqa: E402
 
 VOCAB = 96
 SP_VOCAB = 384

@@ -25,9 +25,8 @@ from configs import curate, lm
 from data import lm_pipeline, packed, sources, tokenizers
 from data import tokenize as tokenize_lib
 from data.curate import pipeline
-from data.sources import DataError
+from data.errors import ConfigError, DataError
 from train import sample
-from train.config import ConfigError
 from train.tasks import lm as lm_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

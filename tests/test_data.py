@@ -14,7 +14,7 @@ import pytest
 
 from configs import lm
 from data import lm_pipeline, sources, tokenizers
-from data.sources import DataError
+from data.errors import DataError
 
 TEXT = ''.join(
     f'def f{i}(x):\n    return x * {i}  # ünïcode ✓ line {i}\n\n' for i in range(400))

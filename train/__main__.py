@@ -9,7 +9,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train.config import exit_on_user_error
+from data.errors import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
                                           lock_config=True)

@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from data.errors import ConfigError, exit_on_user_error
 from train import checkpoint, trainer
 from train import mesh as mesh_lib
-from train.config import ConfigError, exit_on_user_error
 from train.tasks import get_task
 
 

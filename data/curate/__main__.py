@@ -10,7 +10,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from train.config import exit_on_user_error
+from data.errors import exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/curate.py', lock_config=True)
 _INPUT = flags.DEFINE_string('input', None, 'Comma-separated globs of jsonl, parquet or text '

@@ -25,8 +25,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from data.curate import dedup, normalize, pii, progress, read, report, stages, toxicity, write
-from data.sources import DataError
-from train.config import check_positive, get, require
+from data.errors import DataError, check_positive, get, require
 
 # Pipeline order. Stages that are switched off are skipped (and absent from the report).
 STAGES = ('normalize', 'exact_dedup', 'near_dedup', 'language', 'gopher_quality',

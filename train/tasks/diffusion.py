@@ -18,9 +18,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
+from data.errors import ConfigError, check_choice, check_positive, require
 from model import diffusion, unet
 from train import optim
-from train.config import ConfigError, check_choice, check_positive, require
 
 # Eval noise and sampling keys derive from the seed through these, apart from training's.
 _EVAL_SALT, _SAMPLE_SALT = 1, 2

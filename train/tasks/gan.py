@@ -34,9 +34,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
+from data.errors import ConfigError, check_choice, check_positive, get, require
 from model import gan
 from train import image_eval, optim
-from train.config import ConfigError, check_choice, check_positive, get, require
 
 SAMPLE_CHUNK = 500  # images per call of the jitted sampler
 

@@ -15,9 +15,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, tokenizers
+from data.errors import ConfigError, check_choice, check_positive, require
 from model import transformer
 from train import checkpoint, optim
-from train.config import ConfigError, check_choice, check_positive, require
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
