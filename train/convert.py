@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2 and GPT-2.
 
-  python -m model.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
-  python -m model.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
+  python -m train.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
+  python -m train.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
 
 Import writes what `python -m train` leaves in a workdir: `config.json`, an orbax
 checkpoint at step 0 with the LM task's state (parameters, a fresh optimizer
@@ -39,8 +39,12 @@ from absl import app, flags, logging
 
 from configs import lm
 from data import hf_tokenizer, tokenizers
-from data.errors import ConfigError, DataError
+from data.errors import ConfigError, DataError, exit_on_user_error
 from model import transformer
+from train import checkpoint, trainer
+from train import mesh as mesh_lib
+from train.runs import load_run_config, restore_latest
+from train.tasks.lm import LMTask
 
 SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2')
 FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
@@ -68,7 +72,7 @@ def model_keys_from_hf(hf: dict) -> dict:
   """
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED:
-    raise ConfigError(f'config.json has model_type={model_type!r}; model.convert supports '
+    raise ConfigError(f'config.json has model_type={model_type!r}; train.convert supports '
                       f'{", ".join(SUPPORTED)}.')
   if model_type == 'gpt2':
     return _gpt2_keys(hf)
@@ -454,10 +458,6 @@ def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
 def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
               dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1) -> None:
   """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`."""
-  from train import checkpoint, trainer
-  from train import mesh as mesh_lib
-  from train.tasks.lm import LMTask
-
   hf = _read_json(os.path.join(hf_dir, 'config.json'))
   keys = model_keys_from_hf(hf)
   _check_target(workdir)
@@ -672,11 +672,8 @@ def _with_original(config: dict, workdir: str) -> dict:
 
 
 def load_run(workdir: str):
-  """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.sample's
-  load_latest, but a run without a Kiln tokenizer (imported with another kind) loads too."""
-  from train.sample import load_run_config, restore_latest
-  from train.tasks.lm import LMTask
-
+  """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.runs.load_latest,
+  but a run without a Kiln tokenizer (imported with another kind) loads too."""
   config = load_run_config(workdir)
   if config.get('task') != 'lm':
     raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM runs export to HF.')
@@ -761,12 +758,11 @@ def _define_flags() -> None:
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    raise app.UsageError('Usage: python -m model.convert import|export --hf_dir=DIR '
+    raise app.UsageError('Usage: python -m train.convert import|export --hf_dir=DIR '
                          '--workdir=DIR')
   f = flags.FLAGS
   if not f.hf_dir or not f.workdir:
     raise app.UsageError('Both --hf_dir and --workdir are required.')
-  from data.errors import exit_on_user_error
   if argv[1] == 'import':
     exit_on_user_error(lambda: import_hf(
         f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
