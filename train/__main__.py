@@ -3,7 +3,10 @@
 Intentionally short: flags -> distributed init -> config -> trainer.
 """
 
+import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 
 import jax
 from absl import app, flags, logging
@@ -21,14 +24,34 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of pr
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
 
-def _cluster_detected() -> bool:
-  """Whether JAX would find a cluster (TPU VM pod, SLURM, Kubernetes, MPI) by itself."""
-  try:
-    from jax._src import clusters
-    return any(not env.opt_in_only_method and env.is_env_present()
-               for env in clusters.ClusterEnv._cluster_types)
-  except (ImportError, AttributeError):
-    return False
+# How a scheduler announces a multi-process job that jax.distributed.initialize() can
+# configure without arguments (its cluster detection), by environment variables.
+_CLUSTER_ENV = (  # (cluster, variables that must all be set)
+    ('SLURM', ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')),
+    ('Open MPI', ('OMPI_MCA_orte_hnp_uri',)),
+    ('GKE TPU', ('TPU_WORKER_HOSTNAMES',)),
+    ('GKE TPU', ('TPU_PROCESS_ADDRESSES',)),
+)
+
+
+def detect_cluster(environ: Mapping[str, str]) -> str | None:
+  """The cluster this process runs in (TPU VM, SLURM, Kubernetes, MPI), or None.
+
+  Read after `import jax`: on a machine without TPU chips jax sets
+  TPU_SKIP_MDS_QUERY, so a TPU VM is one with libtpu and chips, whose peers JAX finds
+  in the TPU metadata. Kubernetes counts only with the `kubernetes` package, which
+  JAX needs to read the pods.
+  """
+  for name, keys in _CLUSTER_ENV:
+    if all(k in environ for k in keys):
+      return name
+  if 'KUBERNETES_SERVICE_HOST' in environ and importlib.util.find_spec('kubernetes'):
+    return 'Kubernetes'
+  if 'TPU_SKIP_MDS_QUERY' not in environ and (
+      environ.get('TPU_LIBRARY_PATH') or importlib.util.find_spec('libtpu')):
+    return 'TPU VM'
+  return None
 
 
 def init_distributed() -> None:
@@ -41,7 +64,8 @@ def init_distributed() -> None:
     # the setting only affects the CPU client.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _cluster_detected():
+  elif cluster := detect_cluster(os.environ):
+    logging.info('Running on %s: jax.distributed.initialize() finds the other processes.', cluster)
     jax.distributed.initialize()
 
 
