@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Iterable
 
 import ml_collections
-from absl import logging
 
 
 class ConfigError(ValueError):
@@ -34,8 +33,7 @@ def exit_on_user_error(fn: Callable[[], None]) -> None:
     fn()
   except USER_ERRORS as e:
     kind = 'Config error' if isinstance(e, ConfigError) else 'Data error'
-    logging.error('%s: %s', kind, e)
-    print(f'{kind}: {e}', file=sys.stderr)
+    print(f'{kind}: {e}', file=sys.stderr)  # one line: not also through absl's log
     sys.exit(2)
 
 

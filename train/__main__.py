@@ -12,7 +12,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data.errors import exit_on_user_error
+from data import cli
+from data.errors import ConfigError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
                                           lock_config=True)
@@ -77,11 +78,17 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-def main(argv):
+def check_args(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'Unexpected arguments {argv[1:]}; every argument is a --flag.')
   if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError('Both --config and --workdir are required.')
+    raise ConfigError('Both --config and --workdir are required, e.g. python -m train '
+                      '--config=configs/lm.py --workdir=/tmp/run.')
+  cli.check_output_dir(_WORKDIR.value, '--workdir')
+
+
+def main(argv):
+  exit_on_user_error(lambda: check_args(argv))
   logging.get_absl_logger().addFilter(_QuietLibraries())
   init_distributed()
   from train import trainer  # after distributed init, which must precede any device use
@@ -101,24 +108,5 @@ def main(argv):
   exit_on_user_error(run)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an unknown `--config.key` reported as a config error.
-
-  ml_collections raises a bare AttributeError (with a did-you-mean hint) for a key
-  the schema lacks; absl would show it as a traceback.
-  """
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    detail = e
-    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
-      detail = detail.args[0]
-    detail = str(detail).replace('\n', '. ')
-    detail += '' if detail.endswith(('.', '?')) else '.'
-    print(f'Config error: unknown config key {detail} Every key, with its default, is in '
-          'the file named by --config.', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
