@@ -1,9 +1,9 @@
 """Argument checks shared by the command lines (train, train.convert, data.curate,
-data.tokenize, launch.local), made before any work starts.
+data.tokenize), made before any work starts.
 
 Each failure is one line that names the argument and says what to do, in the
-language of data/errors.py: flags and config keys raise ConfigError, paths and
-their contents DataError.
+language of data/errors.py: flag values and config keys are ConfigErrors, paths
+and what they hold DataErrors.
 """
 
 import os
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from absl import flags
 from etils import epath
 
-from data.errors import ConfigError, DataError
+from data.errors import DataError
 
 
 def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> list[str]:
@@ -76,16 +76,16 @@ def check_output_dir(path: str, flag: str) -> None:
   """
   p = epath.Path(path)
   if p.exists() and not p.is_dir():
-    raise ConfigError(f'{flag}={path} is a file; give a directory.')
+    raise DataError(f'{flag}={path} is a file; give a directory.')
   existing = p
   while not existing.exists() and existing.parent != existing:
     existing = existing.parent
   if existing != p and not existing.is_dir():
-    raise ConfigError(f'{flag}={path} cannot be created: {existing} is a file; give another '
-                      'directory.')
+    raise DataError(f'{flag}={path} cannot be created: {existing} is a file; give another '
+                    'directory.')
   if '://' not in path and existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f'{flag}={path} cannot be written ({existing} is not writable); give a '
-                      'directory you can write.')
+    raise DataError(f'{flag}={path} cannot be written ({existing} is not writable); give a '
+                    'directory you can write.')
 
 
 def check_new_output_dir(path: str, flag: str, *, overwrite: bool,
@@ -101,11 +101,14 @@ def check_new_output_dir(path: str, flag: str, *, overwrite: bool,
   entries = sorted(e.name for e in p.iterdir())
   if entries and not overwrite:
     shown = ', '.join(entries[:3]) + (', ...' if len(entries) > 3 else '')
-    raise ConfigError(f'{flag}={path} is not empty (it holds {shown}); give a new or empty '
-                      'directory, or pass --overwrite to replace what this command wrote there.')
+    raise DataError(f'{flag}={path} is not empty (it holds {shown}); give a new or empty '
+                    'directory, or pass --overwrite to replace what this command wrote there.')
   for pattern in owned:
     for entry in p.glob(pattern):
-      entry.rmtree() if entry.is_dir() else entry.unlink()
+      if entry.is_dir():
+        entry.rmtree()
+      else:
+        entry.unlink()
 
 
 def check_input(path: str, flag: str, *, directory: bool | None = None) -> None:
@@ -117,8 +120,3 @@ def check_input(path: str, flag: str, *, directory: bool | None = None) -> None:
     raise DataError(f'{flag}={path} is not a directory.')
   if directory is False and p.is_dir():
     raise DataError(f'{flag}={path} is a directory; give a file.')
-
-
-def check_at_least(value, flag: str, low, what: str = '') -> None:
-  if value < low:
-    raise ConfigError(f'{flag}={value} must be >= {low}{what}.')

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import lm
-from data import hf_tokenizer, tokenizers
+from data import cli, hf_tokenizer, tokenizers
 from data.errors import ConfigError, DataError, exit_on_user_error
 from model import transformer
 from train import checkpoint, trainer
@@ -456,11 +456,13 @@ def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
 
 
 def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
-              dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1) -> None:
-  """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`."""
+              dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1,
+              overwrite: bool = False) -> None:
+  """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`; an
+  existing non-empty `workdir` is replaced (once the import is whole) only with `overwrite`."""
+  _check_target(workdir, '--workdir', overwrite)
   hf = _read_json(os.path.join(hf_dir, 'config.json'))
   keys = model_keys_from_hf(hf)
-  _check_target(workdir)
   config = lm.get_config('tiny')
   config.model.update(keys, dtype=dtype, param_dtype=param_dtype, scan_unroll=1)
   max_len = keys['max_positions'] if keys['position'] == 'learned' else int(
@@ -484,7 +486,7 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
            'params': params, 'opt_state': opt_state,
            'rng': jax.device_put(rng, shardings['rng'])}
 
-  with _staging(workdir) as tmp:
+  with _staging(workdir, overwrite) as tmp:
     trainer.write_config(config, tmp)
     _copy_hf_tokenizer(hf_dir, tmp, spm_proto, config)
     ckpt = checkpoint.Checkpointer(tmp, config.checkpoint)
@@ -503,16 +505,21 @@ def _read_json(path: str) -> dict:
     raise DataError(f'Cannot read {path}: {e}') from None
 
 
-def _check_target(path: str) -> None:
-  if os.path.exists(path) and os.listdir(path):
-    raise ConfigError(f'{path} exists and is not empty; give a new directory.')
+def _check_target(path: str, flag: str, overwrite: bool) -> None:
+  cli.check_output_dir(path, flag)
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise ConfigError(f'{flag}={path} exists and is not empty; give a new directory, or pass '
+                      '--overwrite to replace it.')
 
 
 class _staging:
-  """A temporary sibling of `target`, renamed to it on success and deleted on failure."""
+  """A temporary sibling of `target`, renamed to it on success and deleted on failure;
+  an existing `target` is deleted just before the rename when `replace`, else it must
+  be empty."""
 
-  def __init__(self, target: str):
+  def __init__(self, target: str, replace: bool = False):
     self.target = os.path.abspath(target)
+    self.replace = replace
 
   def __enter__(self) -> str:
     parent = os.path.dirname(self.target)
@@ -524,7 +531,9 @@ class _staging:
     if exc_type is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return False
-    if os.path.exists(self.target):
+    if os.path.exists(self.target) and self.replace:
+      shutil.rmtree(self.target)
+    elif os.path.exists(self.target):
       os.rmdir(self.target)  # empty, checked before
     os.rename(self.tmp, self.target)
     return False
@@ -611,11 +620,13 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
 # ---------------------------------------------------------------------------
 
 
-def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float = 5.0) -> None:
-  """Writes the newest checkpoint of the Kiln run in `workdir` as an HF model in `hf_dir`."""
+def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float = 5.0,
+              overwrite: bool = False) -> None:
+  """Writes the newest checkpoint of the Kiln run in `workdir` as an HF model in `hf_dir`;
+  an existing non-empty `hf_dir` is replaced (once the export is whole) only with `overwrite`."""
   from safetensors.numpy import save_file
 
-  _check_target(hf_dir)
+  _check_target(hf_dir, '--hf_dir', overwrite)
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
   family = hf_family(cfg)
@@ -637,7 +648,7 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
   shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
 
-  with _staging(hf_dir) as tmp:
+  with _staging(hf_dir, overwrite) as tmp:
     weight_map = {}
     for k, names in enumerate(shards):
       file = ('model.safetensors' if len(shards) == 1 else
@@ -754,24 +765,53 @@ def _define_flags() -> None:
   flags.DEFINE_integer('fsdp', 1, 'import: mesh.fsdp to load into (-1: all devices).')
   flags.DEFINE_integer('tensor', 1, 'import: mesh.tensor to load into.')
   flags.DEFINE_float('max_shard_gb', 5.0, 'export: split model.safetensors above this size.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty output directory (--workdir for '
+                    'import, --hf_dir for export) once the conversion is whole.')
+
+
+def check_args(argv) -> None:
+  """The command and its flags, before any work: the input exists, the numbers are valid."""
+  if len(argv) != 2 or argv[1] not in ('import', 'export'):
+    raise ConfigError('Give one command, import or export: python -m train.convert '
+                      'import|export --hf_dir=DIR --workdir=DIR.')
+  f = flags.FLAGS
+  if not f.hf_dir or not f.workdir:
+    raise ConfigError('Both --hf_dir and --workdir are required.')
+  if argv[1] == 'import':
+    cli.check_input(f.hf_dir, '--hf_dir', directory=True)
+    for flag, value in (('--dtype', f.dtype or 'bfloat16'), ('--param_dtype', f.param_dtype)):
+      if value not in transformer.DTYPES:
+        raise ConfigError(f'{flag}={value!r}: choose one of {", ".join(transformer.DTYPES)}.')
+    if f.seq_len < 0:
+      raise ConfigError(f'--seq_len={f.seq_len} must be >= 0 (0: the model\'s maximum length).')
+    for flag, value in (('--fsdp', f.fsdp), ('--tensor', f.tensor)):
+      if value != -1 and value < 1:
+        raise ConfigError(f'{flag}={value} must be -1 (all devices) or >= 1.')
+    _check_target(f.workdir, '--workdir', f.overwrite)
+  else:
+    cli.check_input(f.workdir, '--workdir', directory=True)
+    if f.dtype and f.dtype not in transformer.DTYPES:
+      raise ConfigError(f'--dtype={f.dtype!r}: choose one of {", ".join(transformer.DTYPES)}.')
+    if f.max_shard_gb <= 0:
+      raise ConfigError(f'--max_shard_gb={f.max_shard_gb} must be > 0.')
+    _check_target(f.hf_dir, '--hf_dir', f.overwrite)
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    raise app.UsageError('Usage: python -m train.convert import|export --hf_dir=DIR '
-                         '--workdir=DIR')
   f = flags.FLAGS
-  if not f.hf_dir or not f.workdir:
-    raise app.UsageError('Both --hf_dir and --workdir are required.')
-  if argv[1] == 'import':
-    exit_on_user_error(lambda: import_hf(
-        f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
-        seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor))
-  else:
-    exit_on_user_error(lambda: export_hf(f.workdir, f.hf_dir, dtype=f.dtype,
-                                         max_shard_gb=f.max_shard_gb))
+
+  def run():
+    check_args(argv)
+    if argv[1] == 'import':
+      import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
+                seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor, overwrite=f.overwrite)
+    else:
+      export_hf(f.workdir, f.hf_dir, dtype=f.dtype, max_shard_gb=f.max_shard_gb,
+                overwrite=f.overwrite)
+
+  exit_on_user_error(run)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
