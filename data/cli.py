@@ -16,7 +16,8 @@ from etils import epath
 from data.errors import DataError
 
 
-def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> list[str]:
+def parse_flags(argv: Sequence[str], *, known_only: bool = False,
+                flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """absl's flag parsing, with every mistake in a flag or a `--config` file reported in
   one line and exit status 2 instead of a traceback; returns the remaining arguments.
 
@@ -24,9 +25,9 @@ def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> list[str]:
   AttributeError (with a did-you-mean hint) for an unknown `--config.key`, and wraps
   the config file's own ValueError (e.g. an unknown preset) in its traceback.
   """
-  _check_config_files(argv)
+  _check_config_files(argv, flag_values)
   try:
-    return flags.FLAGS(list(argv), known_only=known_only)
+    return flag_values(list(argv), known_only=known_only)
   except (AttributeError, KeyError) as e:
     detail = e
     while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
@@ -46,13 +47,13 @@ def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> list[str]:
     _exit('Config error', ' '.join(message.split()))
 
 
-def _check_config_files(argv: Sequence[str]) -> None:
+def _check_config_files(argv: Sequence[str], flag_values: flags.FlagValues) -> None:
   """A `--config=FILE[:arg]` whose FILE is not a file, before ml_collections loads it."""
   for i, arg in enumerate(argv):
     name, eq, value = arg.partition('=')
     if not name.startswith('--') or '.' in name:
       continue
-    flag = flags.FLAGS[name[2:]] if name[2:] in flags.FLAGS else None
+    flag = flag_values[name[2:]] if name[2:] in flag_values else None
     if flag is None or flag.flag_type() != 'config object':  # a config_flags file flag
       continue
     if not eq:

@@ -769,12 +769,12 @@ def _define_flags() -> None:
                     'import, --hf_dir for export) once the conversion is whole.')
 
 
-def check_args(argv) -> None:
-  """The command and its flags, before any work: the input exists, the numbers are valid."""
+def check_args(argv: Sequence[str], f) -> None:
+  """The command and its flags `f` (absl's FLAGS), before any work: the input exists,
+  the numbers are valid, the output is new, empty or --overwrite."""
   if len(argv) != 2 or argv[1] not in ('import', 'export'):
     raise ConfigError('Give one command, import or export: python -m train.convert '
                       'import|export --hf_dir=DIR --workdir=DIR.')
-  f = flags.FLAGS
   if not f.hf_dir or not f.workdir:
     raise ConfigError('Both --hf_dir and --workdir are required.')
   if argv[1] == 'import':
@@ -801,7 +801,7 @@ def main(argv):
   f = flags.FLAGS
 
   def run():
-    check_args(argv)
+    check_args(argv, f)
     if argv[1] == 'import':
       import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
                 seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor, overwrite=f.overwrite)
