@@ -56,11 +56,7 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
 
 
 def init_distributed() -> None:
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise app.UsageError('Give all of --coordinator_address, --num_processes and --process_id, '
-                           'or none of them.')
+  if _COORDINATOR.value is not None:  # all three, checked by check_args
     # Processes on CPU devices need a collectives backend to talk to each other;
     # the setting only affects the CPU client.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -85,6 +81,14 @@ def check_args(argv) -> None:
     raise ConfigError('Both --config and --workdir are required, e.g. python -m train '
                       '--config=configs/lm.py --workdir=/tmp/run.')
   cli.check_output_dir(_WORKDIR.value, '--workdir')
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ConfigError('Give all of --coordinator_address, --num_processes and --process_id, '
+                        'or none of them.')
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise ConfigError(f'--process_id={_PROCESS_ID.value} must be in [0, --num_processes='
+                        f'{_NUM_PROCESSES.value}).')
 
 
 def main(argv):

@@ -59,10 +59,9 @@ def expand_inputs(patterns: str) -> list[str]:
 def check_output(output_dir: str, overwrite: bool = False) -> None:
   """A directory for this run's shards alone: not a file, and empty unless `overwrite`,
   which deletes an earlier run's shards and report there (and nothing else)."""
-  if os.path.isfile(output_dir) or (
-      '://' in output_dir and FileSystems.exists(output_dir)
-      and any(m.path.rstrip('/') == output_dir.rstrip('/')
-              for m in FileSystems.match([output_dir])[0].metadata_list)):
+  # In an object store (gs://, s3://) a directory is a prefix: only a file "exists".
+  remote_file = '://' in output_dir and FileSystems.exists(output_dir.rstrip('/'))
+  if os.path.isfile(output_dir) or remote_file:
     raise DataError(f'--output={output_dir} is a file; give a directory.')
   if not FileSystems.exists(output_dir):
     FileSystems.mkdirs(output_dir)
