@@ -18,7 +18,7 @@ def base() -> ml_collections.ConfigDict:
   """The LM schema: every key an LM run can have, with its default."""
   c = common.trainer_defaults()
   c.task = 'lm'
-  # A run directory (python -m train, or python -m model.convert import) whose newest
+  # A run directory (python -m train, or python -m train.convert import) whose newest
   # checkpoint's parameters start this run, with a fresh optimizer at step 0. The model
   # architecture keys and the tokenizer come from that run; the rest from this config.
   c.init_from = ''

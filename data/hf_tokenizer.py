@@ -15,7 +15,7 @@ import os
 
 import sentencepiece as spm
 
-from data.sources import DataError
+from data.errors import DataError
 
 SPACE = '\u2581'  # SentencePiece's whitespace symbol
 # Strings whose ids the export compares, Kiln against the HF tokenizer.

@@ -35,8 +35,7 @@ import ml_collections
 import numpy as np
 
 from data import lm_pipeline, sources
-from data.sources import DataError
-from train.config import check_choice, check_positive, require
+from data.errors import DataError, check_choice, check_positive, require
 
 SOURCES = ('digits', 'fashion_mnist', 'tfds', 'folder', 'npz')
 SPLITS = ('train', 'test')

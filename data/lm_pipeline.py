@@ -4,10 +4,8 @@ Each split's documents are tokenized once into one flat stream (each document
 prefixed by BOS when the tokenizer has one) and cached as .npy under
 `{workdir}/data/<hash of data and tokenizer>/`, so reruns skip tokenizing.
 
-Example i is the window stream[i*L : i*L + L + 1] (stride L, no overlap):
-inputs are its first L tokens, targets its last L. Documents are packed
-back to back; `segment_ids` number the documents within a row from 1 and
-`positions` count from 0 at each document start (and at the row start).
+Example i is the window stream[i*L : i*L + L + 1] (stride L, no overlap), with
+documents packed back to back (data/windows.py).
 
 The order of training examples is global: one shuffle of the window indices
 per epoch, truncated to whole global batches, repeated forever. Process p of
@@ -29,8 +27,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from data import sources, tokenizers
-from data.sources import DataError
+from data import packed, sources, tokenizers
+from data.errors import DataError
+from data.windows import TokenWindows
 
 Batch = dict[str, np.ndarray]
 # Documents per call to the tokenizer: big enough to use its threads, small
@@ -70,8 +69,6 @@ def build_lm_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batc
     train = SyntheticWindows(tokenizer.vocab_size, seq_len, seed, split=0)
     val = SyntheticWindows(tokenizer.vocab_size, seq_len, seed, split=1)
   elif data_cfg.source == 'arrayrecord':
-    from data import packed  # packed decodes its records with TokenWindows, from this module
-
     # Shards written by `python -m data.tokenize` fix the packing and the tokenizer.
     train = packed.PackedWindows(data_cfg.path, 'train', seq_len)
     val = packed.PackedWindows(data_cfg.path, 'validation', seq_len) if eval_steps > 0 else None
@@ -97,32 +94,6 @@ def build_lm_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batc
 
 
 # --- windows -------------------------------------------------------------------
-
-
-class TokenWindows:
-  """The packed examples of one token stream: window i is stream[i*L : i*L + L + 1]."""
-
-  def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int):
-    self.tokens = tokens  # [N], the whole split, usually memory-mapped
-    self.doc_starts = doc_starts  # [D], sorted offsets of document starts; [0] == 0
-    self.seq_len = seq_len
-
-  def __len__(self) -> int:
-    return max(len(self.tokens) - 1, 0) // self.seq_len
-
-  def __getitem__(self, i: int) -> Batch:
-    start, seq_len = int(i) * self.seq_len, self.seq_len
-    window_W = np.asarray(self.tokens[start:start + seq_len + 1], dtype=np.int32)
-    offsets_L = np.arange(start, start + seq_len)
-    # 1-based number (in the stream) of the document that holds each input token.
-    doc_L = np.searchsorted(self.doc_starts, offsets_L, side='right')
-    seg_start_L = np.maximum(self.doc_starts[doc_L - 1], start)
-    return {
-        'inputs': window_W[:-1],
-        'targets': window_W[1:],
-        'segment_ids': (doc_L - doc_L[0] + 1).astype(np.int32),
-        'positions': (offsets_L - seg_start_L).astype(np.int32),
-    }
 
 
 class SyntheticWindows:

@@ -12,7 +12,7 @@ stream, stream[i*L : i*L + L + 1], stored as those L + 1 tokens followed by
 the offsets in (0, L) where a document starts inside the window. Shards hold
 consecutive records, so reading the shards in order gives record i at index
 i. A record decodes to the same example (inputs, targets, segment_ids,
-positions) that `lm_pipeline.TokenWindows` makes from the stream; the
+positions) that `windows.TokenWindows` makes from the stream; the
 shuffling, process sharding and batching are the LM pipeline's own.
 """
 
@@ -23,8 +23,9 @@ import os
 import grain
 import numpy as np
 
-from data import lm_pipeline, tokenizers
-from data.sources import DataError
+from data import tokenizers
+from data.errors import DataError
+from data.windows import TokenWindows
 
 META_FILE = 'meta.json'
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ def read_meta(directory: str) -> dict:
 
 
 class PackedWindows:
-  """The records of one split, decoded to LM examples (see lm_pipeline.TokenWindows)."""
+  """The records of one split, decoded to LM examples (see windows.TokenWindows)."""
 
   def __init__(self, directory: str, split: str, seq_len: int):
     meta = read_meta(directory)
@@ -92,7 +93,7 @@ class PackedWindows:
     tokens_W, inner_starts = values[:self.seq_len + 1], values[self.seq_len + 1:]
     # The window as a one-window stream whose first document starts at 0: the
     # LM pipeline's own definition of an example gives the same row.
-    return lm_pipeline.TokenWindows(tokens_W, np.concatenate([[0], inner_starts]),
+    return TokenWindows(tokens_W, np.concatenate([[0], inner_starts]),
                                     self.seq_len)[0]
 
 

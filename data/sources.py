@@ -28,12 +28,10 @@ from collections.abc import Iterator
 import ml_collections
 from absl import logging
 
+from data.errors import DataError
+
 SPLITS = ('train', 'validation')
 _EXCLUDED_STDLIB_DIRS = ('site-packages', 'dist-packages')
-
-
-class DataError(ValueError):
-  """A problem with the data that the user can fix (the message says how)."""
 
 
 def read_documents(data_cfg: ml_collections.ConfigDict, split: str,

@@ -14,6 +14,7 @@ streams and windows are the LM pipeline's own (data/lm_pipeline.py), written
 as records by data/packed.py.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ import numpy as np
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data import lm_pipeline, packed, sources, tokenizers
-from train.config import exit_on_user_error
+from data import cli, lm_pipeline, packed, sources, tokenizers
+from data.errors import ConfigError, DataError, exit_on_user_error
 
 # One record per chunk: the loader reads records at random, and a chunk is read whole.
 _WRITER_OPTIONS = 'group_size:1'
@@ -35,21 +36,19 @@ def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
              ml_collections.ConfigDict, val_fraction: float, num_shards: int,
              text_field: str = 'text') -> dict:
   """Writes tokenizer/, the shards of both splits and meta.json; returns the meta."""
+  check_counts(seq_len=seq_len, vocab_size=tokenizer_cfg.vocab_size, num_shards=num_shards,
+               train_chars=tokenizer_cfg.train_chars, val_fraction=val_fraction)
   if os.path.exists(os.path.join(output_dir, packed.META_FILE)):
-    raise sources.DataError(f'--output={output_dir} already holds packed shards; give a new '
-                            'directory.')
-  if seq_len < 1 or num_shards < 1 or not 0.0 < val_fraction < 1.0:
-    raise sources.DataError(f'Need seq_len >= 1, num_shards >= 1 and 0 < val_fraction < 1; got '
-                            f'{seq_len}, {num_shards}, {val_fraction}.')
+    raise DataError(f'--output={output_dir} already holds packed shards; give a new '
+                    'directory, or pass --overwrite.')
   data_cfg = ml_collections.ConfigDict(dict(
       source='jsonl', path=input_glob, name='', data_dir='', text_field=text_field,
       val_fraction=val_fraction))
   try:
     tokenizer = tokenizers.load_or_train_tokenizer(
         tokenizer_cfg, lambda: sources.read_documents(data_cfg, 'train'), output_dir)
-  except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary too small
-    raise sources.DataError(f'SentencePiece cannot train this tokenizer ({tokenizer_cfg.to_dict()}'
-                            f'): {str(e).splitlines()[-1]}') from None
+  except DataError as e:  # named as the training config names it; here it is a flag
+    raise DataError(str(e).replace('data.tokenizer.vocab_size', '--vocab_size')) from None
   dtype = np.uint16 if max(tokenizer.vocab_size, seq_len) <= 2**16 else np.int32
   meta = {'format': packed.FORMAT_VERSION, 'seq_len': seq_len, 'dtype': np.dtype(dtype).name,
           'vocab_size': tokenizer.vocab_size, 'input': input_glob, 'splits': {}}
@@ -93,17 +92,43 @@ def input_glob(path: str) -> str:
   return path
 
 
+def check_counts(*, seq_len: int, vocab_size: int, num_shards: int, train_chars: int,
+                 val_fraction: float) -> None:
+  for flag, value in (('--seq_len', seq_len), ('--vocab_size', vocab_size),
+                      ('--num_shards', num_shards), ('--train_chars', train_chars)):
+    if value < 1:
+      raise ConfigError(f'{flag}={value} must be >= 1.')
+  if not 0.0 < val_fraction < 1.0:
+    raise ConfigError(f'--val_fraction={val_fraction} must be in (0, 1), e.g. 0.01.')
+
+
+def check_args(f) -> None:
+  """The flags, before any work: the numbers, an input that matches files, and an
+  --output that is a directory holding nothing unless --overwrite (which deletes
+  the shards, meta.json and tokenizer of an earlier run there, and nothing else)."""
+  if not f.input or not f.output:
+    raise ConfigError('--input and --output are required, e.g. python -m data.tokenize '
+                      '--input=CURATED_DIR --output=TOKENS_DIR.')
+  check_counts(seq_len=f.seq_len, vocab_size=f.vocab_size, num_shards=f.num_shards,
+               train_chars=f.train_chars, val_fraction=f.val_fraction)
+  pattern = input_glob(f.input)
+  if '://' not in pattern and not glob.glob(pattern):
+    raise DataError(f'--input={f.input} matches no files; give a data.curate output directory '
+                    'or a glob of jsonl files.')
+  cli.check_new_output_dir(f.output, '--output', overwrite=f.overwrite,
+                           owned=(packed.META_FILE, 'tokenizer', '*.array_record', '.streams-*'))
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS.input or not flags.FLAGS.output:
-    raise app.UsageError('--input and --output are required.')
   f = flags.FLAGS
   tokenizer_cfg = ml_collections.ConfigDict(dict(
       kind='sentencepiece', vocab_size=f.vocab_size, model_type=f.model_type,
       train_chars=f.train_chars))
 
   def run():
+    if len(argv) > 1:
+      raise ConfigError(f'Unexpected arguments {argv[1:]}; every argument is a --flag.')
+    check_args(f)
     meta = tokenize(input_glob(f.input), f.output, seq_len=f.seq_len, tokenizer_cfg=tokenizer_cfg,
                     val_fraction=f.val_fraction, num_shards=f.num_shards,
                     text_field=f.text_field)
@@ -130,8 +155,10 @@ def _define_flags() -> None:
   flags.DEFINE_float('val_fraction', 0.01, 'Share of documents held out.')
   flags.DEFINE_integer('num_shards', 8, 'Shards per split (fewer if too few records).')
   flags.DEFINE_string('text_field', 'text', 'The jsonl field with the text.')
+  flags.DEFINE_bool('overwrite', False, 'Replace the shards of an earlier run in --output (else '
+                    'a non-empty --output is refused).')
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,6 +10,7 @@ Reruns and the sampling command load the cache instead of retraining.
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
@@ -18,7 +19,7 @@ import ml_collections
 import sentencepiece as spm
 from absl import logging
 
-from data.sources import DataError
+from data.errors import DataError
 
 META_FILE = 'tokenizer.json'
 SPM_FILE = 'spm.model'
@@ -160,6 +161,30 @@ def train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
   logging.info('Training a %s SentencePiece tokenizer, vocabulary %d.', tok_cfg.model_type,
                tok_cfg.vocab_size)
   writer = io.BytesIO()
+  try:
+    _train_sentencepiece(tok_cfg, train_texts, writer)
+  except RuntimeError as e:  # SentencePiece's own checks, as an INTERNAL error
+    raise DataError(_sentencepiece_error(tok_cfg, str(e))) from None
+  return writer.getvalue()
+
+
+def _sentencepiece_error(tok_cfg: ml_collections.ConfigDict, message: str) -> str:
+  """SentencePiece's complaint, as a sentence naming the key and a value that works."""
+  size = tok_cfg.vocab_size
+  if m := re.search(r'Please set it to a value <= (\d+)', message):
+    return (f'data.tokenizer.vocab_size={size} is more than SentencePiece can build from this '
+            f'text; set it to {m[1]} or less, or train on more text.')
+  if m := re.search(r'smaller than required_chars\. \d+ vs (\d+)', message):
+    return (f'data.tokenizer.vocab_size={size} is less than the {m[1]} pieces this text needs '
+            f'(256 byte fallbacks, its characters, the special tokens); set it to {m[1]} or more.')
+  if 'sentences_.empty()' in message:
+    return 'SentencePiece got no training text; the training split is empty.'
+  detail = message.strip().splitlines()[-1] if message.strip() else 'no detail'
+  return f'SentencePiece cannot train data.tokenizer={tokenizer_spec(tok_cfg)}: {detail}'
+
+
+def _train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
+                         train_texts: Callable[[], Iterable[str]], writer: io.BytesIO) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=_training_lines(train_texts, tok_cfg.train_chars),
       model_writer=writer,
@@ -180,7 +205,6 @@ def train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
       split_digits=True,
       minloglevel=2,
   )
-  return writer.getvalue()
 
 
 def _training_lines(train_texts: Callable[[], Iterable[str]], max_chars: int) -> Iterator[str]:

@@ -12,6 +12,7 @@ launcher are passed on to every process (a preemption, for the trainer).
 """
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -110,8 +111,36 @@ def launch(module: str, args: Sequence[str], num_processes: int, port: int | Non
   return 0 if failed is None else max(exit_code(procs[failed].returncode), 1)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors are one line (not the usage block), as every Kiln command's."""
+
+  def error(self, message: str):
+    print(f'Config error: {message}; see python -m launch.local --help.', file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(parser: argparse.ArgumentParser, flags: argparse.Namespace,
+               args: Sequence[str]) -> None:
+  """The flags, before any process starts."""
+  if flags.num_processes < 1:
+    parser.error(f'--num_processes={flags.num_processes} must be >= 1')
+  if flags.port is not None and not 0 < flags.port < 65536:
+    parser.error(f'--port={flags.port} must be in [1, 65535] (or left out: a free port)')
+  if flags.grace_s < 0:
+    parser.error(f'--grace_s={flags.grace_s} must be >= 0')
+  try:
+    found = importlib.util.find_spec(flags.module) is not None
+  except (ImportError, ValueError):  # a parent package that does not exist, or an empty name
+    found = False
+  if not found:
+    parser.error(f'--module={flags.module!r} is not a module Python can find here (e.g. train)')
+  if not args:
+    parser.error('no arguments for the processes; give them after --, e.g. -- '
+                 '--config=configs/lm.py --workdir=/tmp/run')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog='python -m launch.local', description=__doc__.split('\n\n')[0],
       usage='%(prog)s --num_processes=N [--module=train] -- ARGS...')
   parser.add_argument('--num_processes', type=int, default=2, help='How many processes.')
@@ -124,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='Arguments for every process, after `--`.')
   flags = parser.parse_args(argv)
   args = flags.args[1:] if flags.args[:1] == ['--'] else flags.args
-  if flags.num_processes < 1:
-    parser.error(f'--num_processes={flags.num_processes} must be >= 1.')
+  check_args(parser, flags, args)
   return launch(flags.module, args, flags.num_processes, flags.port, flags.grace_s)
 
 

@@ -11,7 +11,7 @@ Switches (config keys; defaults give the Llama block):
   qkv_bias, attn_out_bias, mlp_bias: biases on the q/k/v projections (Qwen2), on the
   attention output projection and on the MLP projections (GPT-2 has all three).
 GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
-model/convert.py splits and re-fuses it).
+train/convert.py splits and re-fuses it).
 
 Parameters live in `param_dtype` and carry logical axis names (flax
 `out_sharding` metadata); `LOGICAL_AXIS_RULES` maps them to the mesh axes.

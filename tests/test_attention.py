@@ -14,11 +14,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import lm
+from data.errors import ConfigError
 from kernels.attention_reference import attention_reference
 from model import attention as attention_lib
 from model import transformer
 from train import trainer
-from train.config import ConfigError
 
 RNG = np.random.default_rng(7)
 

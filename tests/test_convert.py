@@ -1,4 +1,4 @@
-"""model/convert.py against transformers: small random HF models built offline.
+"""train/convert.py against transformers: small random HF models built offline.
 
 Oracles: HF's own forward pass and greedy generation (import parity), the
 imported parameters themselves (round trip, sharded vs one-device import), the
@@ -24,10 +24,8 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from configs import lm  # noqa: E402
 from data import tokenizers  # noqa: E402
-from data.sources import DataError  # noqa: E402
-from model import convert  # noqa: E402
-from train import trainer  # noqa: E402
-from train.config import ConfigError  # noqa: E402
+from data.errors import ConfigError, DataError  # noqa: E402
+from train import convert, trainer  # noqa: E402
 
 VOCAB = 96
 SP_VOCAB = 384

@@ -23,8 +23,7 @@ import pytest
 
 from configs import curate
 from data.curate import dedup, minhash, pipeline, write
-from data.sources import DataError
-from train.config import ConfigError
+from data.errors import ConfigError, DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

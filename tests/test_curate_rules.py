@@ -14,7 +14,7 @@ import pytest
 
 from configs import curate
 from data.curate import normalize, pii, quality, stages, toxicity
-from data.sources import DataError
+from data.errors import DataError
 
 CFG = curate.get_config()
 

@@ -25,9 +25,9 @@ from configs import curate, lm
 from data import lm_pipeline, packed, sources, tokenizers
 from data import tokenize as tokenize_lib
 from data.curate import pipeline
-from data.sources import DataError
-from train import sample
-from train.config import ConfigError
+from data.errors import ConfigError, DataError
+from model import scoring
+from train import runs
 from train.tasks import lm as lm_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -172,8 +172,8 @@ def trained_run(tokens, tmp_path_factory) -> pathlib.Path:
 
 
 def test_scorer_matches_the_model_on_each_window_alone(trained_run):
-  task, state, _ = sample.load_latest(str(trained_run))
-  score = sample.document_scorer(task, state.params)
+  task, state, _ = runs.load_latest(str(trained_run))
+  score = scoring.load_scorer(str(trained_run))
   texts = ['A short one.', list(pydoc_data.topics.topics.values())[40][:400]]
   got = score(texts)
   windows = []
@@ -197,7 +197,7 @@ def test_scorer_matches_the_model_on_each_window_alone(trained_run):
 def test_perplexity_filter_in_the_pipeline(trained_run, tmp_path):
   texts = [list(pydoc_data.topics.topics.values())[41][:600],
            ' '.join(f'qx{i * 7919 % 10007}zv' for i in range(80))]  # gibberish
-  nll = sample.load_scorer(str(trained_run))(texts)
+  nll = scoring.load_scorer(str(trained_run))(texts)
   perplexity = np.exp(nll)
   assert perplexity[1] > perplexity[0]
   path = tmp_path / 'docs.jsonl'

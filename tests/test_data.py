@@ -14,7 +14,8 @@ import pytest
 
 from configs import lm
 from data import lm_pipeline, sources, tokenizers
-from data.sources import DataError
+from data.errors import DataError
+from data.windows import TokenWindows
 
 TEXT = ''.join(
     f'def f{i}(x):\n    return x * {i}  # ünïcode ✓ line {i}\n\n' for i in range(400))
@@ -73,7 +74,7 @@ def test_batches_have_the_promised_shapes_and_dtypes(text_cfg, tmp_path):
 def test_windows_shift_by_one_and_mark_documents():
   # Documents at offsets 0, 5 and 7 of a 12-token stream; L=4, so windows start at 0, 4, 8.
   tokens = np.arange(100, 112, dtype=np.uint16)
-  windows = lm_pipeline.TokenWindows(tokens, np.array([0, 5, 7]), seq_len=4)
+  windows = TokenWindows(tokens, np.array([0, 5, 7]), seq_len=4)
   assert len(windows) == 2  # (12 - 1) // 4
   w0, w1 = windows[0], windows[1]
   np.testing.assert_array_equal(w0['inputs'], [100, 101, 102, 103])

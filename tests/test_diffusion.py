@@ -20,9 +20,9 @@ from test_run import assert_trees_equal, restore
 
 from configs import diffusion as diffusion_config
 from data import images
+from data.errors import ConfigError
 from model import diffusion, unet
 from train import trainer
-from train.config import ConfigError
 from train.tasks.diffusion import DiffusionTask
 
 # --- schedules and parameterisations: closed forms ------------------------------------------

@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from configs import gan as gan_config
+from data.errors import ConfigError
 from model import gan
 from train import optim, trainer
-from train.config import ConfigError
 from train.tasks.gan import GANTask
 
 STEPS = 6

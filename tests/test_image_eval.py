@@ -15,8 +15,8 @@ import scipy.linalg
 
 from configs import common
 from data import images
+from data.errors import ConfigError
 from train import image_eval
-from train.config import ConfigError
 
 
 def test_frechet_distance_matches_the_closed_form():

@@ -16,8 +16,7 @@ import pytest
 
 from configs import common
 from data import images
-from data.sources import DataError
-from train.config import ConfigError
+from data.errors import ConfigError, DataError
 
 
 def data_config(**overrides):

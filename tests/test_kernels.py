@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import block_mask, flash_attention
@@ -214,10 +213,9 @@ def test_tpu_kernel_in_tpu_interpret_mode_without_races(case, capsys):
           q, k, v, **kw, backend='tpu', block_sizes=BlockSizes.uniform(128, 128)), q, k, v, do)
       jax.block_until_ready(got)
   finally:
-    races_found = tpu_interpret.races is not None and tpu_interpret.races.races_found
-    tpu_interpret.reset_tpu_interpret_mode_state()
+    pltpu.reset_tpu_interpret_mode_state()
+  # The detector prints this exactly when it records a race (the public signal).
   assert 'RACE DETECTED' not in capsys.readouterr().out
-  assert not races_found
   _assert_close(got, _reference_out_and_grads(q, k, v, do, **kw), dtype, case)
 
 
@@ -237,9 +235,7 @@ def test_tpu_race_detector_is_live(capsys):
         out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32), interpret=params,
         compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)))(x).block_until_ready()
   finally:
-    races_found = tpu_interpret.races is not None and tpu_interpret.races.races_found
-    tpu_interpret.reset_tpu_interpret_mode_state()
-  assert races_found
+    pltpu.reset_tpu_interpret_mode_state()
   assert 'RACE DETECTED' in capsys.readouterr().out
 
 

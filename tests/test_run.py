@@ -297,7 +297,7 @@ def test_sample_cli_greedy(straight_run):
   # position must be the next token; the sampler runs a fixed, padded window
   # instead. A model 20 steps in knows little more than that spaces are common,
   # so random parameters check the window too.
-  from train.sample import load_latest
+  from train.runs import load_latest
   task, state, step = load_latest(str(straight_run))
   assert step == 20
   assert greedy_choices(task, state.params, text)[3:-1] == text[4:]

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
+from data.errors import ConfigError
 from train import sample, trainer
-from train.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ import pytest
 import toy_task
 from toy_task import DIM
 
+from data.errors import ConfigError
 from train import checkpoint, optim, tasks, trainer
 from train import mesh as mesh_lib
-from train.config import ConfigError
 from train.state import TrainState, setup_state
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

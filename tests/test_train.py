@@ -23,9 +23,9 @@ from jax.sharding import PartitionSpec as P
 
 from configs import lm
 from data import lm_pipeline
+from data.errors import ConfigError
 from train import checkpoint, optim, trainer
 from train import mesh as mesh_lib
-from train.config import ConfigError
 from train.state import setup_state
 from train.tasks.lm import LMTask
 

@@ -3,13 +3,17 @@
 Intentionally short: flags -> distributed init -> config -> trainer.
 """
 
+import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train.config import exit_on_user_error
+from data import cli
+from data.errors import ConfigError, exit_on_user_error
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
                                           lock_config=True)
@@ -21,27 +25,44 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total number of pr
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
 
-def _cluster_detected() -> bool:
-  """Whether JAX would find a cluster (TPU VM pod, SLURM, Kubernetes, MPI) by itself."""
-  try:
-    from jax._src import clusters
-    return any(not env.opt_in_only_method and env.is_env_present()
-               for env in clusters.ClusterEnv._cluster_types)
-  except (ImportError, AttributeError):
-    return False
+# How a scheduler announces a multi-process job that jax.distributed.initialize() can
+# configure without arguments (its cluster detection), by environment variables.
+_CLUSTER_ENV = (  # (cluster, variables that must all be set)
+    ('SLURM', ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')),
+    ('Open MPI', ('OMPI_MCA_orte_hnp_uri',)),
+    ('GKE TPU', ('TPU_WORKER_HOSTNAMES',)),
+    ('GKE TPU', ('TPU_PROCESS_ADDRESSES',)),
+)
+
+
+def detect_cluster(environ: Mapping[str, str]) -> str | None:
+  """The cluster this process runs in (TPU VM, SLURM, Kubernetes, MPI), or None.
+
+  Read after `import jax`: on a machine without TPU chips jax sets
+  TPU_SKIP_MDS_QUERY, so a TPU VM is one with libtpu and chips, whose peers JAX finds
+  in the TPU metadata. Kubernetes counts only with the `kubernetes` package, which
+  JAX needs to read the pods.
+  """
+  for name, keys in _CLUSTER_ENV:
+    if all(k in environ for k in keys):
+      return name
+  if 'KUBERNETES_SERVICE_HOST' in environ and importlib.util.find_spec('kubernetes'):
+    return 'Kubernetes'
+  if 'TPU_SKIP_MDS_QUERY' not in environ and (
+      environ.get('TPU_LIBRARY_PATH') or importlib.util.find_spec('libtpu')):
+    return 'TPU VM'
+  return None
 
 
 def init_distributed() -> None:
-  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise app.UsageError('Give all of --coordinator_address, --num_processes and --process_id, '
-                           'or none of them.')
+  if _COORDINATOR.value is not None:  # all three, checked by check_args
     # Processes on CPU devices need a collectives backend to talk to each other;
     # the setting only affects the CPU client.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _cluster_detected():
+  elif cluster := detect_cluster(os.environ):
+    logging.info('Running on %s: jax.distributed.initialize() finds the other processes.', cluster)
     jax.distributed.initialize()
 
 
@@ -53,11 +74,25 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-def main(argv):
+def check_args(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise ConfigError(f'Unexpected arguments {argv[1:]}; every argument is a --flag.')
   if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError('Both --config and --workdir are required.')
+    raise ConfigError('Both --config and --workdir are required, e.g. python -m train '
+                      '--config=configs/lm.py --workdir=/tmp/run.')
+  cli.check_output_dir(_WORKDIR.value, '--workdir')
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ConfigError('Give all of --coordinator_address, --num_processes and --process_id, '
+                        'or none of them.')
+    if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+      raise ConfigError(f'--process_id={_PROCESS_ID.value} must be in [0, --num_processes='
+                        f'{_NUM_PROCESSES.value}).')
+
+
+def main(argv):
+  exit_on_user_error(lambda: check_args(argv))
   logging.get_absl_logger().addFilter(_QuietLibraries())
   init_distributed()
   from train import trainer  # after distributed init, which must precede any device use
@@ -77,24 +112,5 @@ def main(argv):
   exit_on_user_error(run)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an unknown `--config.key` reported as a config error.
-
-  ml_collections raises a bare AttributeError (with a did-you-mean hint) for a key
-  the schema lacks; absl would show it as a traceback.
-  """
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    detail = e
-    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
-      detail = detail.args[0]
-    detail = str(detail).replace('\n', '. ')
-    detail += '' if detail.endswith(('.', '?')) else '.'
-    print(f'Config error: unknown config key {detail} Every key, with its default, is in '
-          'the file named by --config.', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

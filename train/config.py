@@ -5,60 +5,9 @@ flag names a key the schema does not have. This module checks values and
 combinations, and says which key is wrong and what it may be.
 """
 
-import sys
-from collections.abc import Callable, Iterable
-
 import ml_collections
-from absl import logging
 
-from data.sources import DataError
-
-
-class ConfigError(ValueError):
-  """A config value or combination that cannot run."""
-
-
-# Problems in what a user gave (config, data, workdir): reported as one sentence, no traceback.
-USER_ERRORS = (ConfigError, DataError)
-
-
-def exit_on_user_error(fn: Callable[[], None]) -> None:
-  """Runs `fn`; a user error becomes its message on stderr and exit status 2."""
-  try:
-    fn()
-  except USER_ERRORS as e:
-    kind = 'Config error' if isinstance(e, ConfigError) else 'Data error'
-    logging.error('%s: %s', kind, e)
-    print(f'{kind}: {e}', file=sys.stderr)
-    sys.exit(2)
-
-
-def require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
-def check_choice(config: ml_collections.ConfigDict, key: str, allowed: Iterable[str]) -> None:
-  value = get(config, key)
-  allowed = tuple(allowed)
-  require(value in allowed, f'{key}={value!r} is not allowed; choose one of {", ".join(allowed)}.')
-
-
-def check_positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
-  for key in keys:
-    value = get(config, key)
-    ok = value >= 0 if allow_zero else value > 0
-    bound = '>= 0' if allow_zero else '> 0'
-    require(ok, f'{key}={value!r} must be {bound}.')
-
-
-def get(config: ml_collections.ConfigDict, key: str):
-  node = config
-  for part in key.split('.'):
-    if part not in node:
-      raise ConfigError(f'The config has no key {key!r}.')
-    node = node[part]
-  return node
+from data.errors import check_choice, check_positive, get, require
 
 
 def check_common(config: ml_collections.ConfigDict) -> None:

@@ -38,8 +38,8 @@ from flax import nnx
 
 from data import images as images_lib
 from data import tokenizers
+from data.errors import ConfigError, check_positive
 from model import classifier as classifier_lib
-from train.config import ConfigError, check_positive
 
 # Bump when the classifier or its training changes: old caches are then ignored.
 CLASSIFIER_VERSION = 1

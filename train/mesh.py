@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train.config import ConfigError
+from data.errors import ConfigError
 
 AXES = ('data', 'fsdp', 'tensor')
 # Examples are split over both data-parallel axes.

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from train.config import ConfigError
+from data.errors import ConfigError
 
 
 def lr_schedule(opt_cfg: ml_collections.ConfigDict, steps: int) -> optax.Schedule:

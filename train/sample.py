@@ -12,107 +12,18 @@ several grids writes one PNG per tag, `<out stem>_<tag><ext>`). The text flags
 have them. Every flag is checked before the model is restored.
 """
 
-import json
 import os
 import re
-from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
 
-from train import checkpoint, trainer
+from data.errors import ConfigError, exit_on_user_error
 from train import mesh as mesh_lib
-from train.config import ConfigError, exit_on_user_error
+from train.runs import load_run_config, restore_latest
 from train.tasks import get_task
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{path} does not exist: is {workdir!r} the --workdir of a training run?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def load_latest(workdir: str):
-  """(task, state) from the newest checkpoint in `workdir`."""
-  config = load_run_config(workdir)
-  task = get_task(config)
-  task.setup_inference(workdir)
-  return (task, *restore_latest(task, config, workdir))
-
-
-def restore_latest(task, config: ml_collections.ConfigDict, workdir: str):
-  """(state, step) of the newest checkpoint in `workdir`, in `task`'s shardings."""
-  mesh = mesh_lib.make_mesh(config.mesh)
-  _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  step = ckpt.latest_step()
-  if step is None:
-    raise ConfigError(f'No checkpoint in {ckpt.directory}; train first.')
-  state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
-  ckpt.close()
-  return state, step
-
-
-def load_scorer(workdir: str, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
-  """`document_scorer` of the newest checkpoint in `workdir`."""
-  task, state, _ = load_latest(workdir)
-  return document_scorer(task, task.inference_params(state), batch_rows)
-
-
-def document_scorer(task, params, batch_rows: int = 8) -> Callable[[Sequence[str]], np.ndarray]:
-  """A function from documents to their mean next-token NLL (nats per token), float64 [D].
-
-  A document is tokenized as in training (BOS first, when the tokenizer has
-  one) and read in windows of seq_len + 1 tokens with stride seq_len, each
-  window a fresh context, as the training batches are; every token after the
-  first is predicted once. Documents with nothing to predict (no BOS and one
-  token) score NaN. Windows go through the model `batch_rows` at a time, so
-  one program serves all.
-  """
-  tokenizer, seq_len = task.tokenizer, task.config.data.seq_len
-  token_nll = jax.jit(task.token_nll)
-  bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-
-  def score(texts: Sequence[str]) -> np.ndarray:
-    windows, owners = [], []
-    for d, ids in enumerate(tokenizer.encode_batch(list(texts))):
-      ids = bos + list(ids)
-      for start in range(0, len(ids) - 1, seq_len):
-        windows.append(ids[start:start + seq_len + 1])
-        owners.append(d)
-    nll_sum, count = np.zeros(len(texts)), np.zeros(len(texts))
-    for lo in range(0, len(windows), batch_rows):
-      batch, mask_BxL = _padded_batch(windows[lo:lo + batch_rows], batch_rows, seq_len)
-      nll_BxL = np.asarray(token_nll(params, batch), np.float64)
-      rows = np.asarray(owners[lo:lo + batch_rows])
-      np.add.at(nll_sum, rows, (nll_BxL * mask_BxL)[:len(rows)].sum(axis=1))
-      np.add.at(count, rows, mask_BxL[:len(rows)].sum(axis=1))
-    with np.errstate(invalid='ignore'):
-      return nll_sum / count
-
-  return score
-
-
-def _padded_batch(windows: list[list[int]], rows: int,
-                  seq_len: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """An LM batch [rows, seq_len] of the windows, zero-padded, and the mask of real targets."""
-  tokens_BxW = np.zeros((rows, seq_len + 1), np.int32)
-  mask_BxL = np.zeros((rows, seq_len), np.float64)
-  for i, window in enumerate(windows):
-    tokens_BxW[i, :len(window)] = window
-    mask_BxL[i, :len(window) - 1] = 1.0
-  batch = {
-      'inputs': tokens_BxW[:, :-1],
-      'targets': tokens_BxW[:, 1:],
-      # Padding is its own segment: real tokens never attend to it (nor could, being causal).
-      'segment_ids': np.where(mask_BxL > 0, 1, 2).astype(np.int32),
-      'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-  }
-  return batch, mask_BxL
 
 
 def main(argv):

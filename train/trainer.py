@@ -13,10 +13,11 @@ import jax
 import ml_collections
 from absl import logging
 
+from data.errors import ConfigError
 from train import checkpoint
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
-from train.config import ConfigError, check_common
+from train.config import check_common
 from train.state import setup_state
 from train.tasks import Task, get_task
 

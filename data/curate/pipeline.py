@@ -7,6 +7,7 @@ Dataflow, Flink or Spark.
 """
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -25,8 +26,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from data.curate import dedup, normalize, pii, progress, read, report, stages, toxicity, write
-from data.sources import DataError
-from train.config import check_positive, get, require
+from data.errors import ConfigError, DataError, check_positive, get, require
 
 # Pipeline order. Stages that are switched off are skipped (and absent from the report).
 STAGES = ('normalize', 'exact_dedup', 'near_dedup', 'language', 'gopher_quality',
@@ -56,15 +56,33 @@ def expand_inputs(patterns: str) -> list[str]:
   return sorted(set(files))
 
 
-def check_output(output_dir: str) -> None:
-  """Refuses to mix a new run's shards with an old run's."""
-  if FileSystems.exists(output_dir):
-    old = FileSystems.match([FileSystems.join(output_dir, 'docs-*.jsonl')])[0].metadata_list
-    if old or FileSystems.exists(FileSystems.join(output_dir, write.REPORT_FILE)):
-      raise DataError(f'--output={output_dir} already holds curated shards or a report; give a '
-                      'new directory, or delete the old output first.')
-  else:
+def check_output(output_dir: str, overwrite: bool = False) -> None:
+  """A directory for this run's shards alone: not a file, and empty unless `overwrite`,
+  which deletes an earlier run's shards and report there (and nothing else)."""
+  # In an object store (gs://, s3://) a directory is a prefix: only a file "exists".
+  remote_file = '://' in output_dir and FileSystems.exists(output_dir.rstrip('/'))
+  if os.path.isfile(output_dir) or remote_file:
+    raise DataError(f'--output={output_dir} is a file; give a directory.')
+  if not FileSystems.exists(output_dir):
     FileSystems.mkdirs(output_dir)
+    return
+  old = [m.path for m in FileSystems.match([FileSystems.join(output_dir, 'docs-*.jsonl')])[0]
+         .metadata_list]
+  report_file = FileSystems.join(output_dir, write.REPORT_FILE)
+  old += [report_file] if FileSystems.exists(report_file) else []
+  if overwrite:
+    if old:
+      FileSystems.delete(old)
+    return
+  if old:
+    raise DataError(f'--output={output_dir} already holds curated shards or a report; give a '
+                    'new directory, or pass --overwrite to replace them.')
+  other = sorted(os.path.basename(m.path.rstrip('/')) for m in
+                 FileSystems.match([FileSystems.join(output_dir, '*')])[0].metadata_list)
+  if other:
+    shown = ', '.join(other[:3]) + (', ...' if len(other) > 3 else '')
+    raise DataError(f'--output={output_dir} already holds other files ({shown}); give a new or '
+                    'empty directory, or pass --overwrite to write beside them.')
 
 
 def make_stage(name: str, config: ml_collections.ConfigDict) -> stages.Stage:
@@ -158,8 +176,14 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
   ignored with a warning, and the run would go to the wrong place).
   """
   options = PipelineOptions(list(beam_args))
-  unknown = sorted(set(options.get_all_options(retain_unknown_options=True))
-                   - set(options.get_all_options()))
+  usage = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(usage):  # argparse prints the usage of every option
+      unknown = sorted(set(options.get_all_options(retain_unknown_options=True))
+                       - set(options.get_all_options()))
+  except SystemExit:  # argparse's exit on a value it cannot parse
+    error = usage.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]
+    raise ConfigError(f'{error}; see Beam\'s pipeline options.') from None
   if unknown:
     raise DataError(f'Unknown flags: {", ".join("--" + u for u in unknown)}. Flags other than '
                     '--config, --input and --output go to Beam; see its pipeline options.')
@@ -204,14 +228,18 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
 
 
 def run(config: ml_collections.ConfigDict, input_pattern: str, output_dir: str,
-        options: PipelineOptions) -> dict:
-  """Runs the pipeline and returns the report (also written to OUTPUT/report.json)."""
+        options: PipelineOptions, overwrite: bool = False) -> dict:
+  """Runs the pipeline and returns the report (also written to OUTPUT/report.json).
+
+  Everything is checked before the pipeline starts: the config, the inputs and the
+  output (see `check_output`; `overwrite` replaces an earlier run's output).
+  """
   check_config(config)
   files = expand_inputs(input_pattern)
   eval_files = []
   if config.decontamination.enabled:
     eval_files = expand_inputs(config.decontamination.eval_files)
-  check_output(output_dir)
+  check_output(output_dir, overwrite)
   progress_dir = tempfile.mkdtemp(prefix='kiln-curate-') if is_direct(options) else None
   try:
     p = make_pipeline(options)

@@ -187,8 +187,8 @@ class PII(Stage):
 class Perplexity(Stage):
   """Drops documents whose perplexity under a Kiln LM checkpoint exceeds `max_perplexity`.
 
-  The model is loaded through the sampling API (train.sample), the one door
-  from data/ into a trained model; documents are scored in batches.
+  The model is read from the run directory by model.scoring (the parameters
+  only, on one device, no trainer); documents are scored in batches.
   """
 
   name = 'perplexity'
@@ -198,8 +198,8 @@ class Perplexity(Stage):
     self.batch_size = cfg.batch_size
 
   def setup(self):
-    from train import sample
-    self.score = sample.load_scorer(self.workdir)
+    from model import scoring  # JAX and the model: only on the workers that score
+    self.score = scoring.load_scorer(self.workdir)
 
   def process_batch(self, docs):
     nll = self.score([d['text'] for d in docs])

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from data.sources import DataError
+from data.errors import DataError
 
 
 def read_word_list(path: str) -> list[str]:

@@ -30,7 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from train.config import ConfigError
+from data.errors import ConfigError
 from train.mesh import Rules
 from train.state import TrainState
 

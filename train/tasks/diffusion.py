@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
+from data.errors import ConfigError, check_choice, check_positive, require
 from model import diffusion, unet
 from train import optim, tasks
-from train.config import ConfigError, check_choice, check_positive, require
 from train.state import TrainState
 from train.tasks import kit
 

@@ -34,9 +34,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import images
+from data.errors import ConfigError, check_choice, check_positive, get, require
 from model import gan
 from train import image_eval, optim, tasks
-from train.config import ConfigError, check_choice, check_positive, get, require
 from train.state import TrainState
 from train.tasks import kit
 

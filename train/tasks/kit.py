@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from train import checkpoint
-from train.config import ConfigError
+from data.errors import ConfigError
+from model import run_params
 
 
 def abstract_split(make_model: Callable[[], nnx.Module], *filters, what: str = 'The model'):
@@ -66,7 +66,7 @@ def load_run_params(run_dir: str, abstract_with_shardings, key: str = 'params'):
   """`state.<key>` of the newest checkpoint in `run_dir` (a training run or an import),
   read straight into the shardings carried by `abstract_with_shardings`."""
   try:
-    params, step = checkpoint.restore_subtree(run_dir, key, abstract_with_shardings)
+    params, step = run_params.restore_params(run_dir, abstract_with_shardings, key=key)
   except ValueError as e:  # orbax: a tree or shape mismatch
     raise ConfigError(f'{run_dir!r}: its parameters do not fit this model ({e}).') from None
   if params is None:

@@ -14,9 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, tokenizers
+from data.errors import ConfigError, check_choice, check_positive, require
 from model import transformer
 from train import optim, tasks
-from train.config import ConfigError, check_choice, check_positive, require
 from train.state import TrainState
 from train.tasks import kit
 
@@ -134,7 +134,7 @@ class LMTask(tasks.Task):
     resuming = os.path.isdir(os.path.join(workdir, 'checkpoints'))
     if not os.path.exists(os.path.join(init, 'config.json')) and not resuming:
       raise ConfigError(f'init_from={init!r} has no config.json: give the --workdir of a '
-                        'training run or of `python -m model.convert import`.')
+                        'training run or of `python -m train.convert import`.')
     source = os.path.join(init, 'tokenizer')
     target = os.path.join(workdir, 'tokenizer')
     names = (tokenizers.SPM_FILE, tokenizers.META_FILE)  # the meta file last: it marks whole
@@ -144,7 +144,7 @@ class LMTask(tasks.Task):
       logging.warning('init_from=%s has no Kiln tokenizer; this run trains its own, whose ids '
                       'need not match the model\'s.', init)
       return
-    # The HF files an import keeps with the tokenizer (model.convert), then Kiln's.
+    # The HF files an import keeps with the tokenizer (train.convert), then Kiln's.
     hf_files = [os.path.join('hf', n) for n in sorted(os.listdir(os.path.join(source, 'hf')))
                 ] if os.path.isdir(os.path.join(source, 'hf')) else []
     for name in hf_files + list(names):

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2 and GPT-2.
 
-  python -m model.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
-  python -m model.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
+  python -m train.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
+  python -m train.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
 
 Import writes what `python -m train` leaves in a workdir: `config.json`, an orbax
 checkpoint at step 0 with the LM task's state (parameters, a fresh optimizer
@@ -38,10 +38,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import lm
-from data import hf_tokenizer, tokenizers
-from data.sources import DataError
+from data import cli, hf_tokenizer, tokenizers
+from data.errors import ConfigError, DataError, exit_on_user_error
 from model import transformer
-from train.config import ConfigError
+from train import checkpoint, trainer
+from train import mesh as mesh_lib
+from train.runs import load_run_config, restore_latest
+from train.state import TrainState, setup_state
+from train.tasks.lm import LMTask
 
 SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2')
 FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
@@ -69,7 +73,7 @@ def model_keys_from_hf(hf: dict) -> dict:
   """
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED:
-    raise ConfigError(f'config.json has model_type={model_type!r}; model.convert supports '
+    raise ConfigError(f'config.json has model_type={model_type!r}; train.convert supports '
                       f'{", ".join(SUPPORTED)}.')
   if model_type == 'gpt2':
     return _gpt2_keys(hf)
@@ -453,16 +457,13 @@ def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
 
 
 def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
-              dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1) -> None:
-  """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`."""
-  from train import checkpoint, trainer
-  from train import mesh as mesh_lib
-  from train.state import TrainState
-  from train.tasks.lm import LMTask
-
+              dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1,
+              overwrite: bool = False) -> None:
+  """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`; an
+  existing non-empty `workdir` is replaced (once the import is whole) only with `overwrite`."""
+  _check_target(workdir, '--workdir', overwrite)
   hf = _read_json(os.path.join(hf_dir, 'config.json'))
   keys = model_keys_from_hf(hf)
-  _check_target(workdir)
   config = lm.get_config('tiny')
   config.model.update(keys, dtype=dtype, param_dtype=param_dtype, scan_unroll=1)
   max_len = keys['max_positions'] if keys['position'] == 'learned' else int(
@@ -478,7 +479,7 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   family = hf['model_type']
   reader = SafetensorsReader(hf_dir)
   mesh = mesh_lib.make_mesh(config.mesh)
-  _, abstract, shardings, _ = trainer.setup_state(task, config, mesh)
+  _, abstract, shardings, _ = setup_state(task, config, mesh)
   params = load_params(reader, task.model_cfg, family, abstract.params, shardings.params)
   opt_state = jax.jit(task.opt.init, out_shardings=shardings.opt_state)(params)
   rng = jax.random.key_data(jax.random.split(jax.random.key(config.seed))[1])
@@ -486,7 +487,7 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
                      params=params, opt_state=opt_state,
                      rng=jax.device_put(rng, shardings.rng), extras={})
 
-  with _staging(workdir) as tmp:
+  with _staging(workdir, overwrite) as tmp:
     trainer.write_config(config, tmp)
     _copy_hf_tokenizer(hf_dir, tmp, spm_proto, config)
     ckpt = checkpoint.Checkpointer(tmp, config.checkpoint)
@@ -505,16 +506,21 @@ def _read_json(path: str) -> dict:
     raise DataError(f'Cannot read {path}: {e}') from None
 
 
-def _check_target(path: str) -> None:
-  if os.path.exists(path) and os.listdir(path):
-    raise ConfigError(f'{path} exists and is not empty; give a new directory.')
+def _check_target(path: str, flag: str, overwrite: bool) -> None:
+  cli.check_output_dir(path, flag)
+  if os.path.exists(path) and os.listdir(path) and not overwrite:
+    raise ConfigError(f'{flag}={path} exists and is not empty; give a new directory, or pass '
+                      '--overwrite to replace it.')
 
 
 class _staging:
-  """A temporary sibling of `target`, renamed to it on success and deleted on failure."""
+  """A temporary sibling of `target`, renamed to it on success and deleted on failure;
+  an existing `target` is deleted just before the rename when `replace`, else it must
+  be empty."""
 
-  def __init__(self, target: str):
+  def __init__(self, target: str, replace: bool = False):
     self.target = os.path.abspath(target)
+    self.replace = replace
 
   def __enter__(self) -> str:
     parent = os.path.dirname(self.target)
@@ -526,7 +532,9 @@ class _staging:
     if exc_type is not None:
       shutil.rmtree(self.tmp, ignore_errors=True)
       return False
-    if os.path.exists(self.target):
+    if os.path.exists(self.target) and self.replace:
+      shutil.rmtree(self.target)
+    elif os.path.exists(self.target):
       os.rmdir(self.target)  # empty, checked before
     os.rename(self.tmp, self.target)
     return False
@@ -613,11 +621,13 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
 # ---------------------------------------------------------------------------
 
 
-def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float = 5.0) -> None:
-  """Writes the newest checkpoint of the Kiln run in `workdir` as an HF model in `hf_dir`."""
+def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float = 5.0,
+              overwrite: bool = False) -> None:
+  """Writes the newest checkpoint of the Kiln run in `workdir` as an HF model in `hf_dir`;
+  an existing non-empty `hf_dir` is replaced (once the export is whole) only with `overwrite`."""
   from safetensors.numpy import save_file
 
-  _check_target(hf_dir)
+  _check_target(hf_dir, '--hf_dir', overwrite)
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
   family = hf_family(cfg)
@@ -639,7 +649,7 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
   shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
 
-  with _staging(hf_dir) as tmp:
+  with _staging(hf_dir, overwrite) as tmp:
     weight_map = {}
     for k, names in enumerate(shards):
       file = ('model.safetensors' if len(shards) == 1 else
@@ -674,11 +684,8 @@ def _with_original(config: dict, workdir: str) -> dict:
 
 
 def load_run(workdir: str):
-  """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.sample's
-  load_latest, but a run without a Kiln tokenizer (imported with another kind) loads too."""
-  from train.sample import load_run_config, restore_latest
-  from train.tasks.lm import LMTask
-
+  """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.runs.load_latest,
+  but a run without a Kiln tokenizer (imported with another kind) loads too."""
   config = load_run_config(workdir)
   if config.get('task') != 'lm':
     raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM runs export to HF.')
@@ -759,25 +766,53 @@ def _define_flags() -> None:
   flags.DEFINE_integer('fsdp', 1, 'import: mesh.fsdp to load into (-1: all devices).')
   flags.DEFINE_integer('tensor', 1, 'import: mesh.tensor to load into.')
   flags.DEFINE_float('max_shard_gb', 5.0, 'export: split model.safetensors above this size.')
+  flags.DEFINE_bool('overwrite', False, 'Replace a non-empty output directory (--workdir for '
+                    'import, --hf_dir for export) once the conversion is whole.')
+
+
+def check_args(argv: Sequence[str], f) -> None:
+  """The command and its flags `f` (absl's FLAGS), before any work: the input exists,
+  the numbers are valid, the output is new, empty or --overwrite."""
+  if len(argv) != 2 or argv[1] not in ('import', 'export'):
+    raise ConfigError('Give one command, import or export: python -m train.convert '
+                      'import|export --hf_dir=DIR --workdir=DIR.')
+  if not f.hf_dir or not f.workdir:
+    raise ConfigError('Both --hf_dir and --workdir are required.')
+  if argv[1] == 'import':
+    cli.check_input(f.hf_dir, '--hf_dir', directory=True)
+    for flag, value in (('--dtype', f.dtype or 'bfloat16'), ('--param_dtype', f.param_dtype)):
+      if value not in transformer.DTYPES:
+        raise ConfigError(f'{flag}={value!r}: choose one of {", ".join(transformer.DTYPES)}.')
+    if f.seq_len < 0:
+      raise ConfigError(f'--seq_len={f.seq_len} must be >= 0 (0: the model\'s maximum length).')
+    for flag, value in (('--fsdp', f.fsdp), ('--tensor', f.tensor)):
+      if value != -1 and value < 1:
+        raise ConfigError(f'{flag}={value} must be -1 (all devices) or >= 1.')
+    _check_target(f.workdir, '--workdir', f.overwrite)
+  else:
+    cli.check_input(f.workdir, '--workdir', directory=True)
+    if f.dtype and f.dtype not in transformer.DTYPES:
+      raise ConfigError(f'--dtype={f.dtype!r}: choose one of {", ".join(transformer.DTYPES)}.')
+    if f.max_shard_gb <= 0:
+      raise ConfigError(f'--max_shard_gb={f.max_shard_gb} must be > 0.')
+    _check_target(f.hf_dir, '--hf_dir', f.overwrite)
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ('import', 'export'):
-    raise app.UsageError('Usage: python -m model.convert import|export --hf_dir=DIR '
-                         '--workdir=DIR')
   f = flags.FLAGS
-  if not f.hf_dir or not f.workdir:
-    raise app.UsageError('Both --hf_dir and --workdir are required.')
-  from train.config import exit_on_user_error
-  if argv[1] == 'import':
-    exit_on_user_error(lambda: import_hf(
-        f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
-        seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor))
-  else:
-    exit_on_user_error(lambda: export_hf(f.workdir, f.hf_dir, dtype=f.dtype,
-                                         max_shard_gb=f.max_shard_gb))
+
+  def run():
+    check_args(argv, f)
+    if argv[1] == 'import':
+      import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
+                seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor, overwrite=f.overwrite)
+    else:
+      export_hf(f.workdir, f.hf_dir, dtype=f.dtype, max_shard_gb=f.max_shard_gb,
+                overwrite=f.overwrite)
+
+  exit_on_user_error(run)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
