@@ -274,10 +274,11 @@ def test_resume_is_exact(tmp_path):
   assert sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
   assert {**first.losses, **second.losses} == straight.losses  # bitwise
   final = restore(tmp_path / 'b', 4)
-  assert int(final.step) == 4
+  assert int(final['step']) == 4
   assert_trees_equal(restore(tmp_path / 'a', 4), final)
   # The EMA is saved, and it is not the parameters.
-  assert not np.array_equal(final.extras['ema']['stem']['kernel'], final.params['stem']['kernel'])
+  assert not np.array_equal(final['extras']['ema']['stem']['kernel'],
+                            final['params']['stem']['kernel'])
 
 
 def test_meshes_match_one_device_and_ema_recurrence(tmp_path):

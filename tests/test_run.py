@@ -156,7 +156,7 @@ def test_resume_is_exact(corpus, straight_run, tmp_path):
     assert resumed[step] == straight[step], f'step {step}'  # bitwise
 
   final = restore(workdir, 20)
-  assert int(final.step) == 20
+  assert int(final['step']) == 20
   assert_trees_equal(restore(straight_run, 20), final)
 
 
@@ -176,7 +176,7 @@ def test_sigterm_saves_and_resumes(corpus, tmp_path):
   step = int(stopped.group(1))
   assert step >= 3
   assert step_dirs(workdir) == [step]
-  assert int(restore(workdir, step).step) == step
+  assert int(restore(workdir, step)['step']) == step
   assert max(losses(workdir)) == step  # the last step's metrics are not lost
 
   rerun = run(train_cmd(corpus, workdir, f'--config.steps={step + 5}',
@@ -204,12 +204,12 @@ def test_kill_9_leaves_only_whole_checkpoints(corpus, tmp_path):
   steps = step_dirs(workdir)
   assert steps and all(s % 5 == 0 for s in steps), steps
   for s in steps:
-    assert int(restore(workdir, s).step) == s
+    assert int(restore(workdir, s)['step']) == s
 
   latest = steps[-1]
   rerun = run(train_cmd(corpus, workdir, f'--config.steps={latest + 3}', *flags))
   assert f'Resuming from step {latest}' in rerun.stderr
-  assert int(restore(workdir, latest + 3).step) == latest + 3
+  assert int(restore(workdir, latest + 3)['step']) == latest + 3
 
 
 # --- two processes against one -------------------------------------------------------
@@ -234,10 +234,10 @@ def test_two_processes_match_one(corpus, tmp_path):
     np.testing.assert_allclose(double[step], single[step], rtol=1e-5, err_msg=f'step {step}')
 
   joint = restore(two, 5)
-  assert int(joint.step) == 5
+  assert int(joint['step']) == 5
   reference = restore(one, 5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               joint.params, reference.params)
+               joint['params'], reference['params'])
 
 
 # --- the launcher -------------------------------------------------------------------
