@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from train import checkpoint
+from train import checkpoint, resume
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train.config import ConfigError, check_common
@@ -134,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   setup_state(task, config, mesh)
 
   # --- data ------------------------------------------------------------------
+  resume.check_config_unchanged(config, workdir)  # before config.json is rewritten
   train_iter = task.setup_data(workdir, jax.process_index(), jax.process_count())
   write_config(config, workdir)
 
@@ -143,15 +144,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
 
   # --- checkpoint: resume or start -----------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  start = ckpt.latest_step()
-  if start is None:
-    state, start = init(rng), 0
+  target = checkpoint.abstract_with_shardings(abstract, state_shardings)
+  state, start = ckpt.restore_newest_good(target, train_iter, config.checkpoint.resume_step)
+  if state is None:
+    state = init(rng)
     if hasattr(task, 'warm_start'):  # optional: a task may start from pretrained weights
       state = task.warm_start(state)
-  else:
-    logging.info('Resuming from step %d in %s.', start, ckpt.directory)
-    target = checkpoint.abstract_with_shardings(abstract, state_shardings)
-    state = ckpt.restore(start, target, train_iter)
 
   # --- loop ------------------------------------------------------------------
   writer = metrics_lib.SummaryWriter(workdir, enabled=jax.process_index() == 0)
