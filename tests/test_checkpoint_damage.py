@@ -165,8 +165,9 @@ def test_rerun_past_a_damaged_checkpoint_matches_the_straight_run(corpus, straig
 def test_every_checkpoint_damaged_is_one_clear_error(corpus, run):
   for step in (2, 4, 6):
     truncate_array_data(run / 'checkpoints' / str(step))
-  with pytest.raises(ConfigError, match=r'No checkpoint in .* could be read: 6 \(a file is '
-                     r'shorter than its index says .*\); 4 .*; 2 ') as error:
+  with pytest.raises(ConfigError, match=r'No checkpoint in .* could be read: steps 6, 4, 2 are '
+                     r'damaged \(step 6: a file is shorter than its index says \(OUT_OF_RANGE '
+                     r'reading .*\); the others are logged above\)') as error:
     trainer.train_and_evaluate(small_config(corpus), str(run))
   assert '\n' not in str(error.value)
   assert set_aside(run, 'damaged') == ['2', '4', '6']
@@ -232,3 +233,9 @@ def test_fixed_key_changes():
   assert resume.fixed_key_changes(saved, fixed) == [
       'batch_size: 8 -> 16', 'data.tokenizer.vocab_size: 512 -> 1024',
       'model.d_model: 64 -> 128', 'optimizer.clip_norm: 1.0 -> 0.0']
+
+
+def test_unreadable_saved_config_is_a_config_error(corpus, run):
+  (run / 'config.json').write_text('{"steps": 6,')
+  with pytest.raises(ConfigError, match=r'config.json is not valid JSON .*use a new --workdir'):
+    resume.check_config_unchanged(small_config(corpus), str(run))

@@ -49,7 +49,15 @@ class Checkpointer:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    # Through the handler, not `self._manager.restore`: that ends in a barrier, which a
+    # process whose read failed never reaches, so the processes could not go on together
+    # to agree on an older step (restore_newest_good).
+    handler = ocp.CompositeCheckpointHandler()
+    try:
+      restored = handler.restore(epath.Path(self.directory) / str(step),
+                                 args=ocp.args.Composite(**items))
+    finally:
+      handler.close()
     return restored['state']
 
   def restore_newest_good(self, abstract_state, data_iter: grain.DatasetIterator | None,
@@ -78,23 +86,26 @@ class Checkpointer:
       steps = [s for s in steps if s < step]
       state, reason = self._try_restore(step, abstract_state, data_iter)
       if _on_every_process(reason is None):
-        logging.info('Resumed from step %d in %s.', step, self.directory)
+        logging.info('Resuming from step %d in %s.', step, self.directory)
         newer = [s for s in self._manager.all_steps() if s > step]  # with resume_step only
         if newer:
           self._set_aside(newer, 'superseded')
-          logging.warning('Resumed from step %d: the newer checkpoints %s are set aside as '
+          logging.warning('Resuming from step %d: the newer checkpoints %s are set aside as '
                           '<step>.superseded-*.', step, newer)
         return state, step
       reason = reason or 'it failed to read on another process'
-      damaged.append(f'{step} ({reason})')
+      damaged.append((step, reason))
       name = self._set_aside([step], 'damaged')
       logging.error('Checkpoint %d in %s cannot be read: %s. Set aside as %s.', step,
                     self.directory, reason, name)
     if not damaged:
       return None, 0
-    raise ConfigError(f'No checkpoint in {self.directory} could be read: '
-                      f'{"; ".join(damaged)}. They are set aside as <step>.damaged-*; start a '
-                      'new --workdir, or put an intact copy of a checkpoint back.')
+    others = '; the others are logged above' if len(damaged) > 1 else ''
+    raise ConfigError(
+        f'No checkpoint in {self.directory} could be read: steps '
+        f'{", ".join(str(s) for s, _ in damaged)} are damaged (step {damaged[0][0]}: '
+        f'{damaged[0][1]}{others}) and set aside as <step>.damaged-*. Start a new --workdir, or '
+        'put an intact copy of a checkpoint back.')
 
   def _steps_to_try(self, resume_step: int) -> list[int]:
     """Newest first; for a chosen step, that step alone."""
@@ -210,13 +221,15 @@ def damage_reason(error: BaseException) -> str | None:
     if isinstance(error, json.JSONDecodeError):
       return f'a metadata file is not valid JSON ({error.msg} at char {error.pos})'
     if isinstance(error, FileNotFoundError):
-      return f'a file is missing ({error.filename})'
+      return f'a file is missing ({error.filename or error})'
     if isinstance(error, ValueError) and (m := re.fullmatch(r'File (.+) does not exist\.',
                                                               message)):
       return f'a file is missing ({m.group(1)})'  # grain's iterator state
     if isinstance(error, KeyError) and 'was not found in the checkpoint' in message:
       return f'an item is missing: {error.args[0]}'
-    error = error.__cause__ or error.__context__
+    # Only explicit causes (orbax's `raise ... from`): an error merely raised while another
+    # was handled says nothing about the files.
+    error = error.__cause__
   return None
 
 

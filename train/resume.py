@@ -63,8 +63,12 @@ def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> N
   if not path.exists() or not checkpoints.exists() or not any(
       p.name.isdigit() for p in checkpoints.iterdir()):
     return
-  changes = fixed_key_changes(json.loads(path.read_text()),
-                              json.loads(config.to_json_best_effort()))
+  try:
+    saved = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); restore it from a copy, or use a new '
+                      '--workdir.') from None
+  changes = fixed_key_changes(saved, json.loads(config.to_json_best_effort()))
   if not changes:
     return
   shown = ', '.join(changes[:6]) + (f' and {len(changes) - 6} more' if len(changes) > 6 else '')
