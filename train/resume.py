@@ -14,9 +14,8 @@ from etils import epath
 
 from train.config import ConfigError
 
-# The keys that may change when a run resumes; every other key must keep its saved value.
-# An allow-list, so that a key a new family adds is held fixed until someone decides it is
-# safe to change: a forgotten entry costs an over-cautious error, never a broken resume.
+# The keys that may change when a run resumes; every other key must keep its saved value
+# (why an allow-list: check_config_unchanged).
 # - length and cadence: the schedule follows the new `steps` (decay_steps=-1 decays over
 #   them), and logging, evals, checkpoints and profiling hold no state;
 # - optimizer scalars (also a GAN's `d_optimizer`): values in the update, not state shapes.
@@ -56,8 +55,16 @@ def fixed_key_changes(saved: dict, new: dict) -> list[str]:
 
 
 def check_config_unchanged(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises a ConfigError naming the fixed keys (see RESUMABLE_KEYS) that `config`
-  changes from the run saved in `workdir`, when there is a checkpoint to resume."""
+  """Raises a ConfigError naming the keys that `config` changes from the run saved in
+  `workdir`, when there is a checkpoint to resume, unless RESUMABLE_KEYS allows them.
+
+  The rule is an allow-list rather than a list of the keys that fix the state's shapes:
+  such a list is easy to leave short for a new family (a key outside `model.*` that
+  sizes the model, such as an image size, or one that changes the data stream), and a
+  missing entry would let a resume fail in orbax or silently train on other data. A
+  missing allow-list entry only refuses a harmless change, with the key named.
+  Run before config.json is rewritten and before the data is read or anything compiles.
+  """
   workdir = epath.Path(workdir)
   path, checkpoints = workdir / 'config.json', workdir / 'checkpoints'
   if not path.exists() or not checkpoints.exists() or not any(
