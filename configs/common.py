@@ -16,7 +16,10 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   c.eval_steps = 10  # batches per evaluation
   c.max_nonfinite_steps = 20  # consecutive skipped steps before the run stops
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+  # resume_step: the checkpoint a rerun resumes from; -1 = the newest that reads. A one-off:
+  # while it is set, every rerun goes back to that step.
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True,
+                                                resume_step=-1))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))  # -1: off
 

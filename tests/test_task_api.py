@@ -185,8 +185,9 @@ def test_on_policy_run_resumes_exactly_after_a_kill(tmp_path):
   assert sorted(straight.losses) == list(range(1, 21))
 
   workdir = tmp_path / 'killed'
-  cmd = [sys.executable, '-m', 'train', '--config=tests/toy_task.py', f'--workdir={workdir}']
-  proc = subprocess.Popen(cmd + ['--config.toy.step_sleep=0.3'], cwd=REPO,
+  cmd = [sys.executable, '-m', 'train', '--config=tests/toy_task.py', f'--workdir={workdir}',
+         '--config.toy.step_sleep=0.2']  # time to kill it; no numerical effect
+  proc = subprocess.Popen(cmd, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   deadline = time.time() + 120
   while not (workdir / 'checkpoints' / '10').exists():

@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 
 from data.errors import ConfigError
-from train import checkpoint
+from train import checkpoint, resume
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train.config import check_common
@@ -144,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   setup_state(task, config, mesh)
 
   # --- data ------------------------------------------------------------------
+  resume.check_config_unchanged(config, workdir)  # before config.json is rewritten
   train_iter = task.setup_data(workdir, jax.process_index(), jax.process_count())
   write_config(config, workdir)
 
@@ -154,13 +155,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
 
   # --- checkpoint: resume or start -----------------------------------------------
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  start = ckpt.latest_step()
-  if start is None:
-    state, start = task.warm_start(init(rng)), 0
-  else:
-    logging.info('Resuming from step %d in %s.', start, ckpt.directory)
-    target = checkpoint.abstract_with_shardings(abstract, state_shardings)
-    state = ckpt.restore(start, target, train_iter)
+  target = checkpoint.abstract_with_shardings(abstract, state_shardings)
+  state, start = ckpt.restore_newest_good(target, train_iter, config.checkpoint.resume_step)
+  if state is None:
+    state = task.warm_start(init(rng))
 
   # --- loop ------------------------------------------------------------------
   writer = metrics_lib.SummaryWriter(workdir, enabled=jax.process_index() == 0)
