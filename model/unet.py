@@ -162,10 +162,18 @@ def linear(f_in: int, f_out: int, cfg: UNetConfig, names: tuple[str, str], *,
                     bias_metadata={'out_sharding': names[1:]}, rngs=rngs)
 
 
+def _float32_params(arrays, dtype=None, inexact=True):
+  """A promote_dtype that leaves the arrays alone: the norm upcasts its input for the
+  statistics, and unrounded scale and bias keep all its arithmetic in float32."""
+  del dtype, inexact
+  return arrays
+
+
 def group_norm(f: int, cfg: UNetConfig) -> nnx.GroupNorm:
-  """GroupNorm over (H, W, F / groups), statistics in float32, two-pass variance."""
+  """GroupNorm over (H, W, F / groups) in float32 (two-pass variance), output in cfg.dtype."""
   return nnx.GroupNorm(f, min(cfg.norm_groups, f), epsilon=1e-5, dtype=cfg.dtype,
                        param_dtype=cfg.param_dtype, use_fast_variance=False,
+                       promote_dtype=_float32_params,
                        scale_metadata={'out_sharding': ('norm',)},
                        bias_metadata={'out_sharding': ('norm',)}, rngs=_no_draws())
 
