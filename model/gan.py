@@ -23,8 +23,10 @@ added to the logit. Every weight matrix can be spectrally normalised
 Spectral normalisation keeps its power-iteration vector `u` in a Variable of
 its own kind (`SpectralState`), not a Param: the optimizer never sees it, the
 task keeps it as a separate pure dict in the train state (so it is in the
-checkpoint) and the discriminator step writes back the updated vector. We do
-not use `nnx.SpectralNorm`: it writes the normalised weight into the wrapped
+checkpoint) and the discriminator step writes back the updated vector. The
+layers are flax's (nnx.Conv, nnx.Einsum); our `SpectralNorm` wraps one and runs
+it on a copy that holds the normalised kernel. We do not use
+`nnx.SpectralNorm`: it writes the normalised weight into the wrapped
 layer's Param on every call (a module called twice in one step normalises
 twice, and the state read back after a call holds normalised weights instead
 of the trained ones), and its statistics are BatchStats keyed by tuples,
@@ -141,11 +143,6 @@ class GANConfig:
 # ---------------------------------------------------------------------------
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float,
-            dtype) -> nnx.Param:
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), out_sharding=names)
-
-
 def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x), eps))
 
@@ -167,32 +164,44 @@ def power_iteration(w_MxN: jax.Array, u_N: jax.Array,
   return v @ w @ u, u, v
 
 
-class SpectralWeight(nnx.Module):
-  """A weight whose last axis is the output; optionally divided by its spectral norm.
+class SpectralNorm(nnx.Module):
+  """A layer (nnx.Conv, nnx.Einsum) whose kernel is optionally divided by its spectral norm.
 
-  The weight is viewed as a matrix [prod(other axes), out]. With `update=True`
-  the power-iteration vector advances and is written back (the discriminator
-  step); otherwise the stored vector is used as it is.
+  The kernel's last axis is its output: it is viewed as a matrix [prod(other axes), out].
+  The layer's Param keeps the trained kernel; each call runs the layer on a copy that
+  holds the normalised one. With `update=True` the power-iteration vector advances and is
+  written back (the discriminator step); otherwise the stored vector is used as it is. The
+  vector `u` [out] takes the logical name of the kernel's output axis.
   """
 
-  def __init__(self, shape: tuple[int, ...], names: tuple[str | None, ...], std: float, *,
-               spectral_norm: bool, power_iterations: int, param_dtype, rngs: nnx.Rngs):
-    self.w = _normal(rngs, shape, names, std, param_dtype)
-    self.spectral_norm = spectral_norm
+  def __init__(self, layer: nnx.Module, *, enabled: bool, power_iterations: int,
+               rngs: nnx.Rngs):
+    self.layer = layer
+    self.enabled = enabled
     self.power_iterations = power_iterations
-    if spectral_norm:
-      u = _l2_normalize(jax.random.normal(rngs.params(), (shape[-1],), jnp.float32))
-      self.u = SpectralState(u, out_sharding=(names[-1],))
+    if enabled:
+      kernel = layer.kernel
+      u = _l2_normalize(jax.random.normal(rngs.params(), (kernel.shape[-1],), jnp.float32))
+      names = kernel.get_metadata('out_sharding', None)
+      self.u = SpectralState(u, out_sharding=None if names is None else names[-1:])
 
-  def __call__(self, update: bool) -> jax.Array:
-    w = self.w[...]
-    if not self.spectral_norm:
+  def kernel(self, update: bool) -> jax.Array:
+    w = self.layer.kernel[...]
+    if not self.enabled:
       return w
     sigma, u, _ = power_iteration(w.reshape(-1, w.shape[-1]), self.u[...],
                                   self.power_iterations)
     if update:
       self.u[...] = u
     return (w.astype(jnp.float32) / sigma).astype(w.dtype)
+
+  def __call__(self, x: jax.Array, *, update: bool) -> jax.Array:
+    if not self.enabled:
+      return self.layer(x)
+    graphdef, params = nnx.split(self.layer)
+    params = nnx.to_pure_dict(params)
+    params['kernel'] = self.kernel(update)
+    return nnx.merge(graphdef, params)(x)
 
 
 def constrain_batch(x_Bx: jax.Array) -> jax.Array:
@@ -214,21 +223,18 @@ def constrain_batch(x_Bx: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x_Bx, jax.sharding.PartitionSpec(axes))
 
 
-def _conv(x_BxHxWxC: jax.Array, k_HxWxIxO: jax.Array, stride: int) -> jax.Array:
-  y = jax.lax.conv_general_dilated(
-      constrain_batch(x_BxHxWxC), k_HxWxIxO, (stride, stride), 'SAME',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  return constrain_batch(y)
+def _conv(layer: nnx.Module, x_BxHxWxC: jax.Array, **kw) -> jax.Array:
+  """A convolution layer called with its input and output pinned by `constrain_batch`."""
+  return constrain_batch(layer(constrain_batch(x_BxHxWxC), **kw))
 
 
-def _upsample_conv(x_BxHxWxC: jax.Array, k_3x3xIx4O: jax.Array) -> jax.Array:
-  """Sub-pixel convolution: [B, H, W, I] -> [B, 2H, 2W, O].
+def _depth_to_space(y_BxHxWx4O: jax.Array) -> jax.Array:
+  """Sub-pixel rearrangement: [B, H, W, 4 O] -> [B, 2H, 2W, O].
 
-  Output channel 4o + 2p + q of the convolution becomes pixel (2h + p, 2w + q), channel o.
+  Channel 4o + 2p + q becomes pixel (2h + p, 2w + q), channel o.
   """
-  y = _conv(x_BxHxWxC, k_3x3xIx4O, 1)
-  b, h, w, c4 = y.shape
-  y = y.reshape(b, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+  b, h, w, c4 = y_BxHxWx4O.shape
+  y = y_BxHxWx4O.reshape(b, h, w, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
   return constrain_batch(y.reshape(b, 2 * h, 2 * w, c4 // 4))
 
 
@@ -251,36 +257,43 @@ def _he_std(fan_in: int, gain: float = math.sqrt(2.0)) -> float:
 class Generator(nnx.Module):
   """z_BxZ (and labels_B when conditional) -> images_BxHxWxC in [-1, 1].
 
-  Parameter tree: `embed` [K, Z] (conditional only: the class embedding,
-  concatenated to z), `dense` [Z or 2Z, r0, r0, C0] and `dense_bias`,
-  `up{i}` [3, 3, C_i, 4 C_{i+1}] with `up{i}_bias` [C_{i+1}], `out` [3, 3, C_last, C]
-  and `out_bias`.
+  Layers: `embed` (conditional only: the class embedding [K, Z], concatenated to z),
+  `dense` (kernel [Z or 2Z, r0, r0, C0]) with `dense_bias` [C0], `up{i}` (kernel
+  [3, 3, C_i, 4 C_{i+1}]) with `up{i}_bias` [C_{i+1}], `out` (kernel [3, 3, C_last, C] and
+  bias). The dense map's and the upsampling convolutions' biases are per channel, shared
+  by all positions and sub-pixels, so they are Params beside their layers.
   """
 
   def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd, z, r0, chans = cfg.param_dtype, cfg.latent_dim, cfg.base_size, cfg.g_channels
+    layer = dict(dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
     in_dim = z
     if cfg.num_classes:
-      self.embed = _normal(rngs, (cfg.num_classes, z), ('classes', 'latent'), 1.0, pd)
+      self.embed = nnx.Embed(cfg.num_classes, z, embedding_init=nnx.initializers.normal(1.0),
+                             embedding_metadata={'out_sharding': ('classes', 'latent')}, **layer)
       in_dim = 2 * z
-    self.dense = _normal(rngs, (in_dim, r0, r0, chans[0]), ('latent', 'height', 'width',
-                                                           'conv_out'), _he_std(in_dim), pd)
+    self.dense = nnx.Einsum(
+        'bz,zhwc->bhwc', (in_dim, r0, r0, chans[0]),
+        kernel_init=nnx.initializers.normal(_he_std(in_dim)),
+        kernel_metadata={'out_sharding': ('latent', 'height', 'width', 'conv_out')}, **layer)
     self.dense_bias = nnx.Param(jnp.zeros((chans[0],), pd), out_sharding=('conv_out',))
     # Numbered attributes rather than an nnx.List: string keys all the way down the
     # checkpointed pure dicts.
     for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:], strict=True)):
       # Output channels ordered (c_out, 2, 2), so a tensor-parallel shard holds whole pixels'
       # sub-pixels of its channels.
-      setattr(self, f'up{i}', _normal(rngs, (3, 3, c_in, 4 * c_out),
-                                      ('height', 'width', 'conv_in', 'conv_out'),
-                                      _he_std(9 * c_in), pd))
+      setattr(self, f'up{i}', nnx.Conv(
+          c_in, 4 * c_out, (3, 3), use_bias=False,
+          kernel_init=nnx.initializers.normal(_he_std(9 * c_in)),
+          kernel_metadata={'out_sharding': ('height', 'width', 'conv_in', 'conv_out')}, **layer))
       setattr(self, f'up{i}_bias',
               nnx.Param(jnp.zeros((c_out,), pd), out_sharding=('conv_out',)))
-    self.out = _normal(rngs, (3, 3, chans[-1], cfg.channels),
-                       ('height', 'width', 'conv_in', 'image_channels'),
-                       _he_std(9 * chans[-1], 1.0), pd)
-    self.out_bias = nnx.Param(jnp.zeros((cfg.channels,), pd), out_sharding=('image_channels',))
+    self.out = nnx.Conv(
+        chans[-1], cfg.channels, (3, 3),
+        kernel_init=nnx.initializers.normal(_he_std(9 * chans[-1], 1.0)),
+        kernel_metadata={'out_sharding': ('height', 'width', 'conv_in', 'image_channels')},
+        bias_metadata={'out_sharding': ('image_channels',)}, **layer)
 
   def _norm(self, x: jax.Array) -> jax.Array:
     return pixel_norm(x) if self.cfg.g_norm == 'pixel' else x
@@ -289,69 +302,63 @@ class Generator(nnx.Module):
     cfg, dt = self.cfg, self.cfg.dtype
     h_BxZ = z_BxZ.astype(dt)
     if cfg.num_classes:
-      e_BxZ = jnp.take(self.embed[...], labels_B, axis=0).astype(dt)
-      h_BxZ = jnp.concatenate([h_BxZ, e_BxZ], axis=-1)
-    x_BxHxWxC = constrain_batch(jnp.einsum('bz,zhwc->bhwc', h_BxZ, self.dense[...].astype(dt)))
+      h_BxZ = jnp.concatenate([h_BxZ, self.embed(labels_B)], axis=-1)
+    x_BxHxWxC = constrain_batch(self.dense(h_BxZ))
     x_BxHxWxC = jax.nn.relu(self._norm(x_BxHxWxC + self.dense_bias[...].astype(dt)))
     for i in range(len(cfg.g_channels) - 1):
-      kernel, bias = getattr(self, f'up{i}'), getattr(self, f'up{i}_bias')
-      x_BxHxWxC = _upsample_conv(x_BxHxWxC, kernel[...].astype(dt)) + bias[...].astype(dt)
+      up, bias = getattr(self, f'up{i}'), getattr(self, f'up{i}_bias')
+      x_BxHxWxC = _depth_to_space(_conv(up, x_BxHxWxC)) + bias[...].astype(dt)
       x_BxHxWxC = jax.nn.relu(self._norm(x_BxHxWxC))
-    x_BxHxWxC = _conv(x_BxHxWxC, self.out[...].astype(dt), 1) + self.out_bias[...].astype(dt)
+    x_BxHxWxC = _conv(self.out, x_BxHxWxC)
     return jnp.tanh(x_BxHxWxC.astype(jnp.float32))
 
 
 class Discriminator(nnx.Module):
   """images_BxHxWxC (and labels_B when conditional) -> float32 logits_B.
 
-  Parameter tree: `conv{i}.w` [4, 4, C_i, C_{i+1}] with `conv{i}_bias`,
-  `read.w` [r, r, C_last, 1] and `read_bias`, `project.w` [r, r, C_last, K]
-  (conditional only: row y is the class embedding). With spectral
-  normalisation every `.w` has a `.u` SpectralState beside it.
+  Layers, each a SpectralNorm around an nnx layer: `conv{i}` (kernel [4, 4, C_i, C_{i+1}]
+  and bias), `read` (the linear read-out of the flattened features: kernel
+  [r, r, C_last, 1] and bias [1]) and `project` (conditional only: kernel [r, r, C_last, K],
+  row y the class embedding). With spectral normalisation each has a `u` SpectralState.
   """
 
   def __init__(self, cfg: GANConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    pd = cfg.param_dtype
-    sn = dict(spectral_norm=cfg.spectral_norm, power_iterations=cfg.power_iterations,
-              param_dtype=pd, rngs=rngs)
+    layer = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    sn = dict(enabled=cfg.spectral_norm, power_iterations=cfg.power_iterations, rngs=rngs)
     c_in, in_name = cfg.channels, 'image_channels'
     for i, c_out in enumerate(cfg.d_channels):
-      setattr(self, f'conv{i}', SpectralWeight(
-          (4, 4, c_in, c_out), ('height', 'width', in_name, 'conv_out'), _he_std(16 * c_in),
-          **sn))
-      setattr(self, f'conv{i}_bias',
-              nnx.Param(jnp.zeros((c_out,), pd), out_sharding=('conv_out',)))
+      setattr(self, f'conv{i}', SpectralNorm(nnx.Conv(
+          c_in, c_out, (4, 4), 2, kernel_init=nnx.initializers.normal(_he_std(16 * c_in)),
+          kernel_metadata={'out_sharding': ('height', 'width', in_name, 'conv_out')},
+          bias_metadata={'out_sharding': ('conv_out',)}, **layer), **sn))
       c_in, in_name = c_out, 'conv_in'
     r = cfg.d_final_size
-    # The read-out's output axis has size 1: named 'classes' so it is never split.
-    self.read = SpectralWeight((r, r, c_in, 1), ('height', 'width', 'conv_in', 'classes'),
-                               _he_std(r * r * c_in, 1.0), **sn)
-    self.read_bias = nnx.Param(jnp.zeros((), pd), out_sharding=())
+    # The read-out and the projection are linear maps of the features, normalised as one
+    # matrix each (as BigGAN's discriminator embedding). Their output axes are named
+    # 'classes' so they are never split (the read-out's has size 1).
+    names = ('height', 'width', 'conv_in', 'classes')
+    self.read = SpectralNorm(nnx.Einsum(
+        'bhwc,hwck->bk', (r, r, c_in, 1), (1,), preferred_element_type=jnp.float32,
+        kernel_init=nnx.initializers.normal(_he_std(r * r * c_in, 1.0)),
+        kernel_metadata={'out_sharding': names}, bias_metadata={'out_sharding': ('classes',)},
+        **layer), **sn)
     if cfg.num_classes:
-      # The projection is a linear map from features to one score per class, normalised as
-      # one matrix like the read-out (as BigGAN's discriminator embedding).
-      self.project = SpectralWeight((r, r, c_in, cfg.num_classes),
-                                    ('height', 'width', 'conv_in', 'classes'),
-                                    _he_std(r * r * c_in, 1.0), **sn)
+      self.project = SpectralNorm(nnx.Einsum(
+          'bhwc,hwck->bk', (r, r, c_in, cfg.num_classes), preferred_element_type=jnp.float32,
+          kernel_init=nnx.initializers.normal(_he_std(r * r * c_in, 1.0)),
+          kernel_metadata={'out_sharding': names}, **layer), **sn)
 
   def __call__(self, images_BxHxWxC: jax.Array, labels_B: jax.Array | None = None, *,
                update: bool = False) -> jax.Array:
     """`update`: advance the spectral-norm power iteration (discriminator steps only)."""
-    cfg, dt = self.cfg, self.cfg.dtype
-    x = images_BxHxWxC.astype(dt)
+    cfg = self.cfg
+    x = images_BxHxWxC.astype(cfg.dtype)
     for i in range(len(cfg.d_channels)):
-      weight, bias = getattr(self, f'conv{i}'), getattr(self, f'conv{i}_bias')
-      x = _conv(x, weight(update).astype(dt), 2) + bias[...].astype(dt)
-      x = jax.nn.leaky_relu(x, LEAKY_SLOPE)
-    features_BxHxWxC = x
-    logits_B = jnp.einsum('bhwc,hwc->b', features_BxHxWxC, self.read(update)[..., 0].astype(dt),
-                          preferred_element_type=jnp.float32)
-    logits_B = logits_B + self.read_bias[...].astype(jnp.float32)
+      x = jax.nn.leaky_relu(_conv(getattr(self, f'conv{i}'), x, update=update), LEAKY_SLOPE)
+    logits_B = self.read(x, update=update)[:, 0].astype(jnp.float32)
     if cfg.num_classes:
-      scores_BxK = jnp.einsum('bhwc,hwck->bk', features_BxHxWxC,
-                              self.project(update).astype(dt),
-                              preferred_element_type=jnp.float32)
+      scores_BxK = self.project(x, update=update).astype(jnp.float32)
       logits_B = logits_B + jnp.take_along_axis(scores_BxK, labels_B[:, None], axis=1)[:, 0]
     return logits_B
 

@@ -125,74 +125,57 @@ class UNetConfig:
 # --- layers --------------------------------------------------------------------------------
 
 
-def _uniform_fan_in(key, shape, dtype, fan_in):
-  # PyTorch's default init for conv and linear layers (ADM keeps it): U(+-1/sqrt(fan_in)).
+def _uniform_init(fan_in: int) -> nnx.Initializer:
+  # PyTorch's default init for conv and linear layers (ADM keeps it): U(+-1/sqrt(fan_in)),
+  # for the bias too (so not variance_scaling, which sees only the bias's own shape).
   bound = 1.0 / math.sqrt(fan_in)
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class Conv(nnx.Module):
-  """2-D convolution, NHWC, 'SAME' padding; kernel [k, k, F_in, F_out]."""
+def _no_draws() -> nnx.Rngs:
+  """Rngs for a layer whose initialisers ignore their key (zeros, ones).
 
-  def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, *, rngs: nnx.Rngs, k: int = 3,
-               stride: int = 1, zero_init: bool = False, names=('conv_in', 'channels')):
-    shape = (k, k, f_in, f_out)
-    pd = cfg.param_dtype
-    kernel = (jnp.zeros(shape, pd) if zero_init
-              else _uniform_fan_in(rngs.params(), shape, pd, k * k * f_in))
-    self.kernel = nnx.Param(kernel, out_sharding=('kernel', 'kernel') + tuple(names))
-    bias = (jnp.zeros((f_out,), pd) if zero_init
-            else _uniform_fan_in(rngs.params(), (f_out,), pd, k * k * f_in))
-    self.bias = nnx.Param(bias, out_sharding=(names[1],))
-    self.stride = stride
-    self.dtype = cfg.dtype
-
-  def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
-    y = jax.lax.conv_general_dilated(
-        x_BxHxWxF.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        (self.stride, self.stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + self.bias[...].astype(self.dtype)
+  flax layers draw a key per parameter whatever the initialiser; drawing those from a
+  throwaway stream leaves the model's stream to the random layers, so adding a norm or a
+  zero-initialised layer does not move every later layer's initial values.
+  """
+  return nnx.Rngs(0)
 
 
-class Dense(nnx.Module):
-  def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, names: tuple[str, str], *,
-               rngs: nnx.Rngs):
-    pd = cfg.param_dtype
-    self.kernel = nnx.Param(_uniform_fan_in(rngs.params(), (f_in, f_out), pd, f_in),
-                            out_sharding=names)
-    self.bias = nnx.Param(_uniform_fan_in(rngs.params(), (f_out,), pd, f_in),
-                          out_sharding=(names[1],))
-    self.dtype = cfg.dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(
-        self.dtype)
+def conv(f_in: int, f_out: int, cfg: UNetConfig, *, rngs: nnx.Rngs, k: int = 3, stride: int = 1,
+         zero_init: bool = False, names: tuple[str, str] = ('conv_in', 'channels')) -> nnx.Conv:
+  """k x k convolution, NHWC, 'SAME' padding; kernel [k, k, F_in, F_out] named ('kernel',
+  'kernel', *names). `zero_init`: kernel and bias start at zero (ADM's output layers)."""
+  init = nnx.initializers.zeros if zero_init else _uniform_init(k * k * f_in)
+  return nnx.Conv(f_in, f_out, (k, k), stride, padding='SAME', dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, kernel_init=init, bias_init=init,
+                  kernel_metadata={'out_sharding': ('kernel', 'kernel') + names},
+                  bias_metadata={'out_sharding': names[1:]},
+                  rngs=_no_draws() if zero_init else rngs)
 
 
-class GroupNorm(nnx.Module):
-  """GroupNorm over (H, W, F / groups) with a learned per-channel scale and bias; float32 stats."""
-
-  def __init__(self, f: int, cfg: UNetConfig):
-    self.groups = min(cfg.norm_groups, f)
-    self.scale = nnx.Param(jnp.ones((f,), cfg.param_dtype), out_sharding=('norm',))
-    self.bias = nnx.Param(jnp.zeros((f,), cfg.param_dtype), out_sharding=('norm',))
-    self.dtype = cfg.dtype
-
-  def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
-    b, h, w, f = x_BxHxWxF.shape
-    x = x_BxHxWxF.astype(jnp.float32).reshape(b, h, w, self.groups, f // self.groups)
-    mean = jnp.mean(x, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=(1, 2, 4), keepdims=True)
-    x = ((x - mean) * jax.lax.rsqrt(var + 1e-5)).reshape(b, h, w, f)
-    return (x * self.scale[...].astype(jnp.float32)
-            + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+def linear(f_in: int, f_out: int, cfg: UNetConfig, names: tuple[str, str], *,
+           rngs: nnx.Rngs) -> nnx.Linear:
+  init = _uniform_init(f_in)
+  return nnx.Linear(f_in, f_out, dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=init,
+                    bias_init=init, kernel_metadata={'out_sharding': names},
+                    bias_metadata={'out_sharding': names[1:]}, rngs=rngs)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+def _float32_params(arrays, dtype=None, inexact=True):
+  """A promote_dtype that leaves the arrays alone: the norm upcasts its input for the
+  statistics, and unrounded scale and bias keep all its arithmetic in float32."""
+  del dtype, inexact
+  return arrays
+
+
+def group_norm(f: int, cfg: UNetConfig) -> nnx.GroupNorm:
+  """GroupNorm over (H, W, F / groups) in float32 (two-pass variance), output in cfg.dtype."""
+  return nnx.GroupNorm(f, min(cfg.norm_groups, f), epsilon=1e-5, dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype, use_fast_variance=False,
+                       promote_dtype=_float32_params,
+                       scale_metadata={'out_sharding': ('norm',)},
+                       bias_metadata={'out_sharding': ('norm',)}, rngs=_no_draws())
 
 
 def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
@@ -205,18 +188,19 @@ def timestep_embedding(t_B: jax.Array, dim: int, max_period: float = 10_000.0) -
 
 class ResBlock(nnx.Module):
   def __init__(self, f_in: int, f_out: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-    self.norm1 = GroupNorm(f_in, cfg)
-    self.conv1 = Conv(f_in, f_out, cfg, rngs=rngs)
-    self.emb = Dense(cfg.embed_dim, f_out, cfg, ('embed', 'channels'), rngs=rngs)
-    self.norm2 = GroupNorm(f_out, cfg)
-    self.conv2 = Conv(f_out, f_out, cfg, rngs=rngs, zero_init=True)
-    self.skip = Conv(f_in, f_out, cfg, rngs=rngs, k=1) if f_in != f_out else None
-    self.dropout = cfg.dropout
+    self.norm1 = group_norm(f_in, cfg)
+    self.conv1 = conv(f_in, f_out, cfg, rngs=rngs)
+    self.emb = linear(cfg.embed_dim, f_out, cfg, ('embed', 'channels'), rngs=rngs)
+    self.norm2 = group_norm(f_out, cfg)
+    self.dropout = nnx.Dropout(cfg.dropout)
+    self.conv2 = conv(f_out, f_out, cfg, rngs=rngs, zero_init=True)
+    self.skip = conv(f_in, f_out, cfg, rngs=rngs, k=1) if f_in != f_out else None
 
-  def __call__(self, x_BxHxWxF, emb_BxE, dropout_key):
+  def __call__(self, x_BxHxWxF, emb_BxE, dropout_key: jax.Array | None):
     h = self.conv1(jax.nn.silu(self.norm1(x_BxHxWxF)))
     h = h + self.emb(jax.nn.silu(emb_BxE))[:, None, None, :]
-    h = _dropout(jax.nn.silu(self.norm2(h)), self.dropout, dropout_key)
+    h = self.dropout(jax.nn.silu(self.norm2(h)), deterministic=dropout_key is None,
+                     rngs=dropout_key)
     h = self.conv2(h)
     skip = x_BxHxWxF if self.skip is None else self.skip(x_BxHxWxF)
     return skip + h
@@ -226,25 +210,25 @@ class SelfAttention(nnx.Module):
   """Multi-head self-attention over the H * W positions, through model/attention.py."""
 
   def __init__(self, f: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
-    self.norm = GroupNorm(f, cfg)
-    heads, d, pd = f // cfg.head_dim, cfg.head_dim, cfg.param_dtype
-    self.wqkv = nnx.Param(_uniform_fan_in(rngs.params(), (3, f, heads, d), pd, f),
-                          out_sharding=(None, 'conv_in', 'heads', 'head_dim'))
-    self.wo = nnx.Param(jnp.zeros((heads, d, f), pd),
-                        out_sharding=('heads', 'head_dim', 'channels'))
-    self.bo = nnx.Param(jnp.zeros((f,), pd), out_sharding=('channels',))
-    self.cfg = cfg
+    self.norm = group_norm(f, cfg)
+    heads, d = f // cfg.head_dim, cfg.head_dim
+    # q, k and v stacked on a leading axis of 3: one kernel, one draw.
+    self.qkv = nnx.Einsum('blf,tfnd->tblnd', (3, f, heads, d), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, kernel_init=_uniform_init(f),
+                          kernel_metadata={'out_sharding': (None, 'conv_in', 'heads',
+                                                            'head_dim')}, rngs=rngs)
+    self.out = nnx.Einsum('blnd,ndf->blf', (heads, d, f), (f,), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, kernel_init=nnx.initializers.zeros,
+                          kernel_metadata={'out_sharding': ('heads', 'head_dim', 'channels')},
+                          bias_metadata={'out_sharding': ('channels',)}, rngs=_no_draws())
+    self.attention = cfg.attention
 
   def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
     b, h, w, f = x_BxHxWxF.shape
-    dt = self.cfg.dtype
     x_BxLxF = self.norm(x_BxHxWxF).reshape(b, h * w, f)
-    q, k, v = (jnp.einsum('blf,fnd->blnd', x_BxLxF, self.wqkv[i].astype(dt)) for i in range(3))
-    out_BxLxNxD = attention_lib.attention(q, k, v, causal=False,
-                                          implementation=self.cfg.attention)
-    out_BxLxF = jnp.einsum('blnd,ndf->blf', out_BxLxNxD, self.wo[...].astype(dt))
-    out_BxLxF = out_BxLxF + self.bo[...].astype(dt)
-    return x_BxHxWxF + out_BxLxF.reshape(b, h, w, f)
+    q, k, v = self.qkv(x_BxLxF)
+    out_BxLxNxD = attention_lib.attention(q, k, v, causal=False, implementation=self.attention)
+    return x_BxHxWxF + self.out(out_BxLxNxD).reshape(b, h, w, f)
 
 
 class Level(nnx.Module):
@@ -263,13 +247,14 @@ class UNet(nnx.Module):
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     ch, e = cfg.base_channels, cfg.embed_dim
-    self.time_mlp1 = Dense(ch, e, cfg, ('channels', 'embed'), rngs=rngs)
-    self.time_mlp2 = Dense(e, e, cfg, ('embed', 'embed'), rngs=rngs)
+    self.time_mlp1 = linear(ch, e, cfg, ('channels', 'embed'), rngs=rngs)
+    self.time_mlp2 = linear(e, e, cfg, ('embed', 'embed'), rngs=rngs)
     if cfg.num_classes:
-      self.class_embed = nnx.Param(
-          jax.random.normal(rngs.params(), (cfg.num_classes + 1, e), cfg.param_dtype),
-          out_sharding=('classes', 'embed'))
-    self.stem = Conv(cfg.channels, ch, cfg, rngs=rngs, names=('image', 'channels'))
+      self.class_embed = nnx.Embed(
+          cfg.num_classes + 1, e, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          embedding_init=nnx.initializers.normal(1.0),
+          embedding_metadata={'out_sharding': ('classes', 'embed')}, rngs=rngs)
+    self.stem = conv(cfg.channels, ch, cfg, rngs=rngs, names=('image', 'channels'))
 
     # Encoder: record the width of every activation kept for a skip connection.
     skips, f, res = [ch], ch, cfg.image_size
@@ -280,7 +265,7 @@ class UNet(nnx.Module):
       f = ch * mult
       skips += [f] * cfg.num_res_blocks
       if i < len(cfg.channel_mult) - 1:
-        downsample.append(Conv(f, f, cfg, rngs=rngs, stride=2))
+        downsample.append(conv(f, f, cfg, rngs=rngs, stride=2))
         skips.append(f)
         res //= 2
     self.down, self.downsample = nnx.List(down), nnx.List(downsample)
@@ -298,11 +283,11 @@ class UNet(nnx.Module):
         f = f_out
       up.append(Level(widths_in, f_out, res in cfg.attention_resolutions, cfg, rngs=rngs))
       if i > 0:
-        upsample.append(Conv(f, f, cfg, rngs=rngs))
+        upsample.append(conv(f, f, cfg, rngs=rngs))
         res *= 2
     self.up, self.upsample = nnx.List(up), nnx.List(upsample)
-    self.out_norm = GroupNorm(f, cfg)
-    self.out_conv = Conv(f, cfg.channels, cfg, rngs=rngs, zero_init=True,
+    self.out_norm = group_norm(f, cfg)
+    self.out_conv = conv(f, cfg.channels, cfg, rngs=rngs, zero_init=True,
                          names=('conv_in', 'image'))
 
   def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, labels_B: jax.Array | None = None,
@@ -318,7 +303,7 @@ class UNet(nnx.Module):
     if cfg.num_classes:
       if labels_B is None:
         labels_B = jnp.full((b,), cfg.num_classes, jnp.int32)
-      emb_BxE = emb_BxE + jnp.take(self.class_embed[...], labels_B, axis=0).astype(cfg.dtype)
+      emb_BxE = emb_BxE + self.class_embed(labels_B)
     n_blocks = 2 * len(cfg.channel_mult) * cfg.num_res_blocks + len(cfg.channel_mult) + 2
     keys = (iter(jax.random.split(dropout_key, n_blocks)) if dropout_key is not None
             else iter([None] * n_blocks))

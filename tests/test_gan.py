@@ -97,13 +97,13 @@ def np_spectral(w, u):
 
 def np_discriminator(d: gan.Discriminator, x, labels):
   get = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
-  weight = lambda sw: np_spectral(get(sw.w), get(sw.u))  # noqa: E731
+  weight = lambda sn: np_spectral(get(sn.layer.kernel), get(sn.u))  # noqa: E731
   h = x.astype(np.float64)
   for i in range(len(d.cfg.d_channels)):
-    conv, bias = getattr(d, f'conv{i}'), getattr(d, f'conv{i}_bias')
-    h = np_conv_same(h, weight(conv), 2) + get(bias)
+    conv = getattr(d, f'conv{i}')
+    h = np_conv_same(h, weight(conv), 2) + get(conv.layer.bias)
     h = np.where(h >= 0, h, gan.LEAKY_SLOPE * h)
-  logits = np.einsum('bhwc,hwc->b', h, weight(d.read)[..., 0]) + get(d.read_bias)
+  logits = np.einsum('bhwc,hwc->b', h, weight(d.read)[..., 0]) + get(d.read.layer.bias)[0]
   scores = np.einsum('bhwc,hwck->bk', h, weight(d.project))
   return logits + scores[np.arange(len(labels)), labels]
 
@@ -140,15 +140,15 @@ def test_discriminator_and_r1_match_numpy():
 
 def test_spectral_norm_matches_svd():
   with nnx.use_eager_sharding(False):
-    layer = gan.SpectralWeight((3, 3, 4, 8), ('height', 'width', 'conv_in', 'conv_out'), 1.0,
-                               spectral_norm=True, power_iterations=1, param_dtype=jnp.float32,
-                               rngs=nnx.Rngs(1))
-  raw = np.asarray(layer.w[...]).reshape(-1, 8)
+    rngs = nnx.Rngs(1)
+    conv = nnx.Conv(4, 8, (3, 3), kernel_init=nnx.initializers.normal(1.0), rngs=rngs)
+    layer = gan.SpectralNorm(conv, enabled=True, power_iterations=1, rngs=rngs)
+  raw = np.asarray(layer.layer.kernel[...]).reshape(-1, 8)
   u0 = np.asarray(layer.u[...])
-  np.asarray(layer(update=False))
+  np.asarray(layer.kernel(update=False))
   np.testing.assert_array_equal(layer.u[...], u0)  # update=False keeps the vector
   for _ in range(60):
-    normalised = np.asarray(layer(update=True)).reshape(-1, 8)
+    normalised = np.asarray(layer.kernel(update=True)).reshape(-1, 8)
   singular = np.linalg.svd(raw, compute_uv=False)
   assert singular[1] < 0.95 * singular[0]  # a gap, so that 60 rounds converge
   np.testing.assert_allclose(np.linalg.svd(normalised, compute_uv=False)[0], 1.0, rtol=1e-4)
@@ -199,7 +199,7 @@ def test_one_step_changes_both_networks_and_lr_zero_changes_neither():
   # Every D weight moves (a bias can see a zero gradient: the hinge terms of real and fake
   # cancel when all are active, as at init).
   d_changed = changed(before.extras['d_params'], after.extras['d_params'])
-  assert all(v for k, v in d_changed.items() if k.endswith("['w']")), d_changed
+  assert all(v for k, v in d_changed.items() if k.endswith("['kernel']")), d_changed
   assert all(sn_vectors_changed(before.extras['sn'], after.extras['sn']))
   assert any(changed(before.extras['ema'], after.extras['ema']).values())
   assert int(after.step) == 1

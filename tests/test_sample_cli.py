@@ -95,4 +95,4 @@ def test_command_line_errors_are_one_line(lm_run, tmp_path):
   assert "cannot encode: 'é' (U+00E9)" in unknown.stderr and 'Traceback' not in unknown.stderr
   ok = run_sample(f'--workdir={lm_run}', '--prompt=def', '--num_samples=2', '--max_new_tokens=3')
   assert ok.returncode == 0, ok.stderr[-2000:]
-  assert ok.stdout.count('--- samples/text') == 2
+  assert ok.stdout.count('--- sample ') == 2

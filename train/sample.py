@@ -129,9 +129,10 @@ def _sample() -> None:
       samples = task.samples(state, f.seed + i)
       if jax.process_index() != 0:
         continue
-      for tag, sample in samples.items():
-        if isinstance(sample, str):
-          print(f'--- {tag} {i} (step {step}) ---\n{sample}')
+      texts = {tag: v for tag, v in samples.items() if isinstance(v, str)}
+      for tag, text in texts.items():
+        name = 'sample' if len(texts) == 1 else tag
+        print(f'--- {name} {i} (step {step}) ---\n{text}')
       if any(isinstance(v, np.ndarray) for v in samples.values()):
         if not f.out:
           raise ConfigError('This run samples images: give --out=FILE.png to write them.')
