@@ -56,15 +56,6 @@ def _tagged(out: str, tag: str) -> str:
   return f'{stem}_{re.sub(r"[^0-9A-Za-z]+", "_", tag)}{ext or ".png"}'
 
 
-def save_image_samples(task, state, out: str, scale: int = 1, seed: int | None = None) -> list[str]:
-  """Writes a task's image samples (`task.samples`) as PNGs at `out`, on process 0; returns
-  the paths written. E.g. `save_image_samples(*load_latest(dir)[:2], out)`.
-  """
-  with jax.set_mesh(mesh_lib.make_mesh(task.config.mesh)):  # as in training's evaluations
-    samples = task.samples(state, task.config.seed if seed is None else seed)
-  return write_image_samples(samples, out, scale) if jax.process_index() == 0 else []
-
-
 # Flags that set `config.sample.<key>` of a run whose task samples text from a prompt.
 _TEXT_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
 
