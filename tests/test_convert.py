@@ -17,17 +17,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch', reason='needs the hf extra: pip install -e ".[hf]"')
-transformers = pytest.importorskip('transformers',
-                                   reason='needs the hf extra: pip install -e ".[hf]"')
-safetensors_torch = pytest.importorskip('safetensors.torch')
+# The hf extra, part of the test extra: a broken install fails here instead of skipping.
+import safetensors.torch as safetensors_torch
+import torch
+import transformers
 
-from configs import lm  # noqa: E402
-from data import tokenizers  # noqa: E402
-from data.sources import DataError  # noqa: E402
-from model import convert  # noqa: E402
-from train import trainer  # noqa: E402
-from train.config import ConfigError  # noqa: E402
+from configs import lm
+from data import tokenizers
+from data.sources import DataError
+from model import convert
+from train import trainer
+from train.config import ConfigError
 
 VOCAB = 96
 SP_VOCAB = 384
