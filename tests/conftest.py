@@ -39,9 +39,9 @@ if _O0 not in os.environ.get('XLA_FLAGS', ''):  # workers inherit it already
 # The slowest tests that are not in a group, started first so that the two workers
 # finish together instead of one running a long test alone at the end.
 SLOW_FIRST = (
-    'test_diffusion.py::test_meshes_match_one_device_and_ema_recurrence',
-    'test_diffusion.py::test_generate_and_grid',
     'test_attention.py::test_training_with_pallas_matches_xla',
+    'test_diffusion.py::test_generate_and_grid',
+    'test_bench.py::test_every_implementation_runs_on_the_same_inputs_and_is_checked',
 )
 
 
