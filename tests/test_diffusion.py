@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from test_run import assert_trees_equal, restore
+from test_run import assert_trees_equal, flat, restore, scalars
 
 from configs import diffusion as diffusion_config
 from data import images
@@ -337,20 +337,6 @@ def test_meshes_match_one_device_and_ema_recurrence(straight):
     for name, x in want.items():
       np.testing.assert_allclose(got[name], x, rtol=0, atol=1e-4, err_msg=f'{key} {name}')
 
-
-def scalars(workdir, tag: str) -> dict[int, float]:
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0})
-  acc.Reload()
-  return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def flat(tree) -> dict[str, np.ndarray]:
-  """Leaves by path, whatever the containers (a checkpoint restores dicts of str keys)."""
-  def name(key):
-    return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
-  return {'/'.join(name(k) for k in path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_generate_and_grid():

@@ -25,7 +25,7 @@ from PIL import Image
 
 from configs import gan as gan_config
 from model import gan
-from tests.test_run import assert_trees_equal, restore
+from tests.test_run import assert_trees_equal, flat, restore, scalars
 from train import optim, trainer
 from train.config import ConfigError
 from train.tasks.gan import GANTask
@@ -407,17 +407,3 @@ def test_meshes_match_one_device(straight, tmp_path):
     for key, want in single_params.items():
       np.testing.assert_allclose(got[key], want, rtol=0, atol=5e-7, err_msg=f'{shape} {key}')
 
-
-def scalars(workdir, tag: str) -> dict[int, float]:
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0})
-  acc.Reload()
-  return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def flat(tree) -> dict[str, np.ndarray]:
-  """Leaves by path, whatever the containers (a checkpoint restores dicts of str keys)."""
-  def name(key):
-    return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
-  return {'/'.join(name(k) for k in path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -20,7 +20,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_run import restore
+from test_run import restore, scalars
 
 from configs import lm
 from data import lm_pipeline
@@ -105,14 +105,6 @@ def test_meshes_match_one_device(corpus, tmp_path):
                                  err_msg=f'{shape} {step}')
     assert_trees_close(restore(tmp_path / str(shape), steps), single_state, atol=1e-6,
                        msg=str(shape))
-
-
-def scalars(workdir, tag: str) -> dict[int, float]:
-  """The `tag` scalar of every logged step in `workdir`'s TensorBoard events."""
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0})
-  acc.Reload()
-  return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def assert_trees_close(a, b, atol: float, msg: str = '') -> None:
