@@ -6,12 +6,20 @@ small models), so subprocesses inherit two settings through the environment:
 a persistent compilation cache for the session (many tests train the same
 small model) and LLVM optimisation level 0, which halves compile time. Each
 test compares paths compiled the same way.
+
+The suite runs on two pytest-xdist workers (`addopts` in pyproject.toml). This
+file is imported by the controller first, before it starts the workers, and the
+workers inherit its environment: they all share the controller's compilation
+cache and classifier cache (written atomically, so a race costs time, never a
+wrong read), which the controller alone removes at exit.
 """
 
 import atexit
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['JAX_NUM_CPU_DEVICES'] = os.environ.get('KILN_TEST_DEVICES', '8')
@@ -27,5 +35,33 @@ if 'KILN_CACHE' not in os.environ:
 # The trainer runs its jitted step under this transfer guard (train/trainer.py): an implicit
 # host transfer inside any test's training step is an error.
 os.environ.setdefault('KILN_TRANSFER_GUARD', 'disallow')
-os.environ['XLA_FLAGS'] = ' '.join(
-    [os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
+_O0 = '--xla_backend_optimization_level=0'
+if _O0 not in os.environ.get('XLA_FLAGS', ''):  # workers inherit it already
+  os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), _O0]).strip()
+
+# The slowest tests that are not in a group, started first so that the two workers
+# finish together instead of one running a long test alone at the end.
+SLOW_FIRST = (  # 20, 16, 15 and 11 s alone on a quiet machine (2026-12-01)
+    'test_attention.py::test_training_with_pallas_matches_xla',
+    'test_diffusion.py::test_unet_shapes_and_conditioning',
+    'test_diffusion.py::test_generate_and_grid',
+    'test_bench.py::test_every_implementation_runs_on_the_same_inputs_and_is_checked',
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
+def pytest_collection_modifyitems(items):
+  """Tests that use the same module-scoped fixtures of their file (a trained run, an
+  import) run on one worker, so each fixture is built once (`--dist loadgroup`, which
+  starts the largest groups first); all other tests are spread one by one. Known slow
+  tests go first among those."""
+  for item in items:
+    path = item.nodeid.split('::')[0]
+    info = getattr(item, '_fixtureinfo', None)
+    shared = sorted({d.argname for defs in (info.name2fixturedefs.values() if info else ())
+                     for d in defs if d.scope in ('module', 'package') and d.baseid == path})
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(f'{path}:{",".join(shared)}'))
+  rank = lambda item: next(  # noqa: E731
+      (i for i, key in enumerate(SLOW_FIRST) if key in item.nodeid), len(SLOW_FIRST))
+  items.sort(key=rank)

@@ -18,6 +18,7 @@ from data.errors import ConfigError
 from kernels.attention_reference import attention_reference
 from model import attention as attention_lib
 from model import transformer
+from train import mesh as mesh_lib
 from train import trainer
 
 RNG = np.random.default_rng(7)
@@ -134,4 +135,11 @@ def test_batch_specs_name_real_mesh_axes():
   rules = dict(transformer.LOGICAL_AXIS_RULES)
   assert tuple(rules['batch']) == attention_lib.BATCH_AXES
   assert rules['heads'] == rules['kv_heads'] == attention_lib.HEAD_AXIS
-  assert P(attention_lib.BATCH_AXES) == P(('data', 'fsdp'))
+  # ... and as the trainer's mesh and batch sharding do: on the mesh the trainer builds, the
+  # kernel splits the batch over the axes the trainer shards batches over, heads over tensor.
+  mesh_cfg = lm.base().mesh
+  mesh_cfg.update(data=2, fsdp=2, tensor=2)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  assert mesh_lib.batch_sharding(mesh).spec == P(attention_lib.BATCH_AXES)
+  assert attention_lib._kernel_shards(mesh, 4, 8, 2) == (attention_lib.BATCH_AXES,
+                                                         attention_lib.HEAD_AXIS)

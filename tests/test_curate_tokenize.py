@@ -1,9 +1,11 @@
-"""data.tokenize's packed ArrayRecord shards, the LM loader's arrayrecord source, a few
-training steps on them, and the curation pipeline's perplexity filter on that run.
+"""data.tokenize's packed ArrayRecord shards (library and command line), the LM loader's
+arrayrecord source, a few training steps on them, and the curation pipeline's perplexity
+filter on that run.
 
 Oracles: the records against windows cut by hand from the tokenizer's own
-encoding of each document; the arrayrecord source against the jsonl source
-with the same tokenizer (the same batches, so the same grain pipeline); the
+encoding of each document; the command line's output against the library's;
+the arrayrecord source against the jsonl source with the same tokenizer (the
+same batches, so the same grain pipeline); the
 scorer's per-document NLL against the model run on each window alone, without
 padding or batching.
 """
@@ -89,6 +91,29 @@ def test_records_are_the_windows_of_the_token_stream(curated, tokens):
       last_start = np.maximum.accumulate(np.where(np.isin(offsets, starts), offsets, lo))
       np.testing.assert_array_equal(row['positions'], offsets - last_start)
       assert all(a.dtype == np.int32 for a in row.values())
+
+
+def test_command_line_writes_what_the_library_writes(curated, tokens, tmp_path):
+  out = tmp_path / 'out'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'data.tokenize', f'--input={curated}', f'--output={out}',
+       f'--seq_len={SEQ_LEN}', '--vocab_size=600', '--model_type=bpe', '--train_chars=1000000',
+       f'--val_fraction={VAL_FRACTION}', '--num_shards=3'],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  meta = json.loads((tokens / packed.META_FILE).read_text())
+  for split, info in meta['splits'].items():
+    assert (f'{split}: {info["documents"]:,} documents, {info["tokens"]:,} tokens, '
+            f'{info["records"]:,} records of seq_len {SEQ_LEN} in 3 shards') in proc.stdout
+  assert f'--config.data.source=arrayrecord --config.data.path={out}' in proc.stdout
+  assert (out / 'tokenizer' / 'spm.model').read_bytes() == (
+      tokens / 'tokenizer' / 'spm.model').read_bytes()
+  for split in ('train', 'validation'):
+    ours, theirs = (packed.PackedWindows(str(d), split, SEQ_LEN) for d in (out, tokens))
+    assert len(ours) == len(theirs) > 0
+    for i in range(len(ours)):
+      for key, x in theirs[i].items():
+        np.testing.assert_array_equal(ours[i][key], x, err_msg=f'{split} {i} {key}')
 
 
 def lm_data(**overrides):

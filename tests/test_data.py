@@ -362,7 +362,7 @@ def test_unknown_tfds_dataset_is_a_clear_error(tmp_path):
 @pytest.fixture(scope='module')
 def toy_tfds_dir(tmp_path_factory):
   """A tiny TFDS dataset prepared as array_record (readable without tensorflow)."""
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds  # a dependency: a broken install fails here
 
   class KilnToyText(tfds.core.GeneratorBasedBuilder):  # registers itself by this name
     VERSION = tfds.core.Version('1.0.0')

@@ -5,7 +5,9 @@ N(mu, s^2) the ideal denoiser E[x0 | x_t] is known in closed form, so each sampl
 must reproduce mu and s^2 (and, with guidance between two Gaussians of equal variance, the
 guided mean mu_u + g (mu_c - mu_u), whose diffused score is exactly the guided one); DDPM
 against DDIM with eta = 1 (the same chain written two ways); a run cut and resumed against one
-straight through; every mesh against one device; the EMA against its recurrence.
+straight through; every mesh against one device (losses, gradient norms, weights); the EMA
+against its recurrence; samples of a random non-zero U-Net that change with its weights, the
+labels and the guidance scale.
 """
 
 import math
@@ -16,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from test_run import assert_trees_equal, restore
+from test_run import assert_trees_equal, flat, restore, scalars
 
 from configs import diffusion as diffusion_config
 from data import images
@@ -260,29 +262,46 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
   c.checkpoint.update(every=1000, async_save=False)
   c.model = small_model_config(dropout=0.1, channel_mult=(1,), attention_resolutions=(8,),
                                head_dim=2)
-  c.optimizer.update(warmup_steps=1, decay_steps=20)
+  # Adam's eps well above the rounding noise of gradients that nearly cancel (class
+  # embedding rows of rare labels): at 1e-8, Adam turns that noise into steps of about
+  # +-lr, and the same run on two meshes then ends 1e-3 apart in those weights.
+  c.optimizer.update(warmup_steps=1, decay_steps=20, eps=1e-4)
   c.update_from_flattened_dict(overrides)
   c.lock()
   return c
 
 
-def test_resume_is_exact(tmp_path):
-  overrides = {'checkpoint.every': 2}
-  straight = trainer.train_and_evaluate(small_config(steps=4, **overrides), str(tmp_path / 'a'))
-  first = trainer.train_and_evaluate(small_config(steps=2, **overrides), str(tmp_path / 'b'))
-  second = trainer.train_and_evaluate(small_config(steps=4, **overrides), str(tmp_path / 'b'))
+MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}  # splits along all three axes
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """4 steps on a 2x2x2 mesh, checkpoints at 2 and 4: the run the resume and mesh tests
+  compare against. (The GAN test splits convolutions 8 ways over fsdp and tensor; the LM
+  test covers 8-way data and FSDP meshes of the same trainer.)"""
+  workdir = tmp_path_factory.mktemp('straight')
+  config = small_config(steps=4, **MESH, **{'checkpoint.every': 2})
+  return workdir, trainer.train_and_evaluate(config, str(workdir)).losses
+
+
+def test_resume_is_exact(straight, tmp_path):
+  straight_dir, straight_losses = straight
+  overrides = {**MESH, 'checkpoint.every': 2}
+  first = trainer.train_and_evaluate(small_config(steps=2, **overrides), str(tmp_path))
+  second = trainer.train_and_evaluate(small_config(steps=4, **overrides), str(tmp_path))
   assert sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
-  assert {**first.losses, **second.losses} == straight.losses  # bitwise
-  final = restore(tmp_path / 'b', 4)
+  assert {**first.losses, **second.losses} == straight_losses  # bitwise
+  final = restore(tmp_path, 4)
   assert int(final['step']) == 4
-  assert_trees_equal(restore(tmp_path / 'a', 4), final)
+  assert_trees_equal(restore(straight_dir, 4), final)
   # The EMA is saved, and it is not the parameters.
   assert not np.array_equal(final['extras']['ema']['stem']['kernel'],
                             final['params']['stem']['kernel'])
 
 
-def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
-  steps = 2
+def test_meshes_match_one_device_and_ema_recurrence(straight):
+  straight_dir, straight_losses = straight
+  steps = 4
   config = small_config(steps=steps)
   # One device, without the trainer: the same seed's init and the same batches.
   task = DiffusionTask(config)
@@ -290,39 +309,70 @@ def test_meshes_match_one_device_and_ema_recurrence(tmp_path):
                                  eval_steps=0, process_index=0, process_count=1)
   state = jax.jit(task.init_state)(jax.random.key(config.seed))
   step_fn = jax.jit(lambda s, b: task.train_step(s, b, {}))
-  single, ema = {}, state.extras['ema']
+  single, grad_norms, ema = {}, {}, state.extras['ema']
   for step in range(1, steps + 1):
     state, metrics = step_fn(state, next(data.train))
-    single[step] = float(metrics['loss'])
+    single[step], grad_norms[step] = float(metrics['loss']), float(metrics['grad_norm'])
     decay = min(config.ema.decay, step / (9.0 + step))  # (1 + s) / (10 + s) at s = step - 1
     ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, ema, state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                state.extras['ema'], ema)
 
-  # (2, 2, 2) splits along all three axes at once. (The GAN test splits convolutions 8 ways
-  # over fsdp and tensor; the LM test covers 8-way data and FSDP meshes of the same trainer.)
-  for shape in [(2, 2, 2)]:
-    config = small_config(**{'mesh.data': shape[0], 'mesh.fsdp': shape[1],
-                             'mesh.tensor': shape[2], 'steps': steps})
-    losses = trainer.train_and_evaluate(config, str(tmp_path / str(shape))).losses
-    assert sorted(losses) == sorted(single), shape
-    for step in single:
-      np.testing.assert_allclose(losses[step], single[step], rtol=1e-4, err_msg=f'{shape} {step}')
+  assert sorted(straight_losses) == sorted(single)
+  for step in single:
+    np.testing.assert_allclose(straight_losses[step], single[step], rtol=1e-4, err_msg=str(step))
+  # Adam barely reacts to a gradient scaled by an axis size, so the losses alone would let a
+  # sum instead of a mean over fsdp or tensor through; the gradient norms would not (2 to 8
+  # times off). Largest differences measured against one device (2026-12-01): 3.3e-7
+  # relative in grad_norm (tolerance 6x that); 2.3e-5 absolute in the weights after 4 steps
+  # at lr 1e-3, where Adam divides a gradient that nearly cancels, and so is summed in
+  # another order on each mesh, by its own size (tolerance 4x that, a tenth of one step).
+  logged = scalars(straight_dir, 'train/grad_norm')
+  assert sorted(logged) == sorted(grad_norms)
+  for step, want in grad_norms.items():
+    np.testing.assert_allclose(logged[step], want, rtol=2e-6, err_msg=str(step))
+  saved = restore(straight_dir, steps)
+  for key in ('params', 'ema'):
+    got, want = flat(saved[key]), flat(state[key])
+    assert sorted(got) == sorted(want), key
+    for name, x in want.items():
+      np.testing.assert_allclose(got[name], x, rtol=0, atol=1e-4, err_msg=f'{key} {name}')
+
 
 
 def test_generate_and_grid():
   config = small_config(**{'sample.steps': 3, 'sample.batch_size': 6, 'sample.grid_rows': 4})
   task = DiffusionTask(config)
   state = jax.jit(task.init_state)(jax.random.key(0))
+  # A fresh U-Net's output layer is zero (ADM's init), so its samples would not depend on
+  # the network at all: random non-zero weights make every input of it count.
+  fresh = state.extras['ema']
+  leaves, treedef = jax.tree.flatten(fresh)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                              for x, k in zip(leaves, keys, strict=True)])
+  state = state.replace(extras={'ema': params})
   grid = task.samples(state, config.seed)['samples/grid']
   # 4 x 4 images of 8 x 8 on a 1-pixel lattice, in batches of 6 (the last one padded).
   assert grid.dtype == np.uint8 and grid.shape == (4 * 9 + 1, 4 * 9 + 1, 1)
+  assert grid.std() > 0
   labels = np.arange(10, dtype=np.int32) % 10
-  x = task.generate(state.extras['ema'], labels, seed=3)
+  x = task.generate(params, labels, seed=3)
   assert x.shape == (10, 8, 8, 1) and np.all(np.abs(x) <= 1.0)
-  # Images do not depend on which batch they were drawn in beyond their own key and label:
-  # the same call gives the same images.
-  np.testing.assert_array_equal(task.generate(state.extras['ema'], labels, seed=3), x)
+  # The same call gives the same images: they depend only on the seed, labels and network.
+  np.testing.assert_array_equal(task.generate(params, labels, seed=3), x)
+
+  def differ(a, b):  # image by image
+    return [not np.allclose(p, q, atol=1e-3) for p, q in zip(a, b, strict=True)]
+
+  # Each of them depends on the network, on its own label, and on the guidance scale (the
+  # same noise: the seed and the batching are the same).
+  assert all(differ(task.generate(fresh, labels, seed=3), x))
+  assert all(differ(task.generate(params, (labels + 1) % 10, seed=3), x))
+  assert config.sample.guidance_scale != 1.0
+  unguided = DiffusionTask(small_config(**{'sample.steps': 3, 'sample.batch_size': 6,
+                                           'sample.guidance_scale': 1.0}))
+  assert all(differ(unguided.generate(params, labels, seed=3), x))
 
 
 @pytest.mark.parametrize('overrides, message', [

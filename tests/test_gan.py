@@ -5,8 +5,15 @@ discriminator (its logits, and R1 by central finite differences of it); numpy's
 SVD for spectral normalisation; the step's own inputs (a zero learning rate
 changes no parameter, a poisoned batch is skipped); zero EMA weights that
 must give zero images; equivalent paths (a run stopped and resumed against one
-straight through, every mesh against one device).
+straight through, every mesh against one device in losses, gradient norms and
+weights); a real run's last evaluation in its TensorBoard events (FD, KID,
+cond_acc, the sample grid), and `train.sample --out` drawing that same grid.
 """
+
+import io
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +21,16 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from configs import gan as gan_config
 from data.errors import ConfigError
 from model import gan
+from tests.test_run import assert_trees_equal, flat, restore, scalars
 from train import optim, trainer
 from train.tasks.gan import GANTask
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 
 # A conditional GAN with spectral norm, R1 and two D steps per G step, small enough to
@@ -308,16 +318,55 @@ def run_in_process(workdir, **overrides):
   return trainer.train_and_evaluate(small_config(**overrides), str(workdir))
 
 
+# The one evaluation of the suite's image runs: at the last step, of few samples, with a
+# feature classifier trained briefly (its scores need only be sane here; test_image_eval.py
+# checks a well-trained one).
+EVAL = {'eval_every': STEPS, 'eval.num_samples': 40, 'eval.classifier_steps': 50}
+
+
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
-  """STEPS steps on a 2x2x2 mesh of the 8 fake devices."""
+  """STEPS steps on a 2x2x2 mesh of the 8 fake devices, evaluated at the last."""
   workdir = tmp_path_factory.mktemp('straight')
   mesh = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-  return workdir, run_in_process(workdir, **mesh).losses, mesh
+  return workdir, run_in_process(workdir, **mesh, **EVAL).losses, mesh
+
+
+def test_evaluation_reaches_tensorboard(straight):
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  workdir = straight[0]
+  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0, 'images': 0})
+  acc.Reload()
+  evals = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+           for tag in acc.Tags()['scalars'] if tag.startswith('eval/')}
+  for tag in ('eval/fd', 'eval/kid', 'eval/fd_floor', 'eval/kid_floor', 'eval/cond_acc',
+              'eval/loss'):
+    assert [step for step, _ in evals.get(tag, [])] == [STEPS], (tag, sorted(evals))
+  value = {tag: v[0][1] for tag, v in evals.items()}
+  assert all(np.isfinite(v) for v in value.values()), value
+  assert value['eval/fd'] >= 0 and value['eval/fd_floor'] >= 0
+  # Six steps from the init: far from the data, farther than held-out images are.
+  assert value['eval/fd'] > value['eval/fd_floor'], value
+  assert 0 <= value['eval/cond_acc'] <= 1
+
+  [grid] = acc.Images('samples/grid')
+  assert grid.step == STEPS
+  pixels = np.asarray(Image.open(io.BytesIO(grid.encoded_image_string)))
+  rows = small_config().sample.grid_rows
+  assert pixels.shape == (grid.height, grid.width) == (rows * 9 + 1,) * 2  # 8x8, 1-pixel lattice
+  assert pixels.std() > 0
+
+  # train.sample --out draws the same grid from the last checkpoint, as a PNG scaled 2x.
+  out = workdir / 'grid.png'
+  proc = subprocess.run(
+      [sys.executable, '-m', 'train.sample', f'--workdir={workdir}', f'--out={out}',
+       '--scale=2'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(out)),
+                                pixels.repeat(2, axis=0).repeat(2, axis=1))
 
 
 def test_resume_is_exact(straight, tmp_path):
-  from tests.test_run import assert_trees_equal, restore
   straight_dir, straight_losses, mesh = straight
   first = run_in_process(tmp_path, **mesh, steps=3).losses
   second = run_in_process(tmp_path, **mesh).losses
@@ -341,10 +390,12 @@ def test_meshes_match_one_device(straight, tmp_path):
   data = task.setup_data(str(tmp_path), 0, 1)
   state = jax.jit(task.init_state)(jax.random.key(config.seed))
   step_fn = jax.jit(lambda s, b: task.train_step(s, b, {}))
-  single = {}
+  single, norms = {}, {'grad_norm': {}, 'd_grad_norm': {}}
   for step in range(1, STEPS + 1):
     state, metrics = step_fn(state, next(data))
     single[step] = float(metrics['loss'])
+    for name, by_step in norms.items():
+      by_step[step] = float(metrics[name])
 
   assert single[STEPS] != single[1]
   for shape, run_losses in results.items():
@@ -352,3 +403,25 @@ def test_meshes_match_one_device(straight, tmp_path):
     for step in single:
       np.testing.assert_allclose(run_losses[step], single[step], rtol=1e-4,
                                  err_msg=f'{shape} {step}')
+
+  # Adam barely reacts to a gradient scaled by an axis size, so the losses alone would let
+  # a sum instead of a mean over fsdp or tensor through; G's and D's gradient norms would
+  # not (they would be 2 to 8 times off). Largest differences measured against one device
+  # (2026-12-01, meshes (2,2,2), (1,8,1), (1,1,8)): 4.4e-7 relative in the norms, 1.2e-7
+  # absolute in the final G, D and EMA weights; the tolerances are about 4x those.
+  dirs = {(2, 2, 2): straight[0], **{shape: tmp_path / str(shape) for shape in results
+                                     if shape != (2, 2, 2)}}
+  single_params = flat({k: state[k] for k in ('g_params', 'd_params', 'ema_params')})
+  for shape, workdir in dirs.items():
+    for name, by_step in norms.items():
+      logged = scalars(workdir, f'train/{name}')
+      assert sorted(logged) == sorted(by_step), (shape, name)
+      for step in by_step:
+        np.testing.assert_allclose(logged[step], by_step[step], rtol=2e-6,
+                                   err_msg=f'{shape} {name} {step}')
+    saved = restore(workdir, STEPS)
+    got = flat({k: saved[k] for k in ('g_params', 'd_params', 'ema_params')})
+    assert sorted(got) == sorted(single_params), shape
+    for key, want in single_params.items():
+      np.testing.assert_allclose(got[key], want, rtol=0, atol=5e-7, err_msg=f'{shape} {key}')
+

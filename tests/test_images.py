@@ -273,7 +273,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_unknown_or_unprepared_tfds_dataset_is_a_clear_error(tmp_path):
-  pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets  # noqa: F401  (a dependency: a broken install fails here)
   cfg = data_config(source='tfds', name='no_such_dataset_kiln', data_dir=str(tmp_path))
   with pytest.raises(DataError, match='no TFDS dataset'):
     images.load_split(cfg, 'train')
@@ -284,7 +284,7 @@ def test_unknown_or_unprepared_tfds_dataset_is_a_clear_error(tmp_path):
 
 def test_tfds_image_dataset_by_name(tmp_path):
   """A tiny TFDS image dataset prepared here as array_record (no download, no tensorflow)."""
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds
   rng = np.random.default_rng(4)
   pixels = rng.integers(0, 256, (7, 4, 4, 1), dtype=np.uint8)
 

@@ -99,6 +99,22 @@ def losses(workdir: pathlib.Path) -> dict[int, list[float]]:
   return out
 
 
+def scalars(workdir, tag: str) -> dict[int, float]:
+  """The `tag` scalar of every logged step in `workdir`'s TensorBoard events (the last
+  value where a step was logged twice)."""
+  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0})
+  acc.Reload()
+  return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """Leaves by path, whatever the containers (a checkpoint restores dicts of str keys)."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+  return {'/'.join(name(k) for k in path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def step_dirs(workdir: pathlib.Path) -> list[int]:
   """The steps that appear as checkpoint directories (orbax's temporary ones have suffixes)."""
   directory = workdir / 'checkpoints'
