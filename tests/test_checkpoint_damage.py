@@ -124,7 +124,7 @@ def test_each_kind_of_damage_falls_back_one_checkpoint(corpus, run, kind):
     state, step = ckpt.restore_newest_good(target, data_iter)
   finally:
     ckpt.close()
-  assert (step, int(state['step'])) == (4, 4)
+  assert (step, int(state.step)) == (4, 4)
   assert set_aside(run, 'damaged') == ['6']
   assert sorted(p.name for p in (run / 'checkpoints').iterdir() if p.name.isdigit()) == ['2', '4']
 
