@@ -6,18 +6,20 @@ complete, so a process killed mid-save leaves the earlier checkpoints intact
 and the half-written one invisible.
 """
 
-import os
-
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from data import storage
+
 
 class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    # orbax writes arrays through TensorStore and the rest through etils.epath, so a
+    # gs:// workdir works as a local one.
+    self.directory = storage.absolute(workdir) / 'checkpoints'
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         enable_async_checkpointing=ckpt_cfg.async_save,
@@ -60,8 +62,8 @@ def restore_subtree(workdir: str, key: str, abstract_subtree):
 
   Returns (subtree, step), or (None, None) when `workdir` has no checkpoint.
   """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = storage.absolute(workdir) / 'checkpoints'
+  if not directory.is_dir():
     return None, None
   with ocp.CheckpointManager(directory) as manager:
     step = manager.latest_step()
@@ -71,5 +73,5 @@ def restore_subtree(workdir: str, key: str, abstract_subtree):
   args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(item))
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(directory, str(step), 'state'), args=args)
+    restored = checkpointer.restore(directory / str(step) / 'state', args=args)
   return restored[key], step

@@ -5,14 +5,15 @@ Sections, top to bottom: mesh -> data -> state -> shard & jit -> checkpoint
 """
 
 import dataclasses
-import os
 import signal
 import time
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
+from data import storage
 from train import checkpoint
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
@@ -105,10 +106,8 @@ def evaluate(task: Task, eval_step, state, batch_sharding) -> dict[str, float]:
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
+    storage.write_atomic(epath.Path(workdir) / 'config.json',
+                         config.to_json_best_effort(indent=2).encode())
 
 
 @dataclasses.dataclass
@@ -125,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   task = validate(config, jax.device_count(), jax.process_count())
   mesh = mesh_lib.make_mesh(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info('Mesh %s on %d devices in %d processes.', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
