@@ -333,3 +333,15 @@ def test_arrayrecord_shards_from_a_url_are_the_local_ones(gcs, tmp_path):
   assert packed.adopt_tokenizer(url, workdir).vocab_size == tokenizers.ByteTokenizer.vocab_size
   assert gcs.cat(f'{BUCKET}/adopting/tokenizer/{tokenizers.META_FILE}') == (
       local / 'tokenizer' / tokenizers.META_FILE).read_bytes()
+
+
+def test_events_reach_the_bucket_before_close(gcs, tmp_path):
+  """With sync_secs=0 every event is copied up at once: a killed run loses none."""
+  from train import metrics
+  writer = metrics.SummaryWriter(f'gs://{BUCKET}/events', sync_secs=0.0)
+  for step in (1, 2, 3):
+    writer.scalars(step, {'train/loss': 1.0 / step})
+  synced = gs_losses(gcs, 'events', tmp_path / 'before_close')
+  writer.close()
+  assert synced == {step: [np.float32(1.0 / step)] for step in (1, 2, 3)}
+  assert not os.path.exists(writer._staging.local)  # the local copy goes at close
