@@ -13,6 +13,8 @@ Sources (`data.source`), each split into 'train' and 'test':
   npz            a .npz with `images` [N, H, W(, C)] uint8 and `labels` [N]; optional
                  `test_images` and `test_labels`, otherwise a fixed eval_fraction is held out.
 
+data.path may be a local path or a URL (gs://...), read through etils.epath.
+
 Whole splits are loaded once per process and kept in memory as uint8. The
 data must match data.image_size, data.channels and data.num_classes (the model
 is built from them before any data is read); otherwise DataError names the
@@ -27,14 +29,16 @@ float32 [b, H, W, C] in [-1, 1] and 'labels' int32 [b], b = batch / P.
 import dataclasses
 import functools
 import gzip
+import io
 import os
 from collections.abc import Callable, Iterator
 
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 
-from data import lm_pipeline, sources
+from data import lm_pipeline, sources, storage
 from data.errors import DataError, check_choice, check_positive, require
 
 SOURCES = ('digits', 'fashion_mnist', 'tfds', 'folder', 'npz')
@@ -180,12 +184,11 @@ def load_split(cfg_data: ml_collections.ConfigDict, split: str) -> tuple[np.ndar
 
 
 def _stamp(path: str) -> tuple[int, int] | None:
-  """(mtime, size) of data.path: a rewritten file is read again, not served from the cache."""
+  """(size, mtime) of data.path: a rewritten file is read again, not served from the cache."""
   try:
-    stat = os.stat(os.path.expanduser(path)) if path else None
+    return storage.stamp(os.path.expanduser(path)) if path else None
   except OSError:
     return None
-  return (stat.st_mtime_ns, stat.st_size) if stat else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -252,16 +255,17 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 # --- IDX (MNIST-style) files -----------------------------------------------------
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str | os.PathLike) -> np.ndarray:
   """The array in an IDX file (gzipped when the name ends in .gz)."""
-  opener = gzip.open if path.endswith('.gz') else open
+  gzipped = os.fspath(path).endswith('.gz')
   try:
-    with opener(path, 'rb') as f:
-      data = f.read()
+    data = epath.Path(path).read_bytes()
+    if gzipped:
+      data = gzip.decompress(data)
   except FileNotFoundError:
     raise DataError(f'{path} does not exist.') from None
   except (OSError, EOFError) as e:
-    raise DataError(f'{path} is not readable as {"gzip" if opener is gzip.open else "a file"}: '
+    raise DataError(f'{path} is not readable as {"gzip" if gzipped else "a file"}: '
                     f'{e}.') from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise DataError(f'{path} is not an IDX file (bad magic number {data[:4].hex()}).')
@@ -277,8 +281,8 @@ def read_idx(path: str) -> np.ndarray:
 def _idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   arrays = []
   for base in _IDX_FILES[split]:
-    candidates = [os.path.join(directory, base + '.gz'), os.path.join(directory, base)]
-    found = [p for p in candidates if os.path.exists(p)]
+    candidates = [epath.Path(directory) / (base + '.gz'), epath.Path(directory) / base]
+    found = [p for p in candidates if p.exists()]
     if not found:
       raise DataError(
           f'{candidates[0]} does not exist. Install Fashion-MNIST with `sudo apt-get install '
@@ -329,29 +333,29 @@ def _tfds_split(name: str, data_dir: str, split: str) -> tuple[np.ndarray, np.nd
 
 
 def _folder_split(path: str, eval_fraction: float, split: str) -> tuple[np.ndarray, np.ndarray]:
-  root = os.path.expanduser(path)
-  if not os.path.isdir(root):
+  root = epath.Path(os.path.expanduser(path))
+  if not root.is_dir():
     raise DataError(f'data.path={path!r} is not a directory; give a folder of images '
                     '(one subfolder per class).')
-  if os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(os.path.join(root, 'test')):
-    return _read_folder(os.path.join(root, split))
+  if (root / 'train').is_dir() and (root / 'test').is_dir():
+    return _read_folder(root / split)
   return _holdout(*_read_folder(root), eval_fraction, split)
 
 
-def _read_folder(root: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_folder(root: epath.Path) -> tuple[np.ndarray, np.ndarray]:
   """Images of `root`: class i = the i-th subfolder (sorted); or class 0 if there are none."""
   from PIL import Image  # only this source needs Pillow
 
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  groups = [(i, os.path.join(root, d)) for i, d in enumerate(classes)] or [(0, root)]
+  classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+  groups = [(i, root / d) for i, d in enumerate(classes)] or [(0, root)]
   images, labels = [], []
   for label, directory in groups:
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(p.name for p in directory.iterdir()):
       if not name.lower().endswith(_IMAGE_SUFFIXES):
         continue
-      file = os.path.join(directory, name)
+      file = directory / name
       try:
-        with Image.open(file) as image:
+        with Image.open(io.BytesIO(file.read_bytes())) as image:
           mode = {'1': 'L', 'P': 'RGB', 'LA': 'L', 'RGBA': 'RGB', 'I;16': 'L'}.get(image.mode,
                                                                                  image.mode)
           array = np.asarray(image.convert(mode))
@@ -371,12 +375,12 @@ def _read_folder(root: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _npz_split(path: str, eval_fraction: float, split: str) -> tuple[np.ndarray, np.ndarray]:
-  file = os.path.expanduser(path)
-  if not os.path.isfile(file):
+  file = epath.Path(os.path.expanduser(path))
+  if not file.is_file():
     raise DataError(f'data.path={path!r} does not exist; give an .npz file with `images` and '
                     '`labels`.')
   try:
-    with np.load(file, allow_pickle=False) as npz:
+    with file.open('rb') as f, np.load(f, allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
   except (OSError, ValueError) as e:
     raise DataError(f'{path} is not a readable .npz file: {e}.') from None

@@ -2,7 +2,9 @@
 
 Each split's documents are tokenized once into one flat stream (each document
 prefixed by BOS when the tokenizer has one) and cached as .npy under
-`{workdir}/data/<hash of data and tokenizer>/`, so reruns skip tokenizing.
+`{workdir}/data/<hash of data and tokenizer>/`, so reruns skip tokenizing. A
+local cache is memory-mapped; one under a URL workdir (gs://) is built in a
+local temporary directory, copied up, and read back whole into memory.
 
 Example i is the window stream[i*L : i*L + L + 1] (stride L, no overlap), with
 documents packed back to back (data/windows.py).
@@ -26,8 +28,9 @@ import grain
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from data import packed, sources, tokenizers
+from data import packed, sources, storage, tokenizers
 from data.errors import DataError
 from data.windows import TokenWindows
 
@@ -162,11 +165,12 @@ def _shard_and_batch(ds: grain.MapDataset, windows, global_batch_size: int, proc
 
 def token_stream(data_cfg: ml_collections.ConfigDict, split: str,
                  tokenizer: tokenizers.Tokenizer,
-                 cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [N], doc_starts [D]) of `split`, memory-mapped from the cache (built if absent)."""
-  tokens_path = os.path.join(cache_dir, f'{split}.tokens.npy')
-  starts_path = os.path.join(cache_dir, f'{split}.doc_starts.npy')
-  if not os.path.exists(tokens_path):
+                 cache_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [N], doc_starts [D]) of `split`, from the cache (built if absent)."""
+  cache_dir = epath.Path(cache_dir)
+  tokens_path = cache_dir / f'{split}.tokens.npy'
+  starts_path = cache_dir / f'{split}.doc_starts.npy'
+  if not tokens_path.exists():
     logging.info('Tokenizing the %s split into %s.', split, cache_dir)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     docs = sources.read_documents(data_cfg, split)
@@ -175,6 +179,9 @@ def token_stream(data_cfg: ml_collections.ConfigDict, split: str,
     if getattr(tokenizer, 'unknown_chars', 0):
       logging.warning('Dropped %d characters that are not in the char vocabulary (so far).',
                       tokenizer.unknown_chars)
+  if storage.is_remote(cache_dir):  # np.load cannot memory-map a URL
+    return (np.load(io.BytesIO(tokens_path.read_bytes())),
+            np.load(io.BytesIO(starts_path.read_bytes())))
   return np.load(tokens_path, mmap_mode='r'), np.load(starts_path)
 
 
@@ -193,9 +200,16 @@ def _encode(docs: Iterable[str], tokenizer: tokenizers.Tokenizer,
     yield [np.asarray(bos + ids, dtype) for ids in tokenizer.encode_batch(chunk)]
 
 
-def _write_stream(chunks: Iterator[list[np.ndarray]], tokens_path: str, starts_path: str,
-                  dtype) -> None:
+def _write_stream(chunks: Iterator[list[np.ndarray]], tokens_path: epath.Path,
+                  starts_path: epath.Path, dtype) -> None:
   """Streams the token arrays to disk, then writes both .npy files atomically."""
+  if storage.is_remote(tokens_path):  # build both files locally, then copy them up
+    with tempfile.TemporaryDirectory(prefix='kiln-tokens-') as local:
+      local_tokens, local_starts = (epath.Path(local) / p.name for p in (tokens_path, starts_path))
+      _write_stream(chunks, local_tokens, local_starts, dtype)
+      for src, dst in ((local_starts, starts_path), (local_tokens, tokens_path)):  # tokens last
+        src.copy(dst, overwrite=True)
+    return
   directory = os.path.dirname(tokens_path)
   os.makedirs(directory, exist_ok=True)
   starts, n = [], 0
@@ -207,11 +221,11 @@ def _write_stream(chunks: Iterator[list[np.ndarray]], tokens_path: str, starts_p
           n += len(ids)
           raw.write(ids.tobytes())
     raw.flush()
-    tokenizers.write_atomic(starts_path, _npy_bytes(np.asarray(starts, np.int64)))
+    storage.write_atomic(starts_path, _npy_bytes(np.asarray(starts, np.int64)))
     _copy_to_npy(raw, n, dtype, tokens_path)
 
 
-def _copy_to_npy(raw, n: int, dtype, path: str) -> None:
+def _copy_to_npy(raw, n: int, dtype, path: os.PathLike) -> None:
   """Writes the n raw tokens in file `raw` as the .npy `path` (atomically), without loading all."""
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
   os.close(fd)
@@ -235,35 +249,33 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _cache_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> str:
+def _cache_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """`{workdir}/data/<key>`: the key changes with anything that changes the tokens."""
   key = {
       'data': {k: data_cfg[k] for k in ('source', 'path', 'name', 'data_dir', 'text_field',
                                          'val_fraction')},
-      'tokenizer': _files_digest(os.path.join(workdir, 'tokenizer')),
+      'tokenizer': _files_digest(epath.Path(workdir) / 'tokenizer'),
       'inputs': _input_fingerprint(data_cfg),
   }
   blob = json.dumps(key, sort_keys=True).encode()
-  directory = os.path.join(workdir, 'data', hashlib.sha256(blob).hexdigest()[:16])
-  if not os.path.exists(os.path.join(directory, 'key.json')):
-    tokenizers.write_atomic(os.path.join(directory, 'key.json'), blob)  # for people
+  directory = epath.Path(workdir) / 'data' / hashlib.sha256(blob).hexdigest()[:16]
+  if not (directory / 'key.json').exists():
+    storage.write_atomic(directory / 'key.json', blob)  # for people
   return directory
 
 
-def _files_digest(directory: str) -> str:
+def _files_digest(directory: epath.Path) -> str:
   digest = hashlib.sha256()
-  for name in sorted(os.listdir(directory)):
-    if not name.startswith('.'):
-      with open(os.path.join(directory, name), 'rb') as f:
-        digest.update(name.encode() + f.read())
+  for path in sorted(directory.iterdir(), key=lambda p: p.name):
+    if not path.name.startswith('.'):
+      digest.update(path.name.encode() + path.read_bytes())
   return digest.hexdigest()
 
 
 def _input_fingerprint(data_cfg: ml_collections.ConfigDict) -> list:
   """What identifies the input files: their names, sizes and mtimes (or the stdlib's)."""
   if data_cfg.source in ('text', 'jsonl'):
-    return [(p, os.path.getsize(p), os.stat(p).st_mtime_ns)
-            for p in sources.expand_path(data_cfg.path)]
+    return [(p, *storage.stamp(p)) for p in sources.expand_path(data_cfg.path)]
   if data_cfg.source == 'stdlib':
     return [sources.stdlib_root(), sys.version]
   return []

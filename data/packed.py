@@ -16,14 +16,14 @@ positions) that `windows.TokenWindows` makes from the stream; the
 shuffling, process sharding and batching are the LM pipeline's own.
 """
 
-import filecmp
 import json
 import os
 
 import grain
 import numpy as np
+from etils import epath
 
-from data import tokenizers
+from data import storage, tokenizers
 from data.errors import DataError
 from data.windows import TokenWindows
 
@@ -50,12 +50,11 @@ def encode_record(tokens_W: np.ndarray, doc_starts: np.ndarray, start: int, seq_
 
 
 def read_meta(directory: str) -> dict:
-  path = os.path.join(directory, META_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / META_FILE
+  if not path.exists():
     raise DataError(f'data.path={directory!r} has no {META_FILE}; make packed shards with '
                     '`python -m data.tokenize --input=CURATED_DIR --output=DIR`.')
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(path.read_text())
   if meta.get('format') != FORMAT_VERSION:
     raise DataError(f'{path} is format {meta.get("format")!r}; this Kiln reads format '
                     f'{FORMAT_VERSION}. Re-run python -m data.tokenize.')
@@ -105,16 +104,15 @@ def adopt_tokenizer(directory: str, workdir: str) -> tokenizers.Tokenizer:
   cache that resuming and `python -m train.sample` read). A workdir that
   already holds a different tokenizer is an error.
   """
-  source = os.path.join(directory, 'tokenizer')
-  target = os.path.join(workdir, 'tokenizer')
-  names = sorted(n for n in os.listdir(source) if not n.startswith('.')) \
-      if os.path.isdir(source) else []
+  source = epath.Path(directory) / 'tokenizer'
+  target = epath.Path(workdir) / 'tokenizer'
+  names = sorted(p.name for p in source.iterdir() if not p.name.startswith('.')) \
+      if source.is_dir() else []
   if tokenizers.META_FILE not in names:
     raise DataError(f'data.path={directory!r} has no tokenizer/{tokenizers.META_FILE}; make '
                     'the shards with python -m data.tokenize.')
-  if os.path.exists(os.path.join(target, tokenizers.META_FILE)):
-    same = all(os.path.exists(os.path.join(target, n))
-               and filecmp.cmp(os.path.join(source, n), os.path.join(target, n), shallow=False)
+  if (target / tokenizers.META_FILE).exists():
+    same = all((target / n).exists() and (target / n).read_bytes() == (source / n).read_bytes()
                for n in names)
     if not same:
       raise DataError(f'The workdir {workdir} holds a tokenizer other than the one of the shards '
@@ -122,6 +120,5 @@ def adopt_tokenizer(directory: str, workdir: str) -> tokenizers.Tokenizer:
   else:
     # tokenizer.json last: its presence marks the cache as whole (data/tokenizers.py).
     for name in sorted(names, key=lambda n: n == tokenizers.META_FILE):
-      with open(os.path.join(source, name), 'rb') as f:
-        tokenizers.write_atomic(os.path.join(target, name), f.read())
+      storage.write_atomic(target / name, (source / name).read_bytes())
   return tokenizers.load_tokenizer(workdir)

@@ -10,6 +10,9 @@ sees the same documents in the same order:
   jsonl   one JSON object per line; held out by a hash of the text.
   tfds    a prepared TFDS dataset, read without tensorflow where possible.
 
+`data.path` of text and jsonl may be a local path or a URL (gs://bucket/dir/*.txt),
+read through etils.epath.
+
 Problems a user can fix (a missing file, an empty source, a text file that is
 not UTF-8) raise `DataError` before any training starts. Unreadable parts of
 large corpora (stdlib files that are not UTF-8, malformed jsonl lines) are
@@ -27,7 +30,9 @@ from collections.abc import Iterator
 
 import ml_collections
 from absl import logging
+from etils import epath
 
+from data import storage
 from data.errors import DataError
 
 SPLITS = ('train', 'validation')
@@ -128,11 +133,11 @@ def _stdlib(data_cfg, split, skipped) -> Iterator[str]:
 
 
 def expand_path(path: str) -> list[str]:
-  """The sorted files that `path` (a file or a glob) names; DataError if none."""
+  """The sorted files that `path` (a file or a glob, local or a URL) names; DataError if none."""
   if not path:
     raise DataError('data.path is empty; set it to a file or glob, e.g. '
                     '--config.data.path=/path/to/input.txt.')
-  files = sorted(p for p in glob.glob(os.path.expanduser(path)) if os.path.isfile(p))
+  files = [p for p in storage.glob(os.path.expanduser(path)) if epath.Path(p).is_file()]
   if not files:
     if glob.has_magic(path):
       raise DataError(f'No files match data.path={path!r}; check the pattern.')
@@ -145,8 +150,7 @@ def _text(data_cfg, split, skipped) -> Iterator[str]:
   texts = []
   for name in expand_path(data_cfg.path):
     try:
-      with open(name, encoding='utf-8') as f:
-        texts.append(f.read())
+      texts.append(epath.Path(name).read_text(encoding='utf-8'))
     except UnicodeDecodeError as e:
       raise DataError(f'{name} (from data.path) is not UTF-8 text ({e.reason} at byte '
                       f'{e.start}); convert it, e.g. with iconv -t utf-8.') from None
@@ -169,7 +173,7 @@ def _jsonl(data_cfg, split, skipped) -> Iterator[str]:
   want_validation = split == 'validation'
   field = data_cfg.text_field
   for name in expand_path(data_cfg.path):
-    with open(name, 'rb') as f:
+    with epath.Path(name).open('rb') as f:
       for line in f:
         text = _jsonl_text(line, field, skipped)
         if text and held_out(text, data_cfg.val_fraction) == want_validation:

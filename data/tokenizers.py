@@ -11,15 +11,16 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 import ml_collections
 import sentencepiece as spm
 from absl import logging
+from etils import epath
 
 from data.errors import DataError
+from data.storage import write_atomic  # also this module's name for it, used by its callers
 
 META_FILE = 'tokenizer.json'
 SPM_FILE = 'spm.model'
@@ -114,42 +115,42 @@ def tokenizer_spec(tok_cfg: ml_collections.ConfigDict) -> dict:
 
 def load_or_train_tokenizer(tok_cfg: ml_collections.ConfigDict,
                             train_texts: Callable[[], Iterable[str]],
-                            workdir: str) -> Tokenizer:
+                            workdir: str | os.PathLike) -> Tokenizer:
   """The tokenizer cached in `workdir`, or a new one trained on `train_texts()`.
 
   Args:
     tok_cfg: `config.data.tokenizer`.
     train_texts: returns a fresh iterable over the training documents each call
       (SentencePiece reads them twice).
-    workdir: the run's directory; the cache is `{workdir}/tokenizer/`.
+    workdir: the run's directory (a path or URL); the cache is `{workdir}/tokenizer/`.
 
   Raises:
     DataError: the cache was made with a different tokenizer config.
   """
   spec = tokenizer_spec(tok_cfg)
-  directory = os.path.join(workdir, 'tokenizer')
-  if os.path.exists(os.path.join(directory, META_FILE)):
+  directory = epath.Path(workdir) / 'tokenizer'
+  if (directory / META_FILE).exists():
     meta = _read_meta(directory)
     if meta['config'] != spec:
       raise DataError(
           f'The tokenizer cached in {directory} was made with {meta["config"]}, but '
           f'data.tokenizer now asks for {spec}. Use a new --workdir, or delete {directory} '
-          f'and {os.path.join(workdir, "data")} to retrain.')
+          f'and {epath.Path(workdir) / "data"} to retrain.')
     return _from_meta(directory, meta)
   meta = {'config': spec}
   if spec['kind'] == 'sentencepiece':
     proto = train_sentencepiece(tok_cfg, train_texts)
-    write_atomic(os.path.join(directory, SPM_FILE), proto)
+    write_atomic(directory / SPM_FILE, proto)
   elif spec['kind'] == 'char':
     meta['chars'] = sorted(set().union(*(set(t) for t in train_texts())))
-  write_atomic(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
+  write_atomic(directory / META_FILE, json.dumps(meta, indent=1).encode())
   return _from_meta(directory, meta)
 
 
-def load_tokenizer(workdir: str) -> Tokenizer:
+def load_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
   """The tokenizer a run cached in `workdir` (for sampling from its checkpoints)."""
-  directory = os.path.join(workdir, 'tokenizer')
-  if not os.path.exists(os.path.join(directory, META_FILE)):
+  directory = epath.Path(workdir) / 'tokenizer'
+  if not (directory / META_FILE).exists():
     raise DataError(f'No tokenizer in {directory}; train in --workdir={workdir} first, or '
                     'point --workdir at the directory of a run.')
   return _from_meta(directory, _read_meta(directory))
@@ -225,40 +226,20 @@ def _training_lines(train_texts: Callable[[], Iterable[str]], max_chars: int) ->
         yield line
 
 
-def _read_meta(directory: str) -> dict:
-  path = os.path.join(directory, META_FILE)
+def _read_meta(directory: epath.Path) -> dict:
+  path = directory / META_FILE
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f'Cannot read the cached tokenizer {path} ({e}); delete {directory} to '
                     'retrain.') from None
 
 
-def _from_meta(directory: str, meta: dict) -> Tokenizer:
+def _from_meta(directory: epath.Path, meta: dict) -> Tokenizer:
   kind = meta['config']['kind']
   if kind == 'sentencepiece':
-    with open(os.path.join(directory, SPM_FILE), 'rb') as f:
-      return SentencePieceTokenizer(f.read())
+    return SentencePieceTokenizer((directory / SPM_FILE).read_bytes())
   if kind == 'char':
     return CharTokenizer(meta['chars'])
   return ByteTokenizer()
 
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see either nothing or all of it.
-
-  Processes sharing a workdir may write the same file at once; each writes its
-  own temp file and the last rename wins, with identical content.
-  """
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is for every local process
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

@@ -10,7 +10,6 @@ sets such a checkpoint aside and falls back to the newest one that reads.
 
 import datetime
 import json
-import os
 import re
 
 import grain
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from data import storage
 from data.errors import ConfigError
 from model import run_params
 
@@ -28,7 +28,9 @@ from model import run_params
 class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), run_params.CHECKPOINTS_DIR)
+    # orbax writes arrays through TensorStore and the rest through etils.epath, so a
+    # gs:// workdir works as a local one.
+    self.directory = storage.absolute(workdir) / run_params.CHECKPOINTS_DIR
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         enable_async_checkpointing=ckpt_cfg.async_save,

@@ -1,7 +1,11 @@
 """TensorBoard events, MFU, the console progress line and profiler traces.
 
 Event files are written with tensorboard's own TensorFlow-free writer and
-protos, so runs need no TensorFlow.
+protos, so runs need no TensorFlow. That writer appends record by record, which
+object stores cannot do (through gcsfs it would overwrite the file with each
+record), and jax's profiler reaches gs:// only through its own client (which
+ignores storage emulators): so for a URL logdir both write into a local
+directory whose files are copied up (`data.storage.LocalStaging`).
 """
 
 import collections
@@ -18,12 +22,21 @@ from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from data import storage
+
 
 class SummaryWriter:
-  """Scalars, text and images as TensorBoard events in `logdir` (process 0 only)."""
+  """Scalars, text and images as TensorBoard events in `logdir` (process 0 only).
 
-  def __init__(self, logdir: str, enabled: bool = True):
-    self._writer = EventFileWriter(logdir) if enabled else None
+  A URL `logdir` receives a copy of the local event file at each `flush()`, at
+  `close()` and at least every `sync_secs` while events arrive.
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True, sync_secs: float = 60.0):
+    self._staging = storage.LocalStaging(logdir, 'kiln-events-') if enabled else None
+    self._writer = EventFileWriter(self._staging.local) if enabled else None
+    self._sync_secs = sync_secs
+    self._last_sync = time.monotonic()
 
   def _add(self, step: int, values: Sequence[summary_pb2.Summary.Value]) -> None:
     if self._writer is None:
@@ -31,6 +44,8 @@ class SummaryWriter:
     event = event_pb2.Event(wall_time=time.time(), step=int(step),
                             summary=summary_pb2.Summary(value=list(values)))
     self._writer.add_event(event)
+    if self._staging.remote and time.monotonic() - self._last_sync > self._sync_secs:
+      self.flush()
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     self._add(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v))
@@ -65,10 +80,13 @@ class SummaryWriter:
   def flush(self) -> None:
     if self._writer is not None:
       self._writer.flush()
+      self._staging.sync()
+      self._last_sync = time.monotonic()
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._staging.close()
 
 
 # Dense bf16 peak FLOP/s per chip, by jax `device_kind`, from the vendors' data sheets.
@@ -147,24 +165,32 @@ def _duration(seconds: float) -> str:
 
 
 class Profiler:
-  """A jax.profiler trace of steps [start_step, start_step + num_steps) under `logdir`."""
+  """A jax.profiler trace of steps [start_step, start_step + num_steps) under `logdir`.
+
+  For a URL `logdir` the trace goes to a local directory, copied up when it stops.
+  """
 
   def __init__(self, logdir: str, start_step: int, num_steps: int):
     self.logdir = logdir
     self.start = start_step
     self.stop = start_step + num_steps - 1
-    self._active = False
+    self._staging: storage.LocalStaging | None = None  # while a trace is running
+
+  @property
+  def _active(self) -> bool:
+    return self._staging is not None
 
   def maybe_start(self, step: int) -> None:
     if self.start >= 0 and step == self.start and not self._active:
-      jax.profiler.start_trace(self.logdir)
-      self._active = True
+      self._staging = storage.LocalStaging(self.logdir, 'kiln-profile-')
+      jax.profiler.start_trace(self._staging.local)
 
   def maybe_stop(self, step: int, block_on=None) -> None:
     if self._active and step >= self.stop:
       if block_on is not None:
         jax.block_until_ready(block_on)
       jax.profiler.stop_trace()
-      self._active = False
+      self._staging.close()
+      self._staging = None
       logging.info('Wrote a profiler trace of steps %d-%d to %s/plugins/profile.', self.start,
                    self.stop, self.logdir)

@@ -12,7 +12,9 @@ import time
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
+from data import storage
 from data.errors import ConfigError
 from train import checkpoint, resume
 from train import mesh as mesh_lib
@@ -115,10 +117,8 @@ def evaluate(task: Task, eval_step, state, batch_sharding, frozen) -> dict[str, 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(path + '.tmp', path)
+    storage.write_atomic(epath.Path(workdir) / 'config.json',
+                         config.to_json_best_effort(indent=2).encode())
 
 
 @dataclasses.dataclass
@@ -135,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   task = validate(config, jax.device_count(), jax.process_count())
   mesh = mesh_lib.make_mesh(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   logging.info('Mesh %s on %d devices in %d processes.', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
