@@ -332,8 +332,9 @@ def test_meshes_match_one_device_and_ema_recurrence(straight):
   for step, want in grad_norms.items():
     np.testing.assert_allclose(logged[step], want, rtol=2e-6, err_msg=str(step))
   saved = restore(straight_dir, steps)
-  for key in ('params', 'ema'):
-    got, want = flat(saved[key]), flat(state[key])
+  for key, got, want in (('params', saved['params'], state.params),
+                         ('ema', saved['extras']['ema'], state.extras['ema'])):
+    got, want = flat(got), flat(want)
     assert sorted(got) == sorted(want), key
     for name, x in want.items():
       np.testing.assert_allclose(got[name], x, rtol=0, atol=1e-4, err_msg=f'{key} {name}')

@@ -411,7 +411,8 @@ def test_meshes_match_one_device(straight, tmp_path):
   # absolute in the final G, D and EMA weights; the tolerances are about 4x those.
   dirs = {(2, 2, 2): straight[0], **{shape: tmp_path / str(shape) for shape in results
                                      if shape != (2, 2, 2)}}
-  single_params = flat({k: state[k] for k in ('g_params', 'd_params', 'ema_params')})
+  single_params = flat({'g_params': state.params, 'd_params': state.extras['d_params'],
+                        'ema': state.extras['ema']})
   for shape, workdir in dirs.items():
     for name, by_step in norms.items():
       logged = scalars(workdir, f'train/{name}')
@@ -420,7 +421,8 @@ def test_meshes_match_one_device(straight, tmp_path):
         np.testing.assert_allclose(logged[step], by_step[step], rtol=2e-6,
                                    err_msg=f'{shape} {name} {step}')
     saved = restore(workdir, STEPS)
-    got = flat({k: saved[k] for k in ('g_params', 'd_params', 'ema_params')})
+    got = flat({'g_params': saved['params'], 'd_params': saved['extras']['d_params'],
+                'ema': saved['extras']['ema']})
     assert sorted(got) == sorted(single_params), shape
     for key, want in single_params.items():
       np.testing.assert_allclose(got[key], want, rtol=0, atol=5e-7, err_msg=f'{shape} {key}')

@@ -6,9 +6,9 @@ shardings.
 """
 
 import json
-import os
 
 import ml_collections
+from etils import epath
 
 from data.errors import ConfigError
 from train import checkpoint
@@ -18,11 +18,10 @@ from train.tasks import get_task
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     raise ConfigError(f'{path} does not exist: is {workdir!r} the --workdir of a training run?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_latest(workdir: str):

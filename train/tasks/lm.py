@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -10,10 +9,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from data import lm_pipeline, tokenizers
+from data import lm_pipeline, storage, tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
 from model import transformer
 from train import optim, tasks
@@ -61,19 +61,17 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
   Does nothing when that run's config.json is absent (checked in `setup_data`, since a
   finished run can be sampled after the run it started from is gone).
   """
-  path = os.path.join(config.init_from, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(config.init_from) / 'config.json'
+  if not path.exists():
     return
-  with open(path) as f:
-    other = json.load(f)
+  other = json.loads(path.read_text())
   changed = {}
   for key in ARCHITECTURE_KEYS:
     if key in other.get('model', {}) and other['model'][key] != config.model[key]:
       changed[f'model.{key}'] = config.model[key] = type(config.model[key])(other['model'][key])
-  meta = os.path.join(config.init_from, 'tokenizer', tokenizers.META_FILE)
-  if os.path.exists(meta):
-    with open(meta) as f:
-      spec = json.load(f)['config']
+  meta = epath.Path(config.init_from) / 'tokenizer' / tokenizers.META_FILE
+  if meta.exists():
+    spec = json.loads(meta.read_text())['config']
     for key, value in spec.items():
       if config.data.tokenizer[key] != value:
         changed[f'data.tokenizer.{key}'] = config.data.tokenizer[key] = value
@@ -131,26 +129,25 @@ class LMTask(tasks.Task):
   def _copy_init_tokenizer(self, workdir: str) -> None:
     """The tokenizer of the `init_from` run, so this run's ids mean what its model learnt."""
     init = self.config.init_from
-    resuming = os.path.isdir(os.path.join(workdir, 'checkpoints'))
-    if not os.path.exists(os.path.join(init, 'config.json')) and not resuming:
+    resuming = (epath.Path(workdir) / 'checkpoints').is_dir()
+    if not (epath.Path(init) / 'config.json').exists() and not resuming:
       raise ConfigError(f'init_from={init!r} has no config.json: give the --workdir of a '
                         'training run or of `python -m train.convert import`.')
-    source = os.path.join(init, 'tokenizer')
-    target = os.path.join(workdir, 'tokenizer')
+    source = epath.Path(init) / 'tokenizer'
+    target = epath.Path(workdir) / 'tokenizer'
     names = (tokenizers.SPM_FILE, tokenizers.META_FILE)  # the meta file last: it marks whole
-    if os.path.exists(os.path.join(target, tokenizers.META_FILE)):
+    if (target / tokenizers.META_FILE).exists():
       return
-    if not os.path.exists(os.path.join(source, tokenizers.META_FILE)):
+    if not (source / tokenizers.META_FILE).exists():
       logging.warning('init_from=%s has no Kiln tokenizer; this run trains its own, whose ids '
                       'need not match the model\'s.', init)
       return
     # The HF files an import keeps with the tokenizer (train.convert), then Kiln's.
-    hf_files = [os.path.join('hf', n) for n in sorted(os.listdir(os.path.join(source, 'hf')))
-                ] if os.path.isdir(os.path.join(source, 'hf')) else []
+    hf_files = [f'hf/{p.name}' for p in sorted((source / 'hf').iterdir())
+                ] if (source / 'hf').is_dir() else []
     for name in hf_files + list(names):
-      if os.path.exists(os.path.join(source, name)):
-        with open(os.path.join(source, name), 'rb') as f:
-          tokenizers.write_atomic(os.path.join(target, name), f.read())
+      if (source / name).exists():
+        storage.write_atomic(target / name, (source / name).read_bytes())
 
   def warm_start(self, state):
     """A fresh state with the parameters of `init_from`'s newest checkpoint (in the
