@@ -36,8 +36,10 @@ def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
              ml_collections.ConfigDict, val_fraction: float, num_shards: int,
              text_field: str = 'text') -> dict:
   """Writes tokenizer/, the shards of both splits and meta.json; returns the meta."""
-  check_counts(seq_len=seq_len, vocab_size=tokenizer_cfg.vocab_size, num_shards=num_shards,
-               train_chars=tokenizer_cfg.train_chars, val_fraction=val_fraction)
+  # A byte or char tokenizer config has no vocab_size or train_chars to check.
+  check_counts(seq_len=seq_len, vocab_size=tokenizer_cfg.get('vocab_size', 1),
+               num_shards=num_shards, train_chars=tokenizer_cfg.get('train_chars', 1),
+               val_fraction=val_fraction)
   if os.path.exists(os.path.join(output_dir, packed.META_FILE)):
     raise DataError(f'--output={output_dir} already holds packed shards; give a new '
                     'directory, or pass --overwrite.')

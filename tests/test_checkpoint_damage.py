@@ -12,8 +12,9 @@ import shutil
 import jax
 import ml_collections
 import pytest
+from test_train import small_config as train_config
+from test_train import write_corpus
 
-from configs import lm
 from data.errors import ConfigError
 from train import checkpoint, resume, trainer
 from train import mesh as mesh_lib
@@ -24,26 +25,13 @@ STEPS = 6  # checkpoints at 2, 4 and 6
 
 @pytest.fixture(scope='module')
 def corpus(tmp_path_factory) -> pathlib.Path:
-  import json as json_module
-  import textwrap
-  text = ''.join(pathlib.Path(m.__file__).read_text() for m in (textwrap, json_module.decoder))
-  path = tmp_path_factory.mktemp('corpus') / 'input.txt'
-  path.write_text(text[:40_000])
-  return path
+  return write_corpus(tmp_path_factory)
 
 
 def small_config(corpus: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
-  c = lm.get_config('tiny')
-  c.unlock()
-  c.update(steps=STEPS, batch_size=8, log_every=1, eval_every=0)
-  c.checkpoint.update(every=2, keep=10, async_save=False)
-  c.data.update(source='text', path=str(corpus), seq_len=32)
-  c.data.tokenizer.update(kind='char')
-  c.model.update(d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, dtype='float32')
-  c.optimizer.update(warmup_steps=1)
-  c.update_from_flattened_dict(overrides)
-  c.lock()
-  return c
+  """test_train's char-level LM, for STEPS steps with checkpoints at 2, 4 and 6."""
+  return train_config(corpus, **{'steps': STEPS, 'checkpoint.every': 2, 'checkpoint.keep': 10,
+                                 **overrides})
 
 
 @pytest.fixture(scope='module')

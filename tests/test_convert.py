@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -29,6 +31,7 @@ from train import convert, trainer
 
 VOCAB = 96
 SP_VOCAB = 384
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _corpus() -> str:
@@ -323,3 +326,39 @@ def test_interrupted_import_leaves_no_checkpoint(imported, tmp_path, monkeypatch
   assert seen == [['0']]  # orbax had finished its checkpoint...
   assert not target.exists()  # ...but the run directory never appeared
   assert os.listdir(tmp_path) == []  # and the staging directory is gone
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_command_line_import_then_bfloat16_export(imported, tmp_path):
+  """`python -m train.convert import` and `export --dtype=bfloat16` as a user runs them: the
+  exported tensors are HF's own float32 weights rounded to bfloat16, and transformers loads
+  them with no missing or unexpected keys."""
+  from safetensors import safe_open
+
+  model, hf_dir, _ = imported['qwen2']
+  workdir, out = tmp_path / 'kiln', tmp_path / 'hf_bf16'
+  env = {**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}
+  base = [sys.executable, '-m', 'train.convert']
+  for args in (['import', f'--hf_dir={hf_dir}', f'--workdir={workdir}', '--dtype=float32'],
+               ['export', f'--workdir={workdir}', f'--hf_dir={out}', '--dtype=bfloat16']):
+    proc = subprocess.run(base + args, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  want = {n: p.detach().to(torch.bfloat16) for n, p in model.state_dict().items()}
+  with safe_open(str(out / 'model.safetensors'), framework='pt') as f:
+    names = set(f.keys())
+    assert names == set(want), names ^ set(want)
+    for name in names:
+      got = f.get_tensor(name)
+      assert got.dtype == torch.bfloat16, name
+      assert torch.equal(got, want[name]), name
+  written = json.loads((out / 'config.json').read_text())
+  assert written['torch_dtype' if 'torch_dtype' in written else 'dtype'] == 'bfloat16'
+  _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  # The run is not overwritten by a second import without --overwrite.
+  again = subprocess.run(base + ['import', f'--hf_dir={hf_dir}', f'--workdir={workdir}'],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 2 and '--overwrite' in again.stderr

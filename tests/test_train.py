@@ -33,15 +33,19 @@ from train.tasks.lm import LMTask
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory) -> pathlib.Path:
-  """~40 KB of real Python source."""
+def write_corpus(tmp_path_factory) -> pathlib.Path:
+  """~40 KB of real Python source, in a text file."""
   import json
   import textwrap
   text = ''.join(pathlib.Path(m.__file__).read_text() for m in (textwrap, json.decoder))
   path = tmp_path_factory.mktemp('corpus') / 'input.txt'
   path.write_text(text[:40_000])
   return path
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> pathlib.Path:
+  return write_corpus(tmp_path_factory)
 
 
 def small_config(corpus: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
