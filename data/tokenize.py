@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from data import cli, lm_pipeline, packed, sources, tokenizers
+from data import cli, lm_pipeline, packed, sources, storage, tokenizers
 from data.errors import ConfigError, DataError, exit_on_user_error
 
 # One record per chunk: the loader reads records at random, and a chunk is read whole.
@@ -63,7 +63,7 @@ def tokenize(input_glob: str, output_dir: str, *, seq_len: int, tokenizer_cfg:
       del tokens  # the memory map, before its file goes
   finally:
     shutil.rmtree(stream_dir, ignore_errors=True)
-  tokenizers.write_atomic(os.path.join(output_dir, packed.META_FILE),
+  storage.write_atomic(os.path.join(output_dir, packed.META_FILE),
                           json.dumps(meta, indent=1).encode())
   return meta
 

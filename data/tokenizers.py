@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from data.errors import DataError
-from data.storage import write_atomic  # also this module's name for it, used by its callers
+from data.storage import write_atomic
 
 META_FILE = 'tokenizer.json'
 SPM_FILE = 'spm.model'

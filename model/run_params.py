@@ -12,13 +12,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data import storage
+
 CHECKPOINTS_DIR = 'checkpoints'  # RUN/checkpoints/<step>/
 STATE_ITEM = 'state'  # the train state inside each step's directory
 
 
 def checkpoints_dir(run_dir: str) -> epath.Path:
-  path = epath.Path(run_dir)
-  return (path if path.is_absolute() else path.absolute()) / CHECKPOINTS_DIR
+  """`RUN/checkpoints`, absolute (a URL stays as it is)."""
+  return storage.absolute(run_dir) / CHECKPOINTS_DIR
 
 
 def latest_step(run_dir: str) -> int | None:

@@ -46,15 +46,19 @@ def load_scorer(run_dir: str, batch_rows: int = 8) -> Scorer:
                     'train it first.')
 
   @jax.jit
-  def token_nll(params, batch: Batch) -> jax.Array:
+  def batch_nll(params, batch: Batch) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    logits_BxLxV = model(batch['inputs'], positions_BxL=batch['positions'],
-                         segment_ids_BxL=batch['segment_ids']).astype(jnp.float32)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
-                                batch['targets'][..., None], -1)[..., 0]
+    return token_nll(model(batch['inputs'], positions_BxL=batch['positions'],
+                           segment_ids_BxL=batch['segment_ids']), batch['targets'])
 
-  return document_scorer(lambda batch: token_nll(params, batch), tokenizer,
+  return document_scorer(lambda batch: batch_nll(params, batch), tokenizer,
                          config['data']['seq_len'], batch_rows)
+
+
+def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """The negative log-likelihood of each target under its logits, float32 [B, L]."""
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32))
+  return -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], -1)[..., 0]
 
 
 def _read_config(run_dir: str) -> dict:

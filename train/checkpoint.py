@@ -18,9 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-from data import storage
 from data.errors import ConfigError
 from model import run_params
 
@@ -30,7 +28,7 @@ class Checkpointer:
   def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict):
     # orbax writes arrays through TensorStore and the rest through etils.epath, so a
     # gs:// workdir works as a local one.
-    self.directory = storage.absolute(workdir) / run_params.CHECKPOINTS_DIR
+    self.directory = run_params.checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep,
         enable_async_checkpointing=ckpt_cfg.async_save,
@@ -57,7 +55,7 @@ class Checkpointer:
     # to agree on an older step (restore_newest_good).
     handler = ocp.CompositeCheckpointHandler()
     try:
-      restored = handler.restore(epath.Path(self.directory) / str(step),
+      restored = handler.restore(self.directory / str(step),
                                  args=ocp.args.Composite(**items))
     finally:
       handler.close()
@@ -114,7 +112,7 @@ class Checkpointer:
     """Newest first; for a chosen step, that step alone."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     if resume_step == -1:
-      set_aside = sorted(p.name for p in epath.Path(self.directory).glob('*.damaged-*'))
+      set_aside = sorted(p.name for p in self.directory.glob('*.damaged-*'))
       if not steps and set_aside:  # a fresh start here would silently drop the run
         raise ConfigError(f'{self.directory} holds only checkpoints set aside as damaged '
                           f'({", ".join(set_aside)}); move them away to start this run '
@@ -147,8 +145,7 @@ class Checkpointer:
     for step in steps:
       name = f'{step}.{why}-{stamp}'
       if jax.process_index() == 0:
-        directory = epath.Path(self.directory)
-        (directory / str(step)).rename(directory / name)
+        (self.directory / str(step)).rename(self.directory / name)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'kiln_checkpoint_set_aside_{why}_{steps[0]}')

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import lm
-from data import cli, hf_tokenizer, tokenizers
+from data import cli, hf_tokenizer, storage, tokenizers
 from data.errors import ConfigError, DataError, exit_on_user_error
 from model import transformer
 from train import checkpoint, trainer
@@ -610,9 +610,9 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
                     'train.sample cannot encode prompts; export keeps the HF tokenizer files.',
                     hf_dir)
     return
-  tokenizers.write_atomic(os.path.join(directory, tokenizers.SPM_FILE), spm_proto)
+  storage.write_atomic(os.path.join(directory, tokenizers.SPM_FILE), spm_proto)
   meta = {'config': tokenizers.tokenizer_spec(config.data.tokenizer)}
-  tokenizers.write_atomic(os.path.join(directory, tokenizers.META_FILE),
+  storage.write_atomic(os.path.join(directory, tokenizers.META_FILE),
                           json.dumps(meta, indent=1).encode())
 
 

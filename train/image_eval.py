@@ -37,7 +37,7 @@ from absl import logging
 from flax import nnx
 
 from data import images as images_lib
-from data import tokenizers
+from data import storage
 from data.errors import ConfigError, check_positive
 from model import classifier as classifier_lib
 
@@ -212,12 +212,12 @@ class ImageEvaluator:
             for k, v in _flatten(nnx.to_pure_dict(params)).items()}
     buffer = io.BytesIO()
     np.savez(buffer, **flat)
-    tokenizers.write_atomic(os.path.join(self.directory, 'params.npz'), buffer.getvalue())
+    storage.write_atomic(os.path.join(self.directory, 'params.npz'), buffer.getvalue())
     buffer = io.BytesIO()
     np.save(buffer, train_features)
-    tokenizers.write_atomic(os.path.join(self.directory, 'train_features.npy'),
+    storage.write_atomic(os.path.join(self.directory, 'train_features.npy'),
                             buffer.getvalue())
-    tokenizers.write_atomic(os.path.join(self.directory, 'meta.json'),
+    storage.write_atomic(os.path.join(self.directory, 'meta.json'),
                             json.dumps(meta, indent=2).encode())
 
 

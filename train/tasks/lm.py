@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, storage, tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import transformer
+from model import scoring, transformer
 from train import optim, tasks
 from train.state import TrainState
 from train.tasks import kit
@@ -216,9 +216,7 @@ class LMTask(tasks.Task):
 
   def token_nll(self, params, batch):
     """Next-token negative log-likelihood at every position, float32 [B, L]."""
-    logits_BxLxV = self._logits(params, batch).astype(jnp.float32)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV),
-                                batch['targets'][..., None], -1)[..., 0]
+    return scoring.token_nll(self._logits(params, batch), batch['targets'])
 
   def eval_step(self, state, batch, frozen):
     del frozen
