@@ -305,6 +305,12 @@ def _add_bias(x: jax.Array, module: nnx.Module, name: str) -> jax.Array:
   return x if bias is None else x + bias[...].astype(x.dtype)
 
 
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
+  """einsum(spec, x, module.<name>) in x's dtype: the one place a block applies a weight
+  matrix, so that a weight's storage (quantized, or with low-rank adapters) is handled once."""
+  return jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+
+
 class Norm(nnx.Module):
   """RMSNorm (a scale) or LayerNorm (a scale and a bias); statistics in float32."""
 
@@ -348,10 +354,10 @@ class Attention(nnx.Module):
   def __call__(
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None
   ) -> jax.Array:
-    dt, theta = self.cfg.dtype, self.cfg.rope_theta
-    q_BxLxHxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
-    k_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wk[...].astype(dt))
-    v_BxLxKxDh = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wv[...].astype(dt))
+    theta = self.cfg.rope_theta
+    q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD)
+    k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD)
+    v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD)
     q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
@@ -361,7 +367,7 @@ class Attention(nnx.Module):
     out_BxLxHxDh = attention_lib.attention(
         q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
         causal=True, implementation=self.cfg.attention)
-    out_BxLxD = jnp.einsum('blhk,hkd->bld', out_BxLxHxDh, self.wo[...].astype(dt))
+    out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh)
     return _add_bias(out_BxLxD, self, 'o_bias')
 
 
@@ -384,15 +390,14 @@ class Mlp(nnx.Module):
       self.down_bias = _zeros((d,), ('embed',), pd)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dt = self.dtype
-    up_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_up[...].astype(dt))
+    up_BxLxF = project(self, 'w_up', 'bld,df->blf', x_BxLxD)
     up_BxLxF = _add_bias(up_BxLxF, self, 'up_bias')
     if self.gated:
-      gate_BxLxF = jnp.einsum('bld,df->blf', x_BxLxD, self.w_gate[...].astype(dt))
+      gate_BxLxF = project(self, 'w_gate', 'bld,df->blf', x_BxLxD)
       hidden_BxLxF = jax.nn.silu(_add_bias(gate_BxLxF, self, 'gate_bias')) * up_BxLxF
     else:
       hidden_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
-    out_BxLxD = jnp.einsum('blf,fd->bld', hidden_BxLxF, self.w_down[...].astype(dt))
+    out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF)
     return _add_bias(out_BxLxD, self, 'down_bias')
 
 
