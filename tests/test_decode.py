@@ -232,3 +232,26 @@ def test_score_equals_log_softmax_of_the_forward_pass(model):
       want = logp[b, i - 1, tokens[b, i]] if 0 < i < lengths[b] else 0.0
       np.testing.assert_allclose(lp[b, i], want, atol=1e-5)
     np.testing.assert_array_equal(top_ids[b, 1], np.argsort(-logp[b, 0])[:2])
+
+
+def test_generate_on_a_mesh_equals_one_device(llama):
+  """Parameters sharded as in training (heads over tensor, embed over fsdp), prompts and
+  the cache's rows over the batch axes: the same tokens as on one device."""
+  from train import mesh as mesh_lib
+  graphdef, params = llama
+  cfg = nnx.merge(graphdef, params).cfg
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(nnx.merge(graphdef, params))))
+  shardings = mesh_lib.shardings(params, specs, mesh, transformer.LOGICAL_AXIS_RULES)
+  prompt, lengths = _tokens((4, 5), seed=6), np.array([5, 2, 4, 3], np.int32)
+  want = np.asarray(_generate(graphdef, params, prompt, lengths, 6).tokens)
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(params, shardings)
+    got = _generate(graphdef, sharded, prompt, lengths, 6).tokens
+    cache = jax.jit(lambda: kv_cache.constrain(kv_cache.init_cache(
+        cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, num_pages=8, page_size=4,
+        dtype=jnp.float32), transformer.LOGICAL_AXIS_RULES, rows=4))()
+  np.testing.assert_array_equal(got, want)
+  want_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, ('data', 'fsdp'), None, 'tensor', None))
+  assert cache.k.sharding.is_equivalent_to(want_sharding, 5), cache.k.sharding
