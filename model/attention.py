@@ -175,7 +175,7 @@ def _pallas_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, causal, 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return per_device(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL)
-  batch, heads = _kernel_shards(mesh, q_BxLxHxD.shape[0], q_BxLxHxD.shape[2],
+  batch, heads = kernel_shards(mesh, q_BxLxHxD.shape[0], q_BxLxHxD.shape[2],
                                 k_BxSxKxD.shape[2])
   qkv_spec = P(batch, None, heads, None)
   seg_spec = None if segment_ids_BxL is None else P(batch, None)
@@ -185,7 +185,7 @@ def _pallas_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, causal, 
   )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL)
 
 
-def _kernel_shards(mesh, batch: int, heads: int, kv_heads: int):
+def kernel_shards(mesh, batch: int, heads: int, kv_heads: int):
   """Mesh axes for the batch and head dims; an axis that does not divide is left whole."""
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   batch_ways = math.prod(mesh.shape[a] for a in batch_axes)
