@@ -27,7 +27,10 @@ Attention over the cache runs one of two paths (`attend`'s `implementation`, the
 model's `config.model.attention`):
   kernel  the paged decode kernel of kernels/paged_attention.py, for queries of at
           most MAX_KERNEL_QUERIES tokens per row (decode steps, speculative blocks):
-          'pallas' anywhere (interpreted on CPU), 'auto' on GPU and TPU.
+          'pallas' anywhere (interpreted on CPU), 'auto' on GPU and TPU. Whether the
+          kernel beats the gather path there is not measured yet (no device has been
+          lent); `python -m kernels.bench_decode` measures it, and 'auto' follows the
+          result once recorded in docs/benchmarks.md.
   gather  each row's pages gathered with jnp into [B, P * S, K, Dh], then
           attention.masked_attention: prompts and long chunks, CPU under 'auto', and
           'xla' / 'cudnn'.
