@@ -15,11 +15,9 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from kernels import paged_attention
-from model import kv_cache, transformer
+from model import decode, kv_cache, sampling, transformer
 
 H, K, D, S = 4, 2, 32, 8  # query heads, key/value heads, head dim, page size
 B, PAGES_PER_ROW, POOL = 3, 4, 17
@@ -69,22 +67,14 @@ def test_tpu_kernel_interpreted_equals_the_gather_path():
 
 
 def test_sharded_kernel_equals_unsharded():
-  """Under a (data 2, tensor 2) mesh: heads split, and rows split with the contiguous
-  layout; with a page table rows stay whole on every device."""
+  """Under a (data 2, tensor 2) mesh with a page table: heads split, rows whole on every
+  device (any row may point at any page)."""
   q, k_pages, v_pages, positions, table = _case(1, seed=3)
-  q, positions = jnp.concatenate([q, q[:1]]), jnp.concatenate([positions, positions[:1]])
-  table = jnp.concatenate([table, table[:1]])
-  pool = k_pages[:, :4 * PAGES_PER_ROW]
-  want_paged = kv_cache.gather_attend(q, k_pages, v_pages, positions, table)
-  want_contiguous = kv_cache.gather_attend(q, pool, pool, positions, None)
+  want = kv_cache.gather_attend(q, k_pages, v_pages, positions, table)
   mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4])
   with jax.set_mesh(mesh):
-    attend = jax.jit(kv_cache._kernel_attend)
-    got_paged = attend(q, k_pages, v_pages, positions, table)
-    sharded_pool = jax.device_put(pool, NamedSharding(mesh, P('tensor', 'data')))
-    got_contiguous = attend(q, sharded_pool, sharded_pool, positions, None)
-  np.testing.assert_allclose(got_paged, want_paged, rtol=2e-5, atol=2e-5)
-  np.testing.assert_allclose(got_contiguous, want_contiguous, rtol=2e-5, atol=2e-5)
+    got = jax.jit(kv_cache._kernel_attend)(q, k_pages, v_pages, positions, table)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize('implementation, t, expected', [
@@ -169,3 +159,27 @@ def test_model_decode_with_pallas_equals_xla():
   # Layer 0's keys are the same writes; later layers' follow from the attention outputs.
   np.testing.assert_array_equal(runs['pallas'][1].k[0], runs['xla'][1].k[0])
   np.testing.assert_allclose(runs['pallas'][1].v, runs['xla'][1].v, rtol=2e-5, atol=2e-5)
+
+
+def test_generate_under_a_mesh_with_pallas_equals_xla():
+  """model/decode.generate (the contiguous layout: rows and their pages split over 'data',
+  heads over 'tensor') inside jit under a (data 2, tensor 2) mesh, ragged prompts: the
+  same greedy tokens and log-probs as with 'xla'."""
+  prompt = jnp.asarray(np.random.default_rng(6).integers(0, 128, (4, 6)), jnp.int32)
+  lengths = jnp.asarray([6, 3, 5, 1], jnp.int32)
+  greedy = jax.tree.map(jnp.asarray, sampling.SamplingParams.make(4, temperature=0.0))
+  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4])
+  outs = {}
+  for attention in ('xla', 'pallas'):
+    graphdef, state = _model(attention)
+
+    def run(params, prompt, graphdef=graphdef):
+      return decode.generate(graphdef, params, prompt, lengths, max_new_tokens=4,
+                             sampling_params=greedy, seeds_B=jnp.zeros(4, jnp.int32),
+                             page_size=4)
+
+    with jax.set_mesh(mesh):
+      outs[attention] = jax.jit(run)(nnx.to_pure_dict(state), prompt)
+  np.testing.assert_array_equal(outs['pallas'].tokens, outs['xla'].tokens)
+  np.testing.assert_allclose(outs['pallas'].logprobs, outs['xla'].logprobs, rtol=1e-4,
+                             atol=1e-4)
