@@ -25,6 +25,12 @@ model/kv_cache.py is cheaper. A padding query (position < 0) has length 0 and ge
 zeros, as in kv_cache's gather path.
 
 Semantics: out = softmax(q k^T / sqrt(Dh)) v over the row's keys at positions <= p.
+
+Limits of the jax 0.10 ops, handled here: the TPU op lowers only head dims that are
+multiples of 128 (`unsupported` says so, and kv_cache then gathers: llama_1b's 64 does
+on TPU), and only groups of query heads that are multiples of 8 (zero queries pad them).
+Status: tests run both ops interpreted on CPU and lower them to Triton IR and Mosaic; no
+GPU or TPU has run them yet (`python -m kernels.bench_decode` is the first check).
 """
 
 import math
