@@ -375,7 +375,8 @@ class Attention(nnx.Module):
           causal=True, implementation=self.cfg.attention)
     else:
       out_BxLxHxDh, *pages = kv_cache.attend(
-          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv)
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
+          implementation=self.cfg.attention)
     out_BxLxD = _add_bias(project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh), self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
 
@@ -564,7 +565,7 @@ def _run_blocks(
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
 ):
   """Scans the stacked blocks over their leading 'layers' axis. With a cache
-  kv = (k_NxGxSxKxD, v_NxGxSxKxD, page_table), returns (x, (k, v))."""
+  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v))."""
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
