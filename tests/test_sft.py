@@ -115,3 +115,187 @@ def test_default_template_for_kiln_tokenizers(tokenizer):
       '' if tokenizer.bos_id >= 0 else '\n\n')
   assert template.render(messages[:1], add_generation_prompt=True) + 'cd' + \
       template.end_of_turn == text
+
+
+# --- the SFT pipeline and task ------------------------------------------------------------
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import sft as sft_config  # noqa: E402
+from data import sft_examples, sft_pipeline, sources, stdlib_functions  # noqa: E402
+from train import trainer  # noqa: E402
+from train.state import TrainState  # noqa: E402
+from train.tasks.sft import SFTTask  # noqa: E402
+
+
+def tiny_config(**data) -> ml_collections.ConfigDict:
+  c = sft_config.get_config()
+  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2)
+  c.data.tokenizer.kind = 'byte'
+  c.data.update({'seq_len': 32, **data})
+  return c
+
+
+class Jitted:
+  """A task's logits and loss, jitted (eager dispatch is slow on a busy CPU)."""
+
+  def __init__(self, task):
+    self.task = task
+    self._logits = jax.jit(task._logits)
+    self._loss = jax.jit(task._loss)
+    self.eval_step = jax.jit(task.eval_step)
+
+
+@pytest.fixture(scope='module')
+def task_and_params():
+  """A fresh tiny SFT model over bytes (no data read)."""
+  task = SFTTask(tiny_config())
+  task._set_tokenizer(tokenizers.ByteTokenizer())
+  return Jitted(task), jax.jit(task.init_state)(jax.random.key(0)).params
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_masked_loss_equals_numpy_masked_nll(task_and_params):
+  task, params = task_and_params
+  rng = np.random.default_rng(0)
+  b, length = 2, 32
+  batch = {'inputs': rng.integers(0, 257, (b, length), dtype=np.int32),
+           'targets': rng.integers(0, 257, (b, length), dtype=np.int32),
+           'segment_ids': np.ones((b, length), np.int32),
+           'positions': np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+           'weights': (rng.random((b, length)) < 0.3).astype(np.float32)}
+  loss, aux = task._loss(params, batch, None)
+  logp = _log_softmax(np.asarray(task._logits(params, batch), np.float64))
+  nll = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
+  want = (nll * batch['weights']).sum() / batch['weights'].sum()
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  one_hot = dict(batch, weights=np.zeros((b, length), np.float32))
+  one_hot['weights'][1, 7] = 1.0  # the loss is that one token's NLL, not a mean over all
+  np.testing.assert_allclose(float(task._loss(params, one_hot, None)[0]), nll[1, 7], rtol=1e-5)
+  assert abs(nll[1, 7] - nll.mean()) > 1e-2
+  state = TrainState(step=np.int32(0), params=params, opt_state={}, rng=np.uint32(0), extras={})
+  sums = task.eval_step(state, batch, {})
+  np.testing.assert_allclose(float(sums['nll_sum']) / float(sums['tokens']), want, rtol=1e-5)
+
+
+def test_packed_with_segments_equals_unpacked(task_and_params):
+  task, params = task_and_params
+  examples = [(list(range(10, 19)), [0, 0, 0, 1, 1, 1, 1, 1, 1]),
+              (list(range(40, 46)), [0, 0, 1, 1, 1, 1]),
+              (list(range(70, 81)), [0] * 4 + [1] * 7)]
+  packed = sft_pipeline.pack(examples, 32)
+  assert packed['inputs'].shape == (1, 32)
+  np.testing.assert_array_equal(packed['segment_ids'][0, :26], [1] * 8 + [2] * 5 + [3] * 10
+                                + [0] * 3)
+  np.testing.assert_array_equal(packed['positions'][0, 8:13], np.arange(5))
+  logits_packed = np.asarray(task._logits(params, packed))[0]
+  nll_sum, count, start = 0.0, 0.0, 0
+  for example in examples:
+    alone = sft_pipeline.pack([example], 32, packed=False)
+    n = len(example[0]) - 1
+    logits = np.asarray(task._logits(params, alone))[0, :n]
+    np.testing.assert_allclose(logits_packed[start:start + n], logits, atol=2e-5)
+    loss, _ = task._loss(params, alone, None)
+    nll_sum += float(loss) * alone['weights'].sum()
+    count += alone['weights'].sum()
+    start += n
+  loss, _ = task._loss(params, packed, None)
+  np.testing.assert_allclose(float(loss), nll_sum / count, rtol=1e-5)
+  unpacked = sft_pipeline.pack(examples, 32, packed=False)
+  assert unpacked['inputs'].shape == (3, 32)
+
+
+def test_bad_rows_are_counted_and_skipped(tmp_path):
+  rows = [
+      {'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]},
+      {'prompt': 'p', 'completion': 'c'},
+      {'prompt': [{'role': 'user', 'content': 'q'}],
+       'completion': [{'role': 'assistant', 'content': 'a'}]},
+      '{"messages": [',  # malformed
+      {'messages': [{'content': 'no role'}, {'role': 'assistant', 'content': 'x'}]},
+      {'messages': [{'role': 'user', 'content': 'alone'}]},
+      {'prompt': 'p', 'completion': ''},
+      {'text': 'neither'},
+      [1, 2],
+      {'prompt': 'x' * 100, 'completion': 'c'},  # over-long prompt for seq_len 32
+      {'prompt': 'p', 'completion': 'y' * 100},  # truncated
+  ]
+  path = tmp_path / 'rows.jsonl'
+  path.write_text('\n'.join(r if isinstance(r, str) else json.dumps(r) for r in rows) + '\n\n')
+  cfg = tiny_config(source='jsonl', path=str(path), val_path=str(path)).data
+  counts = sft_examples.RowCounts()
+  examples = list(sft_examples.read_examples(cfg, 'train', counts))
+  assert counts['read'] == len(rows) and len(examples) == 5
+  assert counts['malformed JSON lines'] == 1
+  assert counts['messages without a role'] == 1
+  assert counts['chats without an assistant turn'] == 1
+  assert counts['empty completions'] == 1
+  assert counts['rows that are not JSON objects'] == 1
+  assert counts["rows with neither 'messages' nor 'prompt' and 'completion'"] == 1
+  tok = tokenizers.ByteTokenizer()
+  template = chat.ChatTemplate(chat.DEFAULT_TEMPLATE, tok, chat.default_context(tok))
+  results = [sft_pipeline.encode_example(e, template, 32, 'completion') for e in examples]
+  assert [p for _, p in results].count(
+      'prompts too long for data.seq_len (no completion token fits)') == 1
+  (ids, weights, truncated), _ = results[1]  # prompt 'p', completion 'c'
+  assert ids == [256, ord('p'), ord('c'), 256] and weights == [0, 0, 1, 1] and not truncated
+  (ids, weights, truncated), _ = results[-1]
+  assert truncated and len(ids) == 33 and sum(weights) == 31
+  all_tokens = sft_pipeline.encode_example(examples[1], template, 32, 'all')[0]
+  assert all_tokens[1] == [1, 1, 1, 1]
+  counts['kept'], counts['truncated'] = 4, 1
+  summary = counts.summary('train')
+  assert summary.startswith('SFT data, train split: 4 of 11 rows kept; skipped: 1 ')
+  assert '1 examples truncated' in summary
+
+
+def test_stdlib_demo_is_split_by_module():
+  source = ('class A:\n    def f(self, x):\n        """Twice x."""\n        y = 2 * x\n'
+            '        return y\n\n    def g(self):\n        """Only a docstring."""\n\n'
+            'def h():\n    "doc"; return 1\n')
+  (example,) = stdlib_functions.function_examples(source)
+  assert example == {'prompt': 'def f(self, x):\n    """Twice x."""\n',
+                     'completion': '    y = 2 * x\n    return y\n', 'name': 'f'}
+  modules = sources.stdlib_modules()[:60]
+  split = {s: {e['module'] for e in stdlib_functions.stdlib_examples(s, 0.2, modules)}
+           for s in ('train', 'validation')}
+  assert split['train'] and split['validation'] and not split['train'] & split['validation']
+  assert all(sources.held_out(m, 0.2) for m in split['validation'])
+  assert not any(sources.held_out(m, 0.2) for m in split['train'])
+
+
+def _write_sft_data(path):
+  """Rules a tiny model learns in a few dozen steps: reply with the prompt's letters in
+  upper case, as chats and as prompt/completion rows."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(400):
+    word = ''.join(rng.choice(list('abcdef'), 4))
+    if i % 2:
+      lines.append({'messages': [{'role': 'user', 'content': word},
+                                 {'role': 'assistant', 'content': word.upper()}]})
+    else:
+      lines.append({'prompt': word + '=', 'completion': word.upper()})
+  path.write_text(''.join(json.dumps(r) + '\n' for r in lines))
+
+
+def test_sft_run_lowers_held_out_completion_loss(tmp_path):
+  _write_sft_data(tmp_path / 'data.jsonl')
+  config = tiny_config(source='jsonl', path=str(tmp_path / 'data.jsonl'), seq_len=64)
+  config.update(steps=1, batch_size=8, eval_every=1, eval_steps=2, log_every=1)
+  config.checkpoint.update(every=1000, async_save=False)
+  config.optimizer.update(lr=1e-2, warmup_steps=1, end_lr=1e-3)
+  config.sample.max_new_tokens = 4
+  workdir = str(tmp_path / 'run')
+  before = trainer.train_and_evaluate(config, workdir).eval['eval/loss']
+  config.steps = 40
+  result = trainer.train_and_evaluate(config, workdir)  # resumes at step 1
+  assert min(result.losses) == 2
+  assert result.eval['eval/loss'] < 0.6 * before, (before, result.eval)
+  assert 'samples/text' in result.samples
