@@ -299,3 +299,33 @@ def test_sft_run_lowers_held_out_completion_loss(tmp_path):
   assert min(result.losses) == 2
   assert result.eval['eval/loss'] < 0.6 * before, (before, result.eval)
   assert 'samples/text' in result.samples
+
+
+def test_init_from_an_hf_import_uses_its_tokenizer_and_chat_template(tmp_path):
+  """An import without a Kiln tokenizer (as GPT-2's or Llama 3's): the SFT run copies its
+  HF tokenizer and trains on transformers' chat-template ids, masked to the replies."""
+  from transformers import AutoTokenizer
+
+  init = tmp_path / 'import'
+  hf_dir = _hf_dir(init / 'tokenizer' / 'hf', LLAMA3_TEMPLATE, True)
+  model = dict(tiny_config().model.to_dict(), vocab_size=512)
+  (init / 'config.json').write_text(json.dumps({'task': 'lm', 'model': model}))
+  rows = [[{'role': 'user', 'content': f'What is {i} + 2?'},
+           {'role': 'assistant', 'content': f'{i + 2}'}] for i in range(16)]
+  (tmp_path / 'chats.jsonl').write_text(''.join(json.dumps({'messages': m}) + '\n' for m in rows))
+  config = tiny_config(source='jsonl', path=str(tmp_path / 'chats.jsonl'),
+                       val_path=str(tmp_path / 'chats.jsonl'))
+  config.update(init_from=str(init), batch_size=8, eval_steps=1)
+  task = SFTTask(config)
+  task.setup_data(str(tmp_path / 'run'), 0, 1)
+  assert isinstance(task.tokenizer, tokenizers.HFTokenizer)
+  assert task.model_cfg.vocab_size == 512
+  assert (tmp_path / 'run' / 'tokenizer' / 'hf' / 'tokenizer.json').exists()
+  batch = next(task.eval_batches())
+  want = list(AutoTokenizer.from_pretrained(str(hf_dir)).apply_chat_template(
+      rows[0], tokenize=True, return_dict=False))
+  n = len(want) - 1
+  assert list(batch['inputs'][0, :n]) == want[:-1] and list(batch['targets'][0, :n]) == want[1:]
+  assert list(batch['segment_ids'][0, :n]) == [1] * n and batch['positions'][0, n - 1] == n - 1
+  reply = [t for t, w in zip(batch['targets'][0, :n], batch['weights'][0, :n], strict=True) if w]
+  assert task.tokenizer._tok.decode(reply, skip_special_tokens=False) == '2<|eot_id|>'

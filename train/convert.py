@@ -687,8 +687,9 @@ def load_run(workdir: str):
   """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.runs.load_latest,
   but a run without a Kiln tokenizer (imported with another kind) loads too."""
   config = load_run_config(workdir)
-  if config.get('task') != 'lm':
-    raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM runs export to HF.')
+  if config.get('task') not in ('lm', 'sft'):  # an SFT run's model is the LM's
+    raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM and SFT runs export '
+                      'to HF.')
   task = LMTask(config)
   if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
     task.setup_inference(workdir)
