@@ -37,7 +37,7 @@ SPECIALS = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>', '<|en
 def _hf_dir(path, template: str, in_config: bool):
   """A byte-level BPE trained here on a few sentences, saved as an HF tokenizer directory
   with `template` in tokenizer_config.json or in chat_template.jinja."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,6 +46,11 @@ def _hf_dir(path, template: str, in_config: bool):
   tok.train_from_iterator(corpus, trainers.BpeTrainer(
       vocab_size=400, special_tokens=SPECIALS,
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  # As Llama 3's tokenizer.json: plain encoding adds BOS, so a template that writes
+  # bos_token itself must be encoded without special tokens added.
+  bos = '<|begin_of_text|>'
+  tok.post_processor = processors.TemplateProcessing(
+      single=f'{bos} $A', special_tokens=[(bos, tok.token_to_id(bos))])
   path.mkdir(parents=True, exist_ok=True)
   tok.save(str(path / 'tokenizer.json'))
   config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|begin_of_text|>',
@@ -72,6 +77,10 @@ def test_chat_template_ids_equal_transformers(tmp_path, template, in_config):
   assert isinstance(tokenizers.load_tokenizer(tmp_path / 'run'), tokenizers.HFTokenizer)
   assert ours.tokenizer.bos_id == reference.bos_token_id
   assert ours.tokenizer.eos_id == reference.eos_token_id
+  text = 'How do I sort?'
+  assert reference(text)['input_ids'][0] == ours.tokenizer.bos_id
+  assert ours.tokenizer.encode(text) == reference(text, add_special_tokens=False)['input_ids']
+  assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text
   for messages in CONVERSATIONS:
     for gen in (False, True):
       want = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen,
