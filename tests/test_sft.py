@@ -306,7 +306,7 @@ def test_sft_run_lowers_held_out_completion_loss(tmp_path):
   config.steps = 40
   result = trainer.train_and_evaluate(config, workdir)  # resumes at step 1
   assert min(result.losses) == 2
-  assert result.eval['eval/loss'] < 0.6 * before, (before, result.eval)
+  assert result.eval['eval/loss'] < 0.6 * before, (before, result.eval)  # 5.89 -> 1.55
   assert 'samples/text' in result.samples
 
 
