@@ -58,7 +58,7 @@ HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens
 # Under {workdir}/tokenizer/: the HF files that travel with the tokenizer (tokenizer files,
 # generation_config.json and the original config.json, whose maximum length and special
 # token ids the export keeps).
-HF_TOKENIZER_DIR = 'hf'
+HF_TOKENIZER_DIR = tokenizers.HF_DIR
 
 
 # ---------------------------------------------------------------------------
