@@ -65,7 +65,8 @@ def _hf_dir(path, template: str, in_config: bool):
 
 
 @pytest.mark.parametrize('template,in_config', [(LLAMA3_TEMPLATE, True),
-                                                (CHATML_TEMPLATE, False)])
+                                                (CHATML_TEMPLATE, False)],
+                         ids=['llama3_in_tokenizer_config', 'chatml_in_jinja_file'])
 def test_chat_template_ids_equal_transformers(tmp_path, template, in_config):
   from transformers import AutoTokenizer
 
