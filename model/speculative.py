@@ -162,19 +162,10 @@ def generate(
     logits_BxTxV = decode.mask_vocab(logits_BxTxV, vocab_limit)
     p_BxTxV = _probs(logits_BxTxV, sampling_params, _seen_before(seen_BxV, x_BxK))
 
-    # Accept the longest prefix of proposals that pass the test.
-    u_BxK = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold(keys_B, _ACCEPT))
-    accept_BxK = _accepts(u_BxK, _pick(p_BxTxV[:, :k], x_BxK), _pick(q_BxKxV, x_BxK))
-    n_acc_B = jnp.sum(jnp.cumprod(accept_BxK, axis=1), axis=1).astype(jnp.int32)
-
-    # The next token: from norm(max(0, p - q)) at the first rejection, else from p_K.
-    q_BxTxV = jnp.pad(q_BxKxV, ((0, 0), (0, 1), (0, 0)))
-    residual_BxV = _residual(_row_at(p_BxTxV, n_acc_B), _row_at(q_BxTxV, n_acc_B))
-    final_B = _draw(_fold(keys_B, _FINAL), residual_BxV)
-
+    n_acc_B, final_B = _judge(p_BxTxV, q_BxKxV, x_BxK, keys_B)
     j_T = jnp.arange(k + 1)
-    x_BxT = jnp.concatenate([x_BxK, final_B[:, None]], axis=1)
-    emitted_BxT = jnp.where(j_T[None] < n_acc_B[:, None], x_BxT, final_B[:, None])
+    emitted_BxT = jnp.where(j_T[None] < n_acc_B[:, None],
+                            jnp.concatenate([x_BxK, final_B[:, None]], axis=1), final_B[:, None])
 
     # Keep the first n_acc + 1, cut after a stop token and at M tokens.
     stop_BxT = stop_V[emitted_BxT] & (j_T[None] <= n_acc_B[:, None])
@@ -224,6 +215,19 @@ def _check(draft, k: int, max_new_tokens: int) -> None:
                         f'min_ngram={draft.min_ngram}, max_ngram={draft.max_ngram}.')
   elif not isinstance(draft, DraftModel):
     raise ConfigError(f'draft must be a DraftModel or a PromptLookup, not {type(draft)}.')
+
+
+def _judge(p_BxTxV: jax.Array, q_BxKxV: jax.Array, x_BxK: jax.Array, keys_B: jax.Array):
+  """Leviathan et al.'s rule on the K proposals x: (n_acc_B, the number accepted, a
+  prefix; final_B, the token after them, drawn from norm(max(0, p - q)) at the first
+  rejection, or from p_K when all K pass)."""
+  k = x_BxK.shape[1]
+  u_BxK = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_fold(keys_B, _ACCEPT))
+  accept_BxK = _accepts(u_BxK, _pick(p_BxTxV[:, :k], x_BxK), _pick(q_BxKxV, x_BxK))
+  n_acc_B = jnp.sum(jnp.cumprod(accept_BxK, axis=1), axis=1).astype(jnp.int32)
+  q_BxTxV = jnp.pad(q_BxKxV, ((0, 0), (0, 1), (0, 0)))  # q = 0 after the last proposal
+  residual_BxV = _residual(_row_at(p_BxTxV, n_acc_B), _row_at(q_BxTxV, n_acc_B))
+  return n_acc_B, _draw(_fold(keys_B, _FINAL), residual_BxV)
 
 
 def _accepts(u_BxK: jax.Array, px_BxK: jax.Array, qx_BxK: jax.Array) -> jax.Array:
@@ -283,7 +287,7 @@ def _lookup(lookup: PromptLookup, history_BxH: jax.Array, len_B: jax.Array,
   With the match d tokens back, the proposal is history[len - d + (j mod d)]: it reads
   on past the row's end by repeating the matched span (d = 1 repeats the last token),
   which is also the proposal when nothing matches. Every comparison is a [B, H] array op,
-  so a round costs O(B * H * max_ngram), nothing next to a target call.
+  so a round costs O(B * H * max_ngram ** 2) comparisons, nothing next to a target call.
   """
   b, h = history_BxH.shape
   start_H = jnp.arange(h)

@@ -4,7 +4,7 @@ Greedy: token for token the output of plain decoding (model/decode.generate), fo
 kinds of draft and several K, with rows of different prompt lengths and a stop id.
 Sampling: over a few thousand seeds, the first three tokens follow the target's filtered
 distribution, enumerated from the model's own full-sequence logits (an independent path:
-no cache), by a chi-square test; and the same test rejects a broken acceptance rule.
+no cache), by a chi-square test; and the same test rejects a broken rejection rule.
 """
 
 import dataclasses
@@ -22,22 +22,30 @@ from data.errors import ConfigError
 from model import decode, sampling, speculative
 from model import transformer as tfm
 
-VOCAB = 64
-SMALL_VOCAB = 16  # the sampling tests enumerate SMALL_VOCAB ** 3 continuations
+VOCAB = 16  # small: the sampling tests enumerate VOCAB ** 3 continuations
 
 
-def _model(vocab: int, n_layers: int, seed: int, head_scale: float = 20.0):
+@functools.cache
+def _model(n_layers: int, seed: int):
   """(graphdef, params) of a random float32 model whose logits spread over a few units
-  (the init's head gives near-uniform ones): distinct distributions, no near-ties."""
+  (an init-sized head gives near-uniform ones): distinct distributions, no near-ties.
+  numpy's RNG: compiling jax.random's init costs seconds on CPU for nothing here."""
   cfg = tfm.TransformerConfig(
-      vocab_size=vocab, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=8,
+      vocab_size=VOCAB, d_model=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=8,
       mlp_dim=64, tie_embeddings=False, dtype=jnp.dtype('float32'),
       param_dtype=jnp.dtype('float32'))
   with nnx.use_eager_sharding(False):
-    model = nnx.jit(lambda: tfm.Transformer(cfg, rngs=nnx.Rngs(seed)))()
-  model.lm_head[...] = model.lm_head[...] * head_scale
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)  # the trainer's params: nested dicts of arrays
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: tfm.Transformer(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def init(path, leaf):
+    name = str(path[-1].key)
+    if name == 'scale':  # norms
+      return jnp.ones(leaf.shape, leaf.dtype)
+    std = 0.4 if name == 'lm_head' else 0.05
+    return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+  return graphdef, jax.tree_util.tree_map_with_path(init, nnx.to_pure_dict(state))
 
 
 def _first_layer(graphdef, params):
@@ -70,11 +78,12 @@ def _speculative(graphdef, params, prompt, lengths, sampling_params, seeds, draf
 # --- greedy: identical tokens -------------------------------------------------------------
 
 MAX_NEW = 24
+STOP = 5  # ends three of the rows below after 4 to 9 tokens
 
 
 @pytest.fixture(scope='module')
 def greedy_setup():
-  graphdef, params = _model(VOCAB, n_layers=2, seed=0)
+  graphdef, params = _model(n_layers=2, seed=1)
   rng = np.random.default_rng(0)
   lengths = np.array([3, 9, 1, 12, 6], np.int32)
   # Repeated spans, as in code, give prompt lookup something to find.
@@ -82,21 +91,17 @@ def greedy_setup():
   prompt[2, 1:] = 0  # padding of the one-token prompt: any id
   greedy = sampling.SamplingParams.make(len(lengths), temperature=0.0)
   seeds = np.arange(len(lengths), dtype=np.int32)
-  free = _plain(graphdef, params, prompt, lengths, greedy, seeds, max_new_tokens=MAX_NEW,
-                stop_ids=())
-  # A stop id that ends some rows mid-way: one that row 0 emits first at its 10th token.
-  tokens = np.asarray(free.tokens)
-  stop = int(next(t for t in tokens[0, 9:] if t not in tokens[0, :9]))
   want = _plain(graphdef, params, prompt, lengths, greedy, seeds, max_new_tokens=MAX_NEW,
-                stop_ids=(stop,))
-  assert 0 < int(want.stopped.sum()) < len(lengths)  # both kinds of row
-  return graphdef, params, prompt, lengths, greedy, seeds, stop, want
+                stop_ids=(STOP,))
+  # Rows that stop mid-way and rows that run to MAX_NEW.
+  assert 0 < int(want.stopped.sum()) < len(lengths)
+  assert (np.asarray(want.lengths)[np.asarray(want.stopped)] > 3).all()
+  return graphdef, params, prompt, lengths, greedy, seeds, want
 
 
-@pytest.mark.parametrize('kind,k', [('first_layer', 1), ('first_layer', 3), ('self', 4),
-                                    ('lookup', 2), ('lookup', 5)])
+@pytest.mark.parametrize('kind,k', [('first_layer', 1), ('self', 3), ('lookup', 4)])
 def test_greedy_is_plain_decoding(greedy_setup, kind, k):
-  graphdef, params, prompt, lengths, greedy, seeds, stop, want = greedy_setup
+  graphdef, params, prompt, lengths, greedy, seeds, want = greedy_setup
   if kind == 'lookup':
     draft = speculative.PromptLookup(max_ngram=3, min_ngram=1)
   elif kind == 'self':  # every proposal accepted: K + 1 tokens a round
@@ -104,7 +109,7 @@ def test_greedy_is_plain_decoding(greedy_setup, kind, k):
   else:
     draft = speculative.DraftModel(*_first_layer(graphdef, params))
   got, stats = _speculative(graphdef, params, prompt, lengths, greedy, seeds, draft, k=k,
-                            max_new_tokens=MAX_NEW, stop_ids=(stop,))
+                            max_new_tokens=MAX_NEW, stop_ids=(STOP,))
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
   np.testing.assert_array_equal(got.stopped, want.stopped)
@@ -145,10 +150,10 @@ STEPS = 3  # tokens whose joint distribution is tested
 def _exact_joint(graphdef, params, prompt: np.ndarray, settings: dict) -> np.ndarray:
   """P(first STEPS tokens) [V ** STEPS] under the target's filtered sampling: one full
   forward (no cache) over the prompt followed by every (STEPS - 1)-token prefix."""
-  v = SMALL_VOCAB
+  v = VOCAB
   prefixes = np.array(list(itertools.product(range(v), repeat=STEPS - 1)), np.int32)
   tokens = np.concatenate([np.tile(prompt, (len(prefixes), 1)), prefixes], axis=1)
-  logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens)))
+  logits = np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
   joint = np.ones(1)
   for step in range(STEPS):
     # One row per distinct `step`-token prefix (its later prefix tokens are 0), in order.
@@ -165,21 +170,24 @@ def _exact_joint(graphdef, params, prompt: np.ndarray, settings: dict) -> np.nda
 
 def _chi_square_pvalue(tokens_RxM: np.ndarray, joint: np.ndarray) -> float:
   """p-value of the sample under `joint` (Pearson's chi-square; outcomes expected fewer
-  than 5 times are pooled). An outcome of probability 0 gives 0: it cannot happen."""
-  observed = np.bincount(np.ravel_multi_index(tokens_RxM[:, :STEPS].T, (SMALL_VOCAB,) * STEPS),
+  than 5 times are pooled into one bin). An outcome of probability 0 gives 0: it cannot
+  happen."""
+  observed = np.bincount(np.ravel_multi_index(tokens_RxM[:, :STEPS].T, (VOCAB,) * STEPS),
                          minlength=joint.size)
   if observed[joint == 0].any():
     return 0.0
   expected = joint * len(tokens_RxM)
-  big = expected >= 5
-  obs = np.append(observed[big], observed[~big].sum())
-  exp = np.append(expected[big], expected[~big].sum())
+  big, small = expected >= 5, (expected > 0) & (expected < 5)
+  obs = np.append(observed[big], observed[small].sum())
+  exp = np.append(expected[big], expected[small].sum())
+  if not small.any():
+    obs, exp = obs[:-1], exp[:-1]
   assert big.sum() >= 10  # a distribution with room to be wrong
   return scipy.stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
 SAMPLING_CASES = {
-    # A different random model as the draft, with temperature and top-k.
+    # The target's first layer as the draft, with temperature and top-k.
     'draft_model': dict(k=2, settings=dict(temperature=0.8, top_k=5)),
     # Prompt lookup on a repetitive prompt, with top-p, min-p and a repetition penalty.
     'lookup': dict(k=3, settings=dict(temperature=1.0, top_p=0.9, min_p=0.05,
@@ -189,8 +197,8 @@ SAMPLING_CASES = {
 
 @pytest.fixture(scope='module')
 def sampling_setup():
-  graphdef, params = _model(SMALL_VOCAB, n_layers=2, seed=1, head_scale=10.0)
-  draft = speculative.DraftModel(*_model(SMALL_VOCAB, n_layers=1, seed=2, head_scale=10.0))
+  graphdef, params = _model(n_layers=2, seed=1)
+  draft = speculative.DraftModel(*_first_layer(graphdef, params))
   prompts = {'draft_model': np.array([3, 7, 1, 12, 5], np.int32),
              'lookup': np.array([4, 9, 2, 4, 9, 2, 4, 9], np.int32)}
   drafts = {'draft_model': draft, 'lookup': speculative.PromptLookup(max_ngram=2)}
@@ -221,19 +229,13 @@ def test_sampling_follows_the_target_distribution(sampling_setup, kind):
   assert _chi_square_pvalue(tokens, sampling_setup[-1][kind]) > 1e-3
 
 
-# Two broken rules the test must catch: accepting every proposal (a draft model's
-# tokens, partly outside the target's top-k), and drawing a rejection's replacement from p
-# instead of max(0, p - q) (right support, wrong weights: only the statistics can tell).
-BROKEN = {'draft_model': ('_accepts', lambda u, px, qx: jnp.ones_like(u, bool)),
-          'lookup': ('_residual', lambda p, q: p)}
-
-
+# A broken rule the test must catch: drawing a rejection's replacement from p instead of
+# max(0, p - q). Its tokens stay inside the filtered support, so only the statistics can
+# tell (with prompt lookup, a rejected token can come back).
 @pytest.mark.parametrize('kind', list(SAMPLING_CASES))
 def test_the_distribution_test_rejects_a_broken_rule(sampling_setup, kind, monkeypatch):
-  monkeypatch.setattr(speculative, *BROKEN[kind])
+  monkeypatch.setattr(speculative, '_residual', lambda p_BxV, q_BxV: p_BxV)
   tokens, _ = _sample(sampling_setup, kind)
   joint = sampling_setup[-1][kind]
-  if kind == 'lookup':  # within the support, so the chi-square itself rejects it
-    outcomes = np.ravel_multi_index(tokens.T, (SMALL_VOCAB,) * STEPS)
-    assert (joint[outcomes] > 0).all()
+  assert (joint[np.ravel_multi_index(tokens.T, (VOCAB,) * STEPS)] > 0).all()
   assert _chi_square_pvalue(tokens, joint) < 1e-6
