@@ -315,11 +315,17 @@ def _probs(logits_BxTxV: jax.Array, params: sampling.SamplingParams,
   the argmax for greedy rows, so the same acceptance rule serves them."""
   b, t, v = logits_BxTxV.shape
   rows = jax.tree.map(lambda a: jnp.repeat(jnp.asarray(a), t), params)
-  filtered = sampling.filter_logits(
-      logits_BxTxV.reshape(b * t, v), rows, seen_BxTxV.reshape(b * t, v))
-  greedy = jax.nn.one_hot(jnp.argmax(filtered, axis=-1), v, dtype=jnp.float32)
-  probs = jnp.where(rows.temperature[:, None] > 0, jax.nn.softmax(filtered, axis=-1), greedy)
-  return probs.reshape(b, t, v)
+  logits, seen = logits_BxTxV.reshape(b * t, v), seen_BxTxV.reshape(b * t, v)
+
+  def mixed():
+    filtered = sampling.filter_logits(logits, rows, seen)
+    greedy = jax.nn.one_hot(jnp.argmax(filtered, axis=-1), v, dtype=jnp.float32)
+    return jnp.where(rows.temperature[:, None] > 0, jax.nn.softmax(filtered, axis=-1), greedy)
+
+  def greedy():  # every row greedy: no sort (sampling.greedy)
+    return jax.nn.one_hot(sampling.greedy(logits, rows, seen), v, dtype=jnp.float32)
+
+  return jax.lax.cond(jnp.all(rows.temperature <= 0), greedy, mixed).reshape(b, t, v)
 
 
 def _seen_before(seen_BxV: jax.Array, x_BxK: jax.Array) -> jax.Array:

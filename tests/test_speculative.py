@@ -239,3 +239,18 @@ def test_the_distribution_test_rejects_a_broken_rule(sampling_setup, kind, monke
   joint = sampling_setup[-1][kind]
   assert (joint[np.ravel_multi_index(tokens.T, (VOCAB,) * STEPS)] > 0).all()
   assert _chi_square_pvalue(tokens, joint) < 1e-6
+
+
+def test_greedy_shortcut_is_the_filtered_argmax():
+  # sampling.greedy skips filter_logits for all-greedy batches (speculative._probs and
+  # sampling.sample): the filters must never move the argmax, ties included.
+  rng = np.random.default_rng(0)
+  logits = np.round(rng.normal(0, 2, (64, VOCAB)), 0).astype(np.float32)  # many ties
+  seen = rng.random((64, VOCAB)) < 0.3
+  params = sampling.SamplingParams.make(
+      64, temperature=0.0, top_k=rng.integers(0, 5, 64), top_p=rng.uniform(0.05, 1, 64),
+      min_p=rng.uniform(0, 0.9, 64), repetition_penalty=rng.uniform(1, 2, 64))
+  filtered = sampling.filter_logits(jnp.asarray(logits), params, jnp.asarray(seen))
+  np.testing.assert_array_equal(sampling.greedy(jnp.asarray(logits), params, jnp.asarray(seen)),
+                                jnp.argmax(filtered, axis=-1))
+  assert (np.asarray(filtered) == -np.inf).any()  # the filters did remove tokens

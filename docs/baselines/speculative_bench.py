@@ -16,7 +16,8 @@ method decodes the same prompts greedily in one session, `--batch` rows a call (
 runs the prompts one by one); each call is compiled once, then timed best of `--repeats`,
 and the script checks that every method gives plain decoding's tokens. tokens/s counts
 generated tokens; acceptance is accepted / proposed draft tokens; tokens/call is generated
-tokens per target call.
+tokens per target call. tokens/s is wall time, tok/cpu-s this process's CPU time (XLA's
+threads included): on a shared machine the second is the steadier.
 """
 
 import argparse
@@ -49,14 +50,16 @@ def prompts(task, rows: int, length: int, skip: int = 64) -> np.ndarray:
 
 
 def timed(fn, repeats: int, *args, **kwargs):
-  """(best seconds of `repeats` calls after a compiling one, the last result)."""
+  """(best wall seconds, best CPU seconds of this process, the result) of `repeats` calls
+  after a compiling one. CPU time is what a busy shared machine distorts least."""
   result = jax.block_until_ready(fn(*args, **kwargs))
-  best = float('inf')
+  wall = cpu = float('inf')
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = jax.block_until_ready(fn(*args, **kwargs))
-    best = min(best, time.perf_counter() - start)
-  return best, result
+    wall = min(wall, time.perf_counter() - start)
+    cpu = min(cpu, time.process_time() - start_cpu)
+  return wall, cpu, result
 
 
 def main() -> None:
@@ -90,25 +93,26 @@ def main() -> None:
   all_prompts = prompts(task, args.prompts, args.prompt_tokens)
   for batch in map(int, args.batch.split(',')):
     print(f'\nbatch {batch} ({args.prompts // batch} calls)\n{"method":<14} {"tokens/s":>9} '
-          f'{"speedup":>8} {"acceptance":>10} {"tokens/call":>11} {"same tokens":>11}')
-    base_rate, want = None, None
+          f'{"speedup":>8} {"tok/cpu-s":>9} {"speedup":>8} {"acceptance":>10} '
+          f'{"tokens/call":>11} {"same tokens":>11}')
+    base, want = None, None
     for name, spec in methods.items():
       seconds, tokens, counts = measure(task, state.params, spec, all_prompts, batch, args)
-      rate = counts['generated'] / seconds
+      rates = [counts['generated'] / s for s in seconds]
       if want is None:
-        base_rate, want = rate, tokens
+        base, want = rates, tokens
       same = f'{int((tokens == want).all(axis=1).sum())}/{len(tokens)}'
       accept = per_call = ''
       if spec is not None:
         accept = f'{counts["accepted"] / max(counts["proposed"], 1):.2f}'
         per_call = f'{counts["generated"] / counts["rounds"]:.2f}'
-      print(f'{name:<14} {rate:>9.1f} {rate / base_rate:>7.2f}x {accept:>10} '
-            f'{per_call:>11} {same:>11}', flush=True)
+      print(f'{name:<14} {rates[0]:>9.1f} {rates[0] / base[0]:>7.2f}x {rates[1]:>9.1f} '
+            f'{rates[1] / base[1]:>7.2f}x {accept:>10} {per_call:>11} {same:>11}', flush=True)
 
 
 def measure(task, params, spec, all_prompts: np.ndarray, batch: int, args):
-  """(seconds, tokens [P, M], counts) of one method over every prompt, `batch` rows a call:
-  the sum over calls of each call's best time."""
+  """((wall, CPU) seconds, tokens [P, M], counts) of one method over every prompt, `batch`
+  rows a call: the sums over calls of each call's best times."""
   if all_prompts.shape[0] % batch:
     raise ConfigError(f'--batch={batch} must divide --prompts={all_prompts.shape[0]}.')
   common = dict(max_new_tokens=args.new_tokens, vocab_limit=task.tokenizer.vocab_size,
@@ -120,11 +124,12 @@ def measure(task, params, spec, all_prompts: np.ndarray, batch: int, args):
     fn = jax.jit(functools.partial(speculative.generate, task.graphdef, draft=spec[0],
                                    num_speculative_tokens=spec[1], **common))
   length = np.full(batch, all_prompts.shape[1], np.int32)
-  seconds, tokens, counts = 0.0, [], collections.Counter()
+  seconds, tokens, counts = np.zeros(2), [], collections.Counter()
   for start in range(0, all_prompts.shape[0], batch):
-    best, result = timed(fn, args.repeats, params, all_prompts[start:start + batch], length)
+    wall, cpu, result = timed(fn, args.repeats, params, all_prompts[start:start + batch],
+                              length)
     out, stats = (result, None) if spec is None else result
-    seconds += best
+    seconds += (wall, cpu)
     tokens.append(np.asarray(out.tokens))
     counts['generated'] += int(np.asarray(out.lengths).sum())
     if stats is not None:
