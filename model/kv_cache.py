@@ -208,13 +208,9 @@ def _kernel_attend(q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT,
   table_spec = None if page_table_BxP is None else P(None, None)
   specs = (q_spec, pages_spec, pages_spec, P(batch, None), table_spec)
   args = (q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT, page_table_BxP)
-  # Explicit-mode shard_map takes its inputs as specified, and the output goes back to the
-  # queries' sharding (a scan over layers needs its carry's type unchanged); both are
-  # no-ops when the model's logical rules already place them so.
-  args = [x if spec is None else jax.sharding.reshard(x, spec)
-          for x, spec in zip(args, specs, strict=True)]
-  out_BxTxHxD = jax.shard_map(
+  # Kiln's meshes have Auto axes (train/mesh.py), so shard_map moves its inputs into
+  # these specs itself.
+  return jax.shard_map(
       per_device, in_specs=specs, out_specs=q_spec,
       check_vma=False,  # pallas_call outputs carry no varying-axes types
   )(*args)
-  return jax.sharding.reshard(out_BxTxHxD, jax.typeof(q_BxTxHxD).sharding.spec)

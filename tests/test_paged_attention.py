@@ -168,7 +168,8 @@ def test_generate_under_a_mesh_with_pallas_equals_xla():
   prompt = jnp.asarray(np.random.default_rng(6).integers(0, 128, (4, 6)), jnp.int32)
   lengths = jnp.asarray([6, 3, 5, 1], jnp.int32)
   greedy = jax.tree.map(jnp.asarray, sampling.SamplingParams.make(4, temperature=0.0))
-  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4])
+  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as train/mesh.py's
   outs = {}
   for attention in ('xla', 'pallas'):
     graphdef, state = _model(attention)
