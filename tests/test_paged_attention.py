@@ -71,7 +71,8 @@ def test_sharded_kernel_equals_unsharded():
   device (any row may point at any page)."""
   q, k_pages, v_pages, positions, table = _case(1, seed=3)
   want = kv_cache.gather_attend(q, k_pages, v_pages, positions, table)
-  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4])
+  mesh = jax.make_mesh((2, 2), ('data', 'tensor'), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with jax.set_mesh(mesh):
     got = jax.jit(kv_cache._kernel_attend)(q, k_pages, v_pages, positions, table)
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
