@@ -51,6 +51,13 @@ def base() -> ml_collections.ConfigDict:
       qkv_bias=False,  # biases on the q, k, v projections (Qwen2)
       attn_out_bias=False,  # bias on the attention output projection
       mlp_bias=False,  # biases on the MLP projections
+      # Low-rank adapters (model/lora.py): with rank > 0 only the adapters train (the rest is
+      # frozen, with no optimizer state); x @ W + alpha / rank * (dropout(x) @ A) @ B, B = 0
+      # at the start. targets: a regex fully matching the projection names wq wk wv wo
+      # w_gate w_up w_down. base_quant='nf4' stores the frozen base in NF4 (QLoRA;
+      # model/quant.py), with the block scales in int8 when double_quant.
+      lora=ml_collections.ConfigDict(dict(
+          rank=0, alpha=16.0, dropout=0.0, targets='.*', base_quant='none', double_quant=True)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(

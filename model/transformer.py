@@ -29,6 +29,7 @@ does not grow with depth; norm scales = 1.
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -37,6 +38,8 @@ import ml_collections
 from flax import nnx
 
 from model import attention as attention_lib
+from model import lora as lora_lib
+from model import quant as quant_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
@@ -90,6 +93,28 @@ class TransformerConfig:
   qkv_bias: bool = False
   attn_out_bias: bool = False
   mlp_bias: bool = False
+  # How the projections are stored (model/quant.py): none | int8 | int4 | nf4, the int4 group
+  # or NF4 block along the contraction axis (0: 128 and 64), NF4's int8 block scales.
+  quant: str = 'none'
+  quant_group: int = 0
+  quant_double: bool = True
+  # Low-rank adapters (model/lora.py); rank 0 = none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = '.*'
+
+  @property
+  def quant_scheme(self) -> quant_lib.Scheme:
+    return quant_lib.Scheme(self.quant, self.quant_group, self.quant_double)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def base(self) -> 'TransformerConfig':
+    """The same model without adapters and with float weights (what a merge gives)."""
+    return dataclasses.replace(self, quant='none', quant_group=0, lora_rank=0)
 
   @classmethod
   def from_config(
@@ -187,7 +212,38 @@ class TransformerConfig:
         qkv_bias=bool(m.get('qkv_bias', False)),
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
+        **_parse_lora(m.get('lora'), mlp),
     )
+
+
+def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
+  """TransformerConfig's adapter and base-quantization fields from `model.lora`."""
+  if lora is None:  # a run saved before LoRA existed
+    return {}
+  rank = int(lora.rank)
+  if rank < 0:
+    raise ValueError(f'model.lora.rank={rank} must be >= 0 (0 turns LoRA off).')
+  alpha, dropout = float(lora.alpha), float(lora.dropout)
+  if alpha <= 0:
+    raise ValueError(f'model.lora.alpha={alpha} must be > 0 (adapters are scaled by alpha/rank).')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'model.lora.dropout={dropout} must be in [0, 1).')
+  try:
+    pattern = re.compile(lora.targets)
+  except re.error as e:
+    raise ValueError(f'model.lora.targets={lora.targets!r} is not a valid regular expression: '
+                     f'{e}.') from None
+  names = [n for n in lora_lib.TARGETS if mlp == 'swiglu' or n != 'w_gate']
+  if rank and not any(pattern.fullmatch(n) for n in names):
+    raise ValueError(f'model.lora.targets={lora.targets!r} matches no projection; the names are '
+                     f'{", ".join(names)} (e.g. \'wq|wv\' or \'.*\').')
+  base_quant = _parse_key('model.lora.base_quant', lora.base_quant, ('none', 'nf4'))
+  if base_quant != 'none' and not rank:
+    raise ValueError(f'model.lora.base_quant={base_quant!r} needs model.lora.rank > 0: a '
+                     'quantized base trains only through adapters.')
+  return dict(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
+              lora_targets=str(lora.targets), quant=base_quant,
+              quant_double=bool(lora.double_quant))
 
 
 def _parse_key(name: str, value: str, allowed) -> str:
@@ -305,10 +361,52 @@ def _add_bias(x: jax.Array, module: nnx.Module, name: str) -> jax.Array:
   return x if bias is None else x + bias[...].astype(x.dtype)
 
 
-def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
-  """einsum(spec, x, module.<name>) in x's dtype: the one place a block applies a weight
-  matrix, so that a weight's storage (quantized, or with low-rank adapters) is handled once."""
-  return jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+def _weight(module: nnx.Module, name: str, cfg: TransformerConfig, rngs: nnx.Rngs,
+            shape: tuple[int, ...], names: tuple[str, ...], std: float) -> None:
+  """Sets projection `name` on `module`: a float Param ~ N(0, std), or its quantized stored
+  form (model/quant.py), plus LoRA adapters when `cfg` targets it. The adapters draw from a
+  key folded off the weight's, so the base weights are those of the model without LoRA."""
+  key = rngs.params()
+  w = jax.random.normal(key, shape, cfg.param_dtype) * jnp.asarray(std, cfg.param_dtype)
+  scheme = cfg.quant_scheme
+  stored = quant_lib.quantize(w, name, scheme) if scheme.mode != 'none' else {'': w}
+  stored_names = quant_lib.stored_names(names, name, scheme)
+  for suffix, value in stored.items():
+    setattr(module, name + suffix, nnx.Param(value, out_sharding=stored_names[suffix]))
+  if lora_lib.is_target(name, cfg.lora_targets, cfg.lora_rank):
+    adapters = lora_lib.init_adapters(jax.random.fold_in(key, 1), shape, names, name,
+                                      cfg.lora_rank, cfg.param_dtype)
+    for suffix, (value, value_names) in adapters.items():
+      setattr(module, name + suffix, nnx.Param(value, out_sharding=value_names))
+
+
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array, *,
+            lora_key: jax.Array | None = None, preferred_element_type=None) -> jax.Array:
+  """einsum(spec, x, module.<name>) in x's dtype: the one place a weight matrix is applied.
+
+  A quantized weight (`module.cfg.quant`) is dequantized here, under jax.checkpoint so that
+  the backward pass recomputes it instead of keeping every layer's float copy; a weight
+  with adapters adds scale * ((dropout(x) @ A) @ B), with dropout keyed by `lora_key`.
+  """
+  cfg = module.cfg
+  scheme = cfg.quant_scheme
+  if scheme.mode == 'none':
+    out = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype),
+                     preferred_element_type=preferred_element_type)
+  else:
+    def matmul(x, stored):
+      w = quant_lib.dequantize(stored, name, scheme).astype(x.dtype)
+      return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+    stored = {s: getattr(module, name + s)[...] for s in scheme.suffixes()}
+    out = jax.checkpoint(matmul, prevent_cse=False)(x, stored)
+  if hasattr(module, name + lora_lib.A):
+    delta = lora_lib.apply(module, name, spec, x, cfg.lora_scale, cfg.lora_dropout, lora_key)
+    out = out + delta.astype(out.dtype)
+  return out
+
+
+def _keys(key: jax.Array | None, n: int) -> list:
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Norm(nnx.Module):
@@ -340,10 +438,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, h, k, dh, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-    self.wq = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), INIT_STD, pd)
-    self.wk = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
-    self.wv = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
-    self.wo = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std, pd)
+    _weight(self, 'wq', cfg, rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wk', cfg, rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wv', cfg, rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wo', cfg, rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std)
     if cfg.qkv_bias:
       self.q_bias = _zeros((h, dh), ('heads', 'head_dim'), pd)
       self.k_bias = _zeros((k, dh), ('kv_heads', 'head_dim'), pd)
@@ -352,12 +450,14 @@ class Attention(nnx.Module):
       self.o_bias = _zeros((d,), ('embed',), pd)
 
   def __call__(
-      self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None
+      self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
+      lora_key: jax.Array | None = None,
   ) -> jax.Array:
     theta = self.cfg.rope_theta
-    q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD)
-    k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD)
-    v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD)
+    kq, kk, kv, ko = _keys(lora_key, 4)
+    q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=kq)
+    k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=kk)
+    v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD, lora_key=kv)
     q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
@@ -367,7 +467,7 @@ class Attention(nnx.Module):
     out_BxLxHxDh = attention_lib.attention(
         q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
         causal=True, implementation=self.cfg.attention)
-    out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh)
+    out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=ko)
     return _add_bias(out_BxLxD, self, 'o_bias')
 
 
@@ -375,29 +475,30 @@ class Mlp(nnx.Module):
   """SwiGLU, down(silu(gate(x)) * up(x)), or GPT-2's down(gelu_tanh(up(x)))."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.dtype
+    self.cfg = cfg
     self.gated = cfg.mlp == 'swiglu'
     d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
     if self.gated:
-      self.w_gate = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
-    self.w_up = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
-    self.w_down = _param(rngs, (f, d), ('mlp', 'embed'), out_std, pd)
+      _weight(self, 'w_gate', cfg, rngs, (d, f), ('embed', 'mlp'), INIT_STD)
+    _weight(self, 'w_up', cfg, rngs, (d, f), ('embed', 'mlp'), INIT_STD)
+    _weight(self, 'w_down', cfg, rngs, (f, d), ('mlp', 'embed'), out_std)
     if cfg.mlp_bias:
       if self.gated:
         self.gate_bias = _zeros((f,), ('mlp',), pd)
       self.up_bias = _zeros((f,), ('mlp',), pd)
       self.down_bias = _zeros((d,), ('embed',), pd)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    up_BxLxF = project(self, 'w_up', 'bld,df->blf', x_BxLxD)
+  def __call__(self, x_BxLxD: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+    k_up, k_gate, k_down = _keys(lora_key, 3)
+    up_BxLxF = project(self, 'w_up', 'bld,df->blf', x_BxLxD, lora_key=k_up)
     up_BxLxF = _add_bias(up_BxLxF, self, 'up_bias')
     if self.gated:
-      gate_BxLxF = project(self, 'w_gate', 'bld,df->blf', x_BxLxD)
+      gate_BxLxF = project(self, 'w_gate', 'bld,df->blf', x_BxLxD, lora_key=k_gate)
       hidden_BxLxF = jax.nn.silu(_add_bias(gate_BxLxF, self, 'gate_bias')) * up_BxLxF
     else:
       hidden_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
-    out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF)
+    out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF, lora_key=k_down)
     return _add_bias(out_BxLxD, self, 'down_bias')
 
 
@@ -406,6 +507,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.dropout = cfg.dropout
+    self.lora_dropout = cfg.lora_dropout
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
@@ -418,12 +520,14 @@ class Block(nnx.Module):
       segment_ids_BxL: jax.Array | None,
       dropout_key: jax.Array | None,
   ) -> jax.Array:
-    attn_key = mlp_key = None
-    if dropout_key is not None:
+    attn_key = mlp_key = attn_lora_key = mlp_lora_key = None
+    if dropout_key is not None and self.lora_dropout > 0:
+      attn_key, mlp_key, attn_lora_key, mlp_lora_key = jax.random.split(dropout_key, 4)
+    elif dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
-    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, attn_lora_key)
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
+    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
     return x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
 
 
@@ -459,8 +563,8 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = _param(
-          rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), INIT_STD, cfg.param_dtype)
+      _weight(self, 'lm_head', cfg, rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+              INIT_STD)
 
   def __call__(
       self,
@@ -489,7 +593,7 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     dropout_keys_N = None
-    if not deterministic and cfg.dropout > 0.0:
+    if not deterministic and (cfg.dropout > 0.0 or cfg.lora_dropout > 0.0):
       if rngs is None:
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
@@ -502,10 +606,10 @@ class Transformer(nnx.Module):
         self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat,
         cfg.n_layers if cfg.scan_unroll == -1 else min(cfg.scan_unroll, cfg.n_layers))
     x_BxLxD = self.final_norm(x_BxLxD)
-    if cfg.tie_embeddings:
-      head_DxV = self.embedding[...].astype(cfg.dtype).T
-    else:
-      head_DxV = self.lm_head[...].astype(cfg.dtype)
+    if not cfg.tie_embeddings:
+      return project(self, 'lm_head', 'bld,dv->blv', x_BxLxD,
+                     preferred_element_type=jnp.float32)
+    head_DxV = self.embedding[...].astype(cfg.dtype).T
     return jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
 
 
