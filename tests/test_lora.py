@@ -168,7 +168,7 @@ def test_lora_run_trains_only_the_adapters_and_exports_merged(corpus, base_run, 
   base_dir, base_params = base_run
   workdir = tmp_path / 'lora'
   config = _config(corpus, **{'init_from': str(base_dir), 'model.lora.rank': 4,
-                              'model.lora.targets': 'wq|wv|w_up'})
+                              'model.lora.targets': 'wq|wv|w_up', 'optimizer.lr': 3e-2})
   result = trainer.train_and_evaluate(config, str(workdir))
   assert all(np.isfinite(v) for v in result.losses.values())
   state = restore(workdir, 2)
@@ -197,6 +197,8 @@ def test_lora_run_trains_only_the_adapters_and_exports_merged(corpus, base_run, 
     theirs = model(torch.tensor(tokens)).logits.numpy()
   vocab = task.tokenizer.vocab_size
   np.testing.assert_allclose(ours[..., :vocab], theirs[..., :vocab], rtol=0, atol=1e-4)
+  without = np.asarray(task._logits(lora.disabled(restored.params), batch))
+  assert np.max(np.abs(ours - without)) > 1e-2  # the adapters matter well above that tolerance
   # Sampling reads the merged parameters too: greedy picks the LoRA model's argmax.
   prompt = task.tokenizer.decode(list(tokens[0, :8]))
   text = task.generate(task.inference_params(restored), prompt, max_new_tokens=1,
