@@ -5,8 +5,9 @@ Run (default preset `tiny`, the embedded CPython standard library corpus):
   python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
 
 Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
-`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be overridden
-with `--config.a.b=value`.
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be
+overridden with `--config.a.b=value`. LoRA: `--config.model.lora.rank=16`; QLoRA adds
+`--config.model.lora.base_quant=nf4` (both usually with `--config.init_from=DIR`).
 """
 
 import ml_collections

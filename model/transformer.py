@@ -21,6 +21,10 @@ norms and RoPE angles run in float32 and the logits come back in float32.
 The blocks are stacked along a leading 'layers' axis (`nnx.vmap` at init) and
 run with `nnx.scan`, so compile time does not grow with depth.
 
+Every weight matrix is applied by `project`, the one place that knows how it is stored:
+float, or quantized (`quant`: int8, int4 or NF4, model/quant.py; dequantized one layer at
+a time inside the scan), and with LoRA adapters where `lora_rank` > 0 (model/lora.py).
+
 Init: embedding and every input projection (q, k, v, gate, up, untied head)
 ~ N(0, 0.02); the residual output projections (attention out, MLP down)
 ~ N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2, so the residual stream variance
@@ -544,6 +548,9 @@ class Transformer(nnx.Module):
   `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias`; `final_norm.{scale,bias}`;
   `lm_head` [D, V] only when the embeddings are untied. Norm biases exist only
   for LayerNorm, projection biases only when switched on, `w_gate` only for SwiGLU.
+  A quantized model stores each projection `w` as `w` (int8 or packed uint8 codes) and
+  `w_scale` (plus `w_scale_scale`, `w_scale_mean` for double-quantized NF4); LoRA adds
+  `w_lora_a`, `w_lora_b` beside each targeted projection.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
