@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from model import attention as attention_lib
@@ -388,25 +389,57 @@ def project(module: nnx.Module, name: str, spec: str, x: jax.Array, *,
             lora_key: jax.Array | None = None, preferred_element_type=None) -> jax.Array:
   """einsum(spec, x, module.<name>) in x's dtype: the one place a weight matrix is applied.
 
-  A quantized weight (`module.cfg.quant`) is dequantized here, under jax.checkpoint so that
-  the backward pass recomputes it instead of keeping every layer's float copy; a weight
-  with adapters adds scale * ((dropout(x) @ A) @ B), with dropout keyed by `lora_key`.
+  A model with adapters or quantized weights trains only its adapters, so its base weights
+  are constants: `_frozen_matmul` applies them, dequantizing a quantized weight (`cfg.quant`)
+  on the fly. A weight with adapters adds scale * ((dropout(x) @ A) @ B), with dropout keyed
+  by `lora_key`.
   """
   cfg = module.cfg
   scheme = cfg.quant_scheme
-  if scheme.mode == 'none':
-    out = jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype),
+  stored = {s: getattr(module, name + s)[...] for s in scheme.suffixes()}
+  if scheme.mode == 'none' and not cfg.lora_rank:
+    out = jnp.einsum(spec, x, stored[''].astype(x.dtype),
                      preferred_element_type=preferred_element_type)
   else:
-    def matmul(x, stored):
-      w = quant_lib.dequantize(stored, name, scheme).astype(x.dtype)
-      return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
-    stored = {s: getattr(module, name + s)[...] for s in scheme.suffixes()}
-    out = jax.checkpoint(matmul, prevent_cse=False)(x, stored)
+    out = _frozen_matmul(spec, name, scheme, x.dtype, preferred_element_type)(x, stored)
   if hasattr(module, name + lora_lib.A):
     delta = lora_lib.apply(module, name, spec, x, cfg.lora_scale, cfg.lora_dropout, lora_key)
     out = out + delta.astype(out.dtype)
   return out
+
+
+def _frozen_matmul(spec: str, name: str, scheme: quant_lib.Scheme, dtype, preferred):
+  """f(x, stored) = einsum(spec, x, W) for a constant W held as `stored`, whose backward
+  pass keeps only `stored` and recomputes W (dequantizing it).
+
+  Autodiff would otherwise keep W in compute dtype (the dequantized or cast weight, a value
+  of the constants alone) as a residual of every scanned layer: a float copy of the whole
+  base model, more than full fine-tuning keeps. W gets a zero cotangent.
+  """
+  inputs, out = spec.split('->')
+  x_letters, w_letters = inputs.split(',')
+  dx_spec = f'{out},{w_letters}->{x_letters}'
+
+  def weight(stored):
+    w = stored[''] if scheme.mode == 'none' else quant_lib.dequantize(stored, name, scheme)
+    return w.astype(dtype)
+
+  @jax.custom_vjp
+  def f(x, stored):
+    return jnp.einsum(spec, x, weight(stored), preferred_element_type=preferred)
+
+  def fwd(x, stored):
+    return f(x, stored), stored
+
+  def bwd(stored, g):
+    dx = jnp.einsum(dx_spec, g.astype(dtype), weight(stored)).astype(dtype)
+    zeros = jax.tree.map(
+        lambda s: np.zeros(s.shape, jax.dtypes.float0) if not jnp.issubdtype(
+            s.dtype, jnp.floating) else jnp.zeros_like(s), stored)
+    return dx, zeros
+
+  f.defvjp(fwd, bwd)
+  return f
 
 
 def _keys(key: jax.Array | None, n: int) -> list:

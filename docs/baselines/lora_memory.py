@@ -39,9 +39,12 @@ def _stored_projection(name: str) -> bool:
   return any(name == p or name.startswith(p + '_scale') for p in quant.CONTRACTION_AXES)
 
 
-def measure(preset: str, mode: str, batch: int, seq_len: int) -> dict[str, float]:
+def measure(preset: str, mode: str, batch: int, seq_len: int, n_layers: int = 0
+            ) -> dict[str, float]:
   config = lm.get_config(preset)
   config.unlock()
+  if n_layers:
+    config.model.n_layers = n_layers
   config.update(batch_size=batch)
   config.data.seq_len = seq_len
   config.model.lora.update(MODES[mode])
@@ -77,6 +80,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--seq_len', type=int, default=512)
   parser.add_argument('--modes', default='full,lora,qlora')
+  parser.add_argument('--n_layers', type=int, default=0, help='0: the preset\'s')
   args = parser.parse_args()
   print(f'{args.preset}, batch {args.batch} x {args.seq_len}, FSDP over '
         f'{jax.device_count()} {jax.devices()[0].platform} devices, LoRA rank 16 on every '
@@ -84,7 +88,7 @@ def main() -> None:
   print(f'{"mode":6s} {"trainable":>14s} {"arguments":>10s} {"temporaries":>12s} '
         f'{"base B/param":>13s} {"proj B/param":>13s}')
   for mode in args.modes.split(','):
-    m = measure(args.preset, mode, args.batch, args.seq_len)
+    m = measure(args.preset, mode, args.batch, args.seq_len, args.n_layers)
     print(f'{mode:6s} {m["trainable"]:14,d} {m["arguments"] / 2**30:10.2f} '
           f'{m["temporaries"] / 2**30:12.2f} {m["base_per_param"]:13.3f} '
           f'{m["proj_per_param"]:13.3f}', flush=True)
