@@ -21,9 +21,15 @@ halves). A block longer than its axis is cut to the axis (wo's blocks are Dh lon
 is shorter than the group). Embeddings, norms and biases stay float.
 
 `quantize_params(params, mode)` turns a float parameter tree into this stored form;
-`dequantize` is what `model.transformer.project` calls inside the scanned block, under
-`jax.checkpoint`, so only one layer's dequantized weight exists at a time, in the forward
-and in the backward pass.
+`dequantize` is what `model.transformer.project` calls inside the scanned block (through a
+custom VJP that keeps only the stored arrays for the backward pass), so only one layer's
+dequantized weight exists at a time, in the forward and in the backward pass.
+
+Serving a float model quantized at load time (the server's --quant):
+
+  cfg_q = dataclasses.replace(model_cfg, quant='int8')  # or 'int4' (quant_group=128)
+  params_q = jax.jit(quantize_params, static_argnums=1)(params, cfg_q.quant_scheme)
+  graphdef_q = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg_q, rngs=nnx.Rngs(0))))
 
 Why written here rather than taken from a library: qwix 0.1.8 does not work with Kiln's
 transformer on jax 0.10.2. `qwix.quantize_model(model, qwix.PtqProvider([QtRule(
