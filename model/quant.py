@@ -29,7 +29,7 @@ Serving a float model quantized at load time (the server's --quant):
 
   cfg_q = dataclasses.replace(model_cfg, quant='int8')  # or 'int4' (quant_group=128)
   params_q = jax.jit(quantize_params, static_argnums=1)(params, cfg_q.quant_scheme)
-  graphdef_q = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg_q, rngs=nnx.Rngs(0))))
+  graphdef_q = transformer.graphdef(cfg_q)  # nnx.merge(graphdef_q, params_q) is the model
 
 Why written here rather than taken from a library: qwix 0.1.8 does not work with Kiln's
 transformer on jax 0.10.2. `qwix.quantize_model(model, qwix.PtqProvider([QtRule(

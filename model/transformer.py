@@ -653,6 +653,13 @@ class Transformer(nnx.Module):
     return jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
 
 
+def graphdef(cfg: TransformerConfig) -> nnx.GraphDef:
+  """The model's graph, built without its parameters: `nnx.merge(graphdef(cfg), params)`
+  applies parameters of that config (e.g. the stored form of a quantized `cfg`)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
 def _run_blocks(
     blocks: Block,
     x_BxLxD: jax.Array,

@@ -129,8 +129,7 @@ class LMTask(tasks.Task):
     self.inference_model_cfg = self.model_cfg.base()
     self.inference_graphdef = self.graphdef
     if self.inference_model_cfg != self.model_cfg:
-      self.inference_graphdef, _ = kit.abstract_split(
-          lambda: transformer.Transformer(self.inference_model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+      self.inference_graphdef = transformer.graphdef(self.inference_model_cfg)
     self.opt = optim.make_optimizer(self._optimizer_config(), self.config.steps,
                                     self.config.max_nonfinite_steps, self._param_specs)
 
