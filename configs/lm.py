@@ -5,8 +5,9 @@ Run (default preset `tiny`, the embedded CPython standard library corpus):
   python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
 
 Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
-`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`. Any key can be overridden
-with `--config.a.b=value`.
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be
+overridden with `--config.a.b=value`. LoRA: `--config.model.lora.rank=16`; QLoRA adds
+`--config.model.lora.base_quant=nf4` (both usually with `--config.init_from=DIR`).
 """
 
 import ml_collections
@@ -51,6 +52,13 @@ def base() -> ml_collections.ConfigDict:
       qkv_bias=False,  # biases on the q, k, v projections (Qwen2)
       attn_out_bias=False,  # bias on the attention output projection
       mlp_bias=False,  # biases on the MLP projections
+      # Low-rank adapters (model/lora.py): with rank > 0 only the adapters train (the rest is
+      # frozen, with no optimizer state); x @ W + alpha / rank * (dropout(x) @ A) @ B, B = 0
+      # at the start. targets: a regex fully matching the projection names wq wk wv wo
+      # w_gate w_up w_down. base_quant='nf4' stores the frozen base in NF4 (QLoRA;
+      # model/quant.py), with the block scales in int8 when double_quant.
+      lora=ml_collections.ConfigDict(dict(
+          rank=0, alpha=16.0, dropout=0.0, targets='.*', base_quant='none', double_quant=True)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -143,8 +151,23 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.update(seq_len=2048)
     c.data.tokenizer.update(vocab_size=32000)
     c.optimizer.update(lr=3e-4, warmup_steps=2000, end_lr=3e-5, b2=0.95, weight_decay=0.1)
+  elif preset == 'llama_7b':
+    # Llama-2-7B shape (untied head, no GQA), for fine-tuning an import:
+    # --config.init_from=DIR; with --config.model.lora.rank=16 and
+    # --config.model.lora.base_quant=nf4 it is QLoRA (docs/baselines/lora_memory.py).
+    c.steps = 10_000
+    c.batch_size = 64
+    c.log_every = 10
+    c.eval_every = 500
+    c.eval_steps = 20
+    c.checkpoint.every = 500
+    c.model.update(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+                   mlp_dim=11008, vocab_size=32000, tie_embeddings=False, remat='dots')
+    c.data.update(seq_len=4096)
+    c.data.tokenizer.update(vocab_size=32000)
+    c.optimizer.update(lr=2e-5, warmup_steps=100, end_lr=2e-6, b2=0.95, weight_decay=0.0)
   else:
     raise ValueError(
         f'Unknown preset {preset!r} for configs/lm.py; choose one of '
-        'tiny, nanogpt_cpu, gpt2_124m, llama_1b.')
+        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b.')
   return c

@@ -21,6 +21,10 @@ norms and RoPE angles run in float32 and the logits come back in float32.
 The blocks are stacked along a leading 'layers' axis (`nnx.vmap` at init) and
 run with `nnx.scan`, so compile time does not grow with depth.
 
+Every weight matrix is applied by `project`, the one place that knows how it is stored:
+float, or quantized (`quant`: int8, int4 or NF4, model/quant.py; dequantized one layer at
+a time inside the scan), and with LoRA adapters where `lora_rank` > 0 (model/lora.py).
+
 Init: embedding and every input projection (q, k, v, gate, up, untied head)
 ~ N(0, 0.02); the residual output projections (attention out, MLP down)
 ~ N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2, so the residual stream variance
@@ -29,15 +33,19 @@ does not grow with depth; norm scales = 1.
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from model import attention as attention_lib
 from model import kv_cache
+from model import lora as lora_lib
+from model import quant as quant_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
@@ -91,6 +99,28 @@ class TransformerConfig:
   qkv_bias: bool = False
   attn_out_bias: bool = False
   mlp_bias: bool = False
+  # How the projections are stored (model/quant.py): none | int8 | int4 | nf4, the int4 group
+  # or NF4 block along the contraction axis (0: 128 and 64), NF4's int8 block scales.
+  quant: str = 'none'
+  quant_group: int = 0
+  quant_double: bool = True
+  # Low-rank adapters (model/lora.py); rank 0 = none.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = '.*'
+
+  @property
+  def quant_scheme(self) -> quant_lib.Scheme:
+    return quant_lib.Scheme(self.quant, self.quant_group, self.quant_double)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def base(self) -> 'TransformerConfig':
+    """The same model without adapters and with float weights (what a merge gives)."""
+    return dataclasses.replace(self, quant='none', quant_group=0, lora_rank=0)
 
   @classmethod
   def from_config(
@@ -188,7 +218,38 @@ class TransformerConfig:
         qkv_bias=bool(m.get('qkv_bias', False)),
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
+        **_parse_lora(m.get('lora'), mlp),
     )
+
+
+def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
+  """TransformerConfig's adapter and base-quantization fields from `model.lora`."""
+  if lora is None:  # a run saved before LoRA existed
+    return {}
+  rank = int(lora.rank)
+  if rank < 0:
+    raise ValueError(f'model.lora.rank={rank} must be >= 0 (0 turns LoRA off).')
+  alpha, dropout = float(lora.alpha), float(lora.dropout)
+  if alpha <= 0:
+    raise ValueError(f'model.lora.alpha={alpha} must be > 0 (adapters are scaled by alpha/rank).')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'model.lora.dropout={dropout} must be in [0, 1).')
+  try:
+    pattern = re.compile(lora.targets)
+  except re.error as e:
+    raise ValueError(f'model.lora.targets={lora.targets!r} is not a valid regular expression: '
+                     f'{e}.') from None
+  names = [n for n in lora_lib.TARGETS if mlp == 'swiglu' or n != 'w_gate']
+  if rank and not any(pattern.fullmatch(n) for n in names):
+    raise ValueError(f'model.lora.targets={lora.targets!r} matches no projection; the names are '
+                     f'{", ".join(names)} (e.g. \'wq|wv\' or \'.*\').')
+  base_quant = _parse_key('model.lora.base_quant', lora.base_quant, ('none', 'nf4'))
+  if base_quant != 'none' and not rank:
+    raise ValueError(f'model.lora.base_quant={base_quant!r} needs model.lora.rank > 0: a '
+                     'quantized base trains only through adapters.')
+  return dict(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
+              lora_targets=str(lora.targets), quant=base_quant,
+              quant_double=bool(lora.double_quant))
 
 
 def _parse_key(name: str, value: str, allowed) -> str:
@@ -306,10 +367,84 @@ def _add_bias(x: jax.Array, module: nnx.Module, name: str) -> jax.Array:
   return x if bias is None else x + bias[...].astype(x.dtype)
 
 
-def project(module: nnx.Module, name: str, spec: str, x: jax.Array) -> jax.Array:
-  """einsum(spec, x, module.<name>) in x's dtype: the one place a block applies a weight
-  matrix, so that a weight's storage (quantized, or with low-rank adapters) is handled once."""
-  return jnp.einsum(spec, x, getattr(module, name)[...].astype(x.dtype))
+def _weight(module: nnx.Module, name: str, cfg: TransformerConfig, rngs: nnx.Rngs,
+            shape: tuple[int, ...], names: tuple[str, ...], std: float) -> None:
+  """Sets projection `name` on `module`: a float Param ~ N(0, std), or its quantized stored
+  form (model/quant.py), plus LoRA adapters when `cfg` targets it. The adapters draw from a
+  key folded off the weight's, so the base weights are those of the model without LoRA."""
+  key = rngs.params()
+  w = jax.random.normal(key, shape, cfg.param_dtype) * jnp.asarray(std, cfg.param_dtype)
+  scheme = cfg.quant_scheme
+  stored = quant_lib.quantize(w, name, scheme) if scheme.mode != 'none' else {'': w}
+  stored_names = quant_lib.stored_names(names, name, scheme)
+  for suffix, value in stored.items():
+    setattr(module, name + suffix, nnx.Param(value, out_sharding=stored_names[suffix]))
+  if lora_lib.is_target(name, cfg.lora_targets, cfg.lora_rank):
+    adapters = lora_lib.init_adapters(jax.random.fold_in(key, 1), shape, names, name,
+                                      cfg.lora_rank, cfg.param_dtype)
+    for suffix, (value, value_names) in adapters.items():
+      setattr(module, name + suffix, nnx.Param(value, out_sharding=value_names))
+
+
+def project(module: nnx.Module, name: str, spec: str, x: jax.Array, *,
+            lora_key: jax.Array | None = None, preferred_element_type=None) -> jax.Array:
+  """einsum(spec, x, module.<name>) in x's dtype: the one place a weight matrix is applied.
+
+  A model with adapters or quantized weights trains only its adapters, so its base weights
+  are constants: `_frozen_matmul` applies them, dequantizing a quantized weight (`cfg.quant`)
+  on the fly. A weight with adapters adds scale * ((dropout(x) @ A) @ B), with dropout keyed
+  by `lora_key`.
+  """
+  cfg = module.cfg
+  scheme = cfg.quant_scheme
+  stored = {s: getattr(module, name + s)[...] for s in scheme.suffixes()}
+  if scheme.mode == 'none' and not cfg.lora_rank:
+    out = jnp.einsum(spec, x, stored[''].astype(x.dtype),
+                     preferred_element_type=preferred_element_type)
+  else:
+    out = _frozen_matmul(spec, name, scheme, x.dtype, preferred_element_type)(x, stored)
+  if hasattr(module, name + lora_lib.A):
+    delta = lora_lib.apply(module, name, spec, x, cfg.lora_scale, cfg.lora_dropout, lora_key)
+    out = out + delta.astype(out.dtype)
+  return out
+
+
+def _frozen_matmul(spec: str, name: str, scheme: quant_lib.Scheme, dtype, preferred):
+  """f(x, stored) = einsum(spec, x, W) for a constant W held as `stored`, whose backward
+  pass keeps only `stored` and recomputes W (dequantizing it).
+
+  Autodiff would otherwise keep W in compute dtype (the dequantized or cast weight, a value
+  of the constants alone) as a residual of every scanned layer: a float copy of the whole
+  base model, more than full fine-tuning keeps. W gets a zero cotangent.
+  """
+  inputs, out = spec.split('->')
+  x_letters, w_letters = inputs.split(',')
+  dx_spec = f'{out},{w_letters}->{x_letters}'
+
+  def weight(stored):
+    w = stored[''] if scheme.mode == 'none' else quant_lib.dequantize(stored, name, scheme)
+    return w.astype(dtype)
+
+  @jax.custom_vjp
+  def f(x, stored):
+    return jnp.einsum(spec, x, weight(stored), preferred_element_type=preferred)
+
+  def fwd(x, stored):
+    return f(x, stored), stored
+
+  def bwd(stored, g):
+    dx = jnp.einsum(dx_spec, g.astype(dtype), weight(stored)).astype(dtype)
+    zeros = jax.tree.map(
+        lambda s: np.zeros(s.shape, jax.dtypes.float0) if not jnp.issubdtype(
+            s.dtype, jnp.floating) else jnp.zeros_like(s), stored)
+    return dx, zeros
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+def _keys(key: jax.Array | None, n: int) -> list:
+  return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Norm(nnx.Module):
@@ -341,10 +476,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, h, k, dh, pd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-    self.wq = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), INIT_STD, pd)
-    self.wk = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
-    self.wv = _param(rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD, pd)
-    self.wo = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std, pd)
+    _weight(self, 'wq', cfg, rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wk', cfg, rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wv', cfg, rngs, (d, k, dh), ('embed', 'kv_heads', 'head_dim'), INIT_STD)
+    _weight(self, 'wo', cfg, rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), out_std)
     if cfg.qkv_bias:
       self.q_bias = _zeros((h, dh), ('heads', 'head_dim'), pd)
       self.k_bias = _zeros((k, dh), ('kv_heads', 'head_dim'), pd)
@@ -355,14 +490,16 @@ class Attention(nnx.Module):
   def __call__(
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
       kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+      lora_key: jax.Array | None = None,
   ):
     """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table), the new
     keys and values go into the cache and the queries attend to it (model/kv_cache.py),
-    and the result is (out, (k_pages, v_pages))."""
+    and the result is (out, (k_pages, v_pages)). `lora_key` keys adapter dropout."""
     theta = self.cfg.rope_theta
-    q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD)
-    k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD)
-    v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD)
+    key_q, key_k, key_v, key_o = _keys(lora_key, 4)
+    q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
+    k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=key_k)
+    v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD, lora_key=key_v)
     q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
@@ -377,7 +514,8 @@ class Attention(nnx.Module):
       out_BxLxHxDh, *pages = kv_cache.attend(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
           implementation=self.cfg.attention)
-    out_BxLxD = _add_bias(project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh), self, 'o_bias')
+    out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=key_o)
+    out_BxLxD = _add_bias(out_BxLxD, self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
 
 
@@ -385,29 +523,30 @@ class Mlp(nnx.Module):
   """SwiGLU, down(silu(gate(x)) * up(x)), or GPT-2's down(gelu_tanh(up(x)))."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.dtype
+    self.cfg = cfg
     self.gated = cfg.mlp == 'swiglu'
     d, f, pd = cfg.d_model, cfg.mlp_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
     if self.gated:
-      self.w_gate = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
-    self.w_up = _param(rngs, (d, f), ('embed', 'mlp'), INIT_STD, pd)
-    self.w_down = _param(rngs, (f, d), ('mlp', 'embed'), out_std, pd)
+      _weight(self, 'w_gate', cfg, rngs, (d, f), ('embed', 'mlp'), INIT_STD)
+    _weight(self, 'w_up', cfg, rngs, (d, f), ('embed', 'mlp'), INIT_STD)
+    _weight(self, 'w_down', cfg, rngs, (f, d), ('mlp', 'embed'), out_std)
     if cfg.mlp_bias:
       if self.gated:
         self.gate_bias = _zeros((f,), ('mlp',), pd)
       self.up_bias = _zeros((f,), ('mlp',), pd)
       self.down_bias = _zeros((d,), ('embed',), pd)
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    up_BxLxF = project(self, 'w_up', 'bld,df->blf', x_BxLxD)
+  def __call__(self, x_BxLxD: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+    k_up, k_gate, k_down = _keys(lora_key, 3)
+    up_BxLxF = project(self, 'w_up', 'bld,df->blf', x_BxLxD, lora_key=k_up)
     up_BxLxF = _add_bias(up_BxLxF, self, 'up_bias')
     if self.gated:
-      gate_BxLxF = project(self, 'w_gate', 'bld,df->blf', x_BxLxD)
+      gate_BxLxF = project(self, 'w_gate', 'bld,df->blf', x_BxLxD, lora_key=k_gate)
       hidden_BxLxF = jax.nn.silu(_add_bias(gate_BxLxF, self, 'gate_bias')) * up_BxLxF
     else:
       hidden_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
-    out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF)
+    out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF, lora_key=k_down)
     return _add_bias(out_BxLxD, self, 'down_bias')
 
 
@@ -416,6 +555,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.dropout = cfg.dropout
+    self.lora_dropout = cfg.lora_dropout
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
@@ -430,14 +570,17 @@ class Block(nnx.Module):
       kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
   ):
     """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
-    attn_key = mlp_key = None
-    if dropout_key is not None:
+    attn_key = mlp_key = attn_lora_key = mlp_lora_key = None
+    if dropout_key is not None and self.lora_dropout > 0:
+      attn_key, mlp_key, attn_lora_key, mlp_lora_key = jax.random.split(dropout_key, 4)
+    elif dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
-    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
+    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv,
+                        attn_lora_key)
     if kv is not None:
       h_BxLxD, pages = h_BxLxD
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
+    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
     return x_BxLxD if kv is None else (x_BxLxD, pages)
 
@@ -455,6 +598,9 @@ class Transformer(nnx.Module):
   `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias`; `final_norm.{scale,bias}`;
   `lm_head` [D, V] only when the embeddings are untied. Norm biases exist only
   for LayerNorm, projection biases only when switched on, `w_gate` only for SwiGLU.
+  A quantized model stores each projection `w` as `w` (int8 or packed uint8 codes) and
+  `w_scale` (plus `w_scale_scale`, `w_scale_mean` for double-quantized NF4); LoRA adds
+  `w_lora_a`, `w_lora_b` beside each targeted projection.
   """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
@@ -474,8 +620,8 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = _param(
-          rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), INIT_STD, cfg.param_dtype)
+      _weight(self, 'lm_head', cfg, rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+              INIT_STD)
 
   def __call__(
       self,
@@ -504,7 +650,7 @@ class Transformer(nnx.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     dropout_keys_N = None
-    if not deterministic and cfg.dropout > 0.0:
+    if not deterministic and (cfg.dropout > 0.0 or cfg.lora_dropout > 0.0):
       if rngs is None:
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
@@ -547,11 +693,18 @@ class Transformer(nnx.Module):
   def _head(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
     x_BxLxD = self.final_norm(x_BxLxD)
-    if cfg.tie_embeddings:
-      head_DxV = self.embedding[...].astype(cfg.dtype).T
-    else:
-      head_DxV = self.lm_head[...].astype(cfg.dtype)
+    if not cfg.tie_embeddings:
+      return project(self, 'lm_head', 'bld,dv->blv', x_BxLxD,
+                     preferred_element_type=jnp.float32)
+    head_DxV = self.embedding[...].astype(cfg.dtype).T
     return jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def graphdef(cfg: TransformerConfig) -> nnx.GraphDef:
+  """The model's graph, built without its parameters: `nnx.merge(graphdef(cfg), params)`
+  applies parameters of that config (e.g. the stored form of a quantized `cfg`)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
 def _run_blocks(

@@ -173,6 +173,11 @@ def test_llama_1b_has_llama_3_2_1b_parameter_count():
   assert _param_count(_abstract(cfg)) == tfm.count_params(cfg) == 1_235_814_400
 
 
+def test_llama_7b_has_llama_2_7b_parameter_count():
+  cfg = tfm.TransformerConfig.from_config(lm.get_config('llama_7b').model, vocab_size=32000)
+  assert _param_count(_abstract(cfg)) == tfm.count_params(cfg) == 6_738_415_616
+
+
 # ---------------------------------------------------------------------------
 # Attention and RoPE.
 # ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, storage, tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import decode, sampling, scoring, transformer
+from model import decode, lora, quant, sampling, scoring, transformer
+from train import mesh as mesh_lib
 from train import optim, tasks
 from train.state import TrainState
 from train.tasks import kit
@@ -123,8 +124,25 @@ class LMTask(tasks.Task):
       raise ConfigError(str(e)) from None
     self.graphdef, (self._param_specs,) = kit.abstract_split(
         lambda: self._new_model(jax.random.key(0)), nnx.Param, what='The transformer')
-    self.opt = optim.make_optimizer(self.config.optimizer, self.config.steps,
+    # Tools sample, serve and export the model without adapters and with float weights:
+    # `inference_params` merges them in (model/lora.py).
+    self.inference_model_cfg = self.model_cfg.base()
+    self.inference_graphdef = self.graphdef
+    if self.inference_model_cfg != self.model_cfg:
+      self.inference_graphdef = transformer.graphdef(self.inference_model_cfg)
+    self.opt = optim.make_optimizer(self._optimizer_config(), self.config.steps,
                                     self.config.max_nonfinite_steps, self._param_specs)
+
+  def _optimizer_config(self) -> ml_collections.ConfigDict:
+    """`config.optimizer`, with everything but the adapters frozen when LoRA is on (and
+    whatever `optimizer.freeze` names besides)."""
+    opt_cfg = self.config.optimizer
+    if not self.model_cfg.lora_rank:
+      return opt_cfg
+    opt_cfg = ml_collections.ConfigDict(opt_cfg.to_dict())
+    user = opt_cfg.freeze
+    opt_cfg.freeze = f'(?:{user})|{lora.FREEZE_BASE}' if user else lora.FREEZE_BASE
+    return opt_cfg
 
   def _copy_init_tokenizer(self, workdir: str) -> None:
     """The tokenizer of the `init_from` run, so this run's ids mean what its model learnt."""
@@ -153,20 +171,68 @@ class LMTask(tasks.Task):
 
   def warm_start(self, state):
     """A fresh state with the parameters of `init_from`'s newest checkpoint (in the
-    state's shardings) and a fresh optimizer state for them."""
+    state's shardings) and a fresh optimizer state for them.
+
+    With LoRA the checkpoint holds the base model: it fills the base weights (quantized to
+    NF4 for QLoRA) and the adapters keep their fresh values. A checkpoint of a LoRA run is
+    merged first, so a run can start from another's fine-tuned weights.
+    """
     init = self.config.get('init_from')
     if not init:
       return state
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
-    try:
-      params, step = kit.load_run_params(init, abstract)
-    except ConfigError as e:
-      raise ConfigError(f'init_from={e}') from None
+    init_cfg = self._init_run_model_cfg(init)
+    if init_cfg == self.model_cfg:
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+      params, step = self._load_init_params(init, abstract)
+    else:
+      mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+      make = lambda: transformer.Transformer(init_cfg, rngs=nnx.Rngs(0))  # noqa: E731
+      _, (specs,) = kit.abstract_split(make, nnx.Param)
+      with nnx.use_eager_sharding(False):
+        abstract = kit.pure_state(nnx.eval_shape(make), nnx.Param)
+      shardings = mesh_lib.shardings(abstract, specs, mesh, self.logical_rules)
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              abstract, shardings)
+      loaded, step = self._load_init_params(init, abstract)
+      params = jax.jit(functools.partial(self._fill_base, init_cfg),
+                       out_shardings=jax.tree.map(lambda x: x.sharding, state.params))(
+                           loaded, state.params)
     logging.info('Parameters from step %d of %s; fresh optimizer.', step, init)
     opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
     opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
     return state.replace(params=params, opt_state=opt_state)
+
+  @staticmethod
+  def _load_init_params(init: str, abstract):
+    try:
+      return kit.load_run_params(init, abstract)
+    except ConfigError as e:
+      raise ConfigError(f'init_from={e}') from None
+
+  def _init_run_model_cfg(self, init: str) -> transformer.TransformerConfig:
+    """The model whose parameters `init`'s checkpoint holds: this one's architecture (set by
+    adopt_init_run) with that run's adapters and storage (none for an import)."""
+    path = epath.Path(init) / 'config.json'
+    theirs = json.loads(path.read_text()).get('model', {}).get('lora') if path.exists() else None
+    model = ml_collections.ConfigDict(self.config.model.to_dict())
+    model.lora.update(theirs or {'rank': 0, 'base_quant': 'none'})
+    try:
+      return transformer.TransformerConfig.from_config(model, self.model_cfg.vocab_size)
+    except ValueError as e:
+      raise ConfigError(f'init_from={init!r}: its model.lora does not load: {e}') from None
+
+  def _fill_base(self, init_cfg: transformer.TransformerConfig, loaded, params):
+    """`params` with the base weights taken from `loaded` (parameters of `init_cfg`'s
+    model): merged to float, then stored as this model stores them; adapters kept."""
+    base = lora.merge_params(loaded, init_cfg.lora_scale, init_cfg.quant_scheme,
+                             self.model_cfg.param_dtype)
+    stored = quant.quantize_params(base, self.model_cfg.quant_scheme)
+
+    def fill(tree, new):
+      return {k: fill(v, new[k]) if isinstance(v, dict) else new.get(k, v)
+              for k, v in tree.items()}
+    return fill(params, stored)
 
   def _new_model(self, key: jax.Array) -> transformer.Transformer:
     return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))
@@ -186,9 +252,10 @@ class LMTask(tasks.Task):
 
   # --- steps -----------------------------------------------------------------
 
-  def _logits(self, params, batch, dropout_key=None):
-    model = nnx.merge(self.graphdef, params)
-    train = dropout_key is not None and self.model_cfg.dropout > 0
+  def _logits(self, params, batch, dropout_key=None, graphdef=None):
+    model = nnx.merge(self.graphdef if graphdef is None else graphdef, params)
+    cfg = self.model_cfg
+    train = dropout_key is not None and (cfg.dropout > 0 or cfg.lora_dropout > 0)
     return model(batch['inputs'], positions_BxL=batch['positions'],
                  segment_ids_BxL=batch['segment_ids'], deterministic=not train,
                  rngs=nnx.Rngs(dropout=dropout_key) if train else None)
@@ -241,6 +308,22 @@ class LMTask(tasks.Task):
     per_token = transformer.train_flops_per_token(self.model_cfg, self.config.data.seq_len)
     return per_token * self.items_per_step()
 
+  # --- what tools read -------------------------------------------------------
+
+  def inference_params(self, state):
+    """The parameters of `inference_model_cfg` (apply with `inference_graphdef`): `params`
+    itself, or with LoRA its adapters merged into float weights (a quantized base
+    dequantized), in `param_dtype`."""
+    if self.inference_model_cfg == self.model_cfg:
+      return state.params
+    return self._merge_fn()(state.params)
+
+  @functools.cache  # noqa: B019  (one compiled merge per task)
+  def _merge_fn(self):
+    cfg = self.model_cfg
+    return jax.jit(functools.partial(lora.merge_params, scale=cfg.lora_scale,
+                                     scheme=cfg.quant_scheme, dtype=cfg.param_dtype))
+
   # --- sampling --------------------------------------------------------------
 
   def samples(self, state, seed: int) -> dict[str, str]:
@@ -288,7 +371,7 @@ class LMTask(tasks.Task):
   @functools.cache  # noqa: B019  (one compiled sampler per length and stop set)
   def _generate_fn(self, max_new_tokens: int, stop_ids: tuple[int, ...]):
     def run(params, prompt_BxL, length_B, settings, seeds_B):
-      return decode.generate(self.graphdef, params, prompt_BxL, length_B,
+      return decode.generate(self.inference_graphdef, params, prompt_BxL, length_B,
                              max_new_tokens=max_new_tokens, sampling_params=settings,
                              seeds_B=seeds_B, stop_ids=stop_ids,
                              vocab_limit=self.tokenizer.vocab_size)
