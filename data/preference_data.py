@@ -13,10 +13,11 @@ Sources (`config.data.source`):
           each completion as the rest of the rendered conversation. `data.path` is a file,
           a glob or a URL (gs://...), read through etils.epath. Held out by a hash of the line.
 
-Each example becomes two rows of `seq_len + 1` tokens, chosen first: BOS (when the
-tokenizer has one) + prompt + completion, zero-padded. Prompt and completion are tokenized
-separately and joined (as TRL does), so the boundary is exact. The mask covers the targets
-that are completion tokens; DPO sums log-probs over them.
+Each example becomes two rows of `seq_len + 1` tokens, chosen first: the prompt then the
+completion, zero-padded. String fields get BOS before the prompt and EOS after each
+completion when the tokenizer has them; message lists get what the template writes. Prompt
+and completion are tokenized separately and joined (as TRL does), so the boundary is exact.
+The mask covers the targets that are completion tokens; DPO sums log-probs over them.
 
 Bad rows are counted by reason, skipped and summarised in one warning per split: malformed
 JSON, a missing or mistyped field, a message without a role or content, an empty

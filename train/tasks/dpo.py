@@ -27,6 +27,7 @@ The reference (`dpo.reference`) is one of:
                never held during training (TRL's precompute_ref_log_probs).
 """
 
+import hashlib
 import io
 
 import jax
@@ -102,7 +103,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 class DPOTask(lm.LMTask):
   """DPO on preference pairs; the model, tokenizer, warm start and sampling are the LM's."""
 
-  items_name = 'pairs'
+  items_name = 'examples'  # preference pairs
 
   def __init__(self, config: ml_collections.ConfigDict):
     if config.get('init_from'):
@@ -164,7 +165,9 @@ class DPOTask(lm.LMTask):
     in the workdir, or computed in one pass over train and validation and cached."""
     source = self._reference_source()
     step = run_params.latest_step(source) if source else None
-    key = f'{self.data.digest()}-{epath.Path(source).name if source else "init"}-{step}'
+    origin = (f'{storage.absolute(source)}:{step}' if source else f'seed {self.config.seed}'
+              ) + self.config.model.to_json(sort_keys=True)  # what made the reference
+    key = f'{self.data.digest()}-{hashlib.sha256(origin.encode()).hexdigest()[:16]}'
     path = epath.Path(self.workdir) / 'reference_logps' / f'{key}.npy'
     if path.exists():
       return np.load(path.open('rb'))
