@@ -112,8 +112,9 @@ class PreferencePairs:
     }
 
   def swap_labels(self, seed: int) -> None:
-    """Swaps chosen and rejected in a random half of the pairs (the shuffled-label control)."""
-    flips = np.random.default_rng(seed).random(len(self)) < 0.5
+    """Swaps chosen and rejected in a random half of the pairs (the shuffled-label control):
+    exactly half, so the labels carry no net preference for either side."""
+    flips = np.random.default_rng(seed).permutation(len(self)) < len(self) // 2
     self.completions = [(r, c) if flip else (c, r)
                         for (c, r), flip in zip(self.completions, flips, strict=True)]
 
