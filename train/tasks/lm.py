@@ -144,9 +144,10 @@ class LMTask(tasks.Task):
     opt_cfg.freeze = f'(?:{user})|{lora.FREEZE_BASE}' if user else lora.FREEZE_BASE
     return opt_cfg
 
-  def _copy_init_tokenizer(self, workdir: str) -> None:
-    """The tokenizer of the `init_from` run, so this run's ids mean what its model learnt."""
-    init = self.config.init_from
+  def _copy_init_tokenizer(self, workdir: str, init: str = '') -> None:
+    """The tokenizer of the `init_from` run (or of the run `init`), so this run's ids mean
+    what its model learnt."""
+    init = init or self.config.init_from
     resuming = (epath.Path(workdir) / 'checkpoints').is_dir()
     if not (epath.Path(init) / 'config.json').exists() and not resuming:
       raise ConfigError(f'init_from={init!r} has no config.json: give the --workdir of a '
@@ -260,24 +261,25 @@ class LMTask(tasks.Task):
                  segment_ids_BxL=batch['segment_ids'], deterministic=not train,
                  rngs=nnx.Rngs(dropout=dropout_key) if train else None)
 
-  def _loss(self, params, batch, dropout_key):
+  def _loss(self, params, batch, dropout_key, frozen=None):
+    """(objective, metrics) of one batch; metrics['loss'] is the loss to report (the NLL,
+    without z-loss). `frozen` serves subclasses whose loss reads frozen inputs (a teacher)."""
+    del frozen
     logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
     nll = jnp.mean(lse_BxL - target_logit_BxL)
     z_loss = self.config.loss.z_loss * jnp.mean(jnp.square(lse_BxL))
-    return nll + z_loss, {'nll': nll, 'z_loss': z_loss}
+    return nll + z_loss, {'loss': nll, 'z_loss': z_loss}
 
   def train_step(self, state, batch, frozen):
-    del frozen
     step = state.step
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
-    loss_fn = functools.partial(self._loss, dropout_key=dropout_key)
+    loss_fn = functools.partial(self._loss, dropout_key=dropout_key, frozen=frozen)
     (loss, aux), grads = self.opt.value_and_grad(loss_fn, state.params, batch,
                                                  self.config.grad_accum)
     params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
-    metrics = {'loss': aux['nll'], 'z_loss': aux['z_loss'], 'lr': self.opt.schedule(step),
-               **update}
+    metrics = {**aux, 'lr': self.opt.schedule(step), **update}
     return state.replace(step=step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_batches(self) -> Iterator[Mapping[str, np.ndarray]]:

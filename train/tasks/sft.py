@@ -56,8 +56,9 @@ class SFTTask(LMTask):
 
     return tokenizers.load_or_train_tokenizer(self.config.data.tokenizer, texts, workdir)
 
-  def _loss(self, params, batch, dropout_key):
+  def _loss(self, params, batch, dropout_key, frozen=None):
     """The mean NLL (and z-loss) over the tokens of weight 1, not over all positions."""
+    del frozen
     logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
@@ -65,7 +66,7 @@ class SFTTask(LMTask):
     count = jnp.maximum(jnp.sum(weights_BxL), 1.0)
     nll = jnp.sum((lse_BxL - target_logit_BxL) * weights_BxL) / count
     z_loss = self.config.loss.z_loss * jnp.sum(jnp.square(lse_BxL) * weights_BxL) / count
-    return nll + z_loss, {'nll': nll, 'z_loss': z_loss}
+    return nll + z_loss, {'loss': nll, 'z_loss': z_loss}
 
   def eval_step(self, state, batch, frozen):
     del frozen
