@@ -251,6 +251,12 @@ def _prefill_step(graphdef, params, cache, ints, floats_1x4, seen_1xV, *, vocab_
   return cache, packed, prompt
 
 
+def _top(ids_then_lps, n: int) -> list[tuple[int, float]]:
+  """The first n of a packed row's MAX_LOGPROBS top ids and their log-probs."""
+  lps = ids_then_lps[MAX_LOGPROBS:]
+  return [(int(ids_then_lps[i]), float(lps[i])) for i in range(n)]
+
+
 def _set_row(seen_SxV, slot, row_V):
   return seen_SxV.at[slot].set(row_V)
 
@@ -585,8 +591,7 @@ class Engine:
     if seq.prompt_logprobs is None:
       seq.prompt_logprobs = [None]
     for row in rows_Tx:
-      top = [(int(i), float(lp)) for i, lp in zip(row[1:1 + n], row[1 + MAX_LOGPROBS:][:n])]
-      seq.prompt_logprobs.append((float(row[0]), top))
+      seq.prompt_logprobs.append((float(row[0]), _top(row[1:], n)))
 
   def _finish_scoring(self, seq: _Seq) -> None:
     self._release(seq)
@@ -656,8 +661,7 @@ class Engine:
     if r.logprobs is not None:
       n = r.logprobs
       logprob = float(packed[1])
-      top = [(int(i), float(lp)) for i, lp in zip(packed[2:2 + n],
-                                                    packed[2 + MAX_LOGPROBS:][:n])]
+      top = _top(packed[2:], n)
     now = time.perf_counter()
     if seq.generated == 1:
       self._ttft.append(now - seq.submitted)

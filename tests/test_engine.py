@@ -8,6 +8,7 @@ request's tokens), and closed forms for the pages in use. Every engine is steppe
 
 import asyncio
 import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +99,7 @@ def alone(engine):
 
 
 def test_greedy_matches_full_recompute(model, alone):
-  for request, events in zip(REQUESTS, alone):
+  for request, events in zip(REQUESTS, alone, strict=True):
     assert len(events) == request.max_tokens and events[-1].finish_reason == 'length'
     if request.temperature == 0:
       assert tokens(events) == greedy_oracle(model, request.prompt_ids, request.max_tokens)
@@ -139,7 +140,7 @@ def test_prefix_caching_shares_pages_once_and_keeps_tokens(model):
     assert cached.stats()['prefix_cache_hit_tokens'] == 2 * PAGE
     got = [len(s.poll()) for s in streams]
     # Pages hold every position written: the prompt and all generated tokens but the last.
-    written = [len(r.prompt_ids) + n - 1 for r, n in zip(requests, got)]
+    written = [len(r.prompt_ids) + n - 1 for r, n in zip(requests, got, strict=True)]
     private = sum(math.ceil(w / PAGE) - 2 for w in written)
     assert cached.stats()['pages_in_use'] == 2 + private
   assert ([tokens(e) for e in run(cached, requests=requests)]
@@ -156,7 +157,7 @@ def test_pages_in_use_track_tokens_in_flight(model):
     while not engine.idle:
       engine.step()
       expected = 0
-      for r, s, events in zip(requests, streams, seen):
+      for r, s, events in zip(requests, streams, seen, strict=True):
         events += s.poll()
         if events and events[-1].finish_reason is None:
           expected += math.ceil((len(r.prompt_ids) + len(events) - 1) / PAGE)
@@ -245,7 +246,7 @@ def test_logprobs_equal_score(model, engine):
   entries = scoring[0].prompt_logprobs
   assert entries[0] is None and len(entries) == len(prompt)
   np.testing.assert_allclose([lp for lp, _ in entries[1:]], expected[1:len(prompt)], atol=1e-4)
-  for (lp, top), target in zip(entries[1:], prompt[1:]):
+  for (lp, top), target in zip(entries[1:], prompt[1:], strict=True):
     assert len(top) == 3 and top[0][1] >= lp - 1e-6
     assert [t for t, _ in top] == sorted([t for t, _ in top], key=dict(top).get, reverse=True)
     assert (target in dict(top)) == (lp >= top[-1][1])
