@@ -232,7 +232,7 @@ def test_stop_ids_and_stop_strings(engine, alone):
 
 
 def test_logprobs_equal_score(model, engine):
-  graphdef, params, _, _ = model
+  graphdef, params, _, tokenizer = model
   prompt = prompt_of(CHUNK + 5, 60)  # prompt log-probs from two chunks
   scoring, generating = run(engine, requests=[
       engine_lib.Request(prompt, max_tokens=0, prompt_logprobs=3),
@@ -242,7 +242,8 @@ def test_logprobs_equal_score(model, engine):
   full = prompt + tuple(tokens(generating))
   with jax.transfer_guard('allow'):
     expected = np.asarray(decode.score(graphdef, params, jnp.asarray([full]),
-                                       jnp.asarray([len(full)])))[0]
+                                       jnp.asarray([len(full)]),
+                                       vocab_limit=tokenizer.vocab_size)[0])[0]
   entries = scoring[0].prompt_logprobs
   assert entries[0] is None and len(entries) == len(prompt)
   np.testing.assert_allclose([lp for lp, _ in entries[1:]], expected[1:len(prompt)], atol=1e-4)
