@@ -311,6 +311,10 @@ class Engine:
 
     # Device state. Host inputs go to `self._device` (one device, or replicated on the mesh).
     self._params = params
+    if mesh is None:  # parameters restored onto a mesh (train.runs) bring it along
+      sharding = getattr(jax.tree.leaves(params)[0], 'sharding', None)
+      if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+        mesh = sharding.mesh
     if mesh is None:
       self._device = jax.devices()[0]
       cache_sharding = self._device
