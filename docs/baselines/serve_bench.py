@@ -138,7 +138,8 @@ def main():
   args = parser.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix='kiln-serve-bench-'))
   hf_dir, workdir, ids = make_model(root)
-  engine, _ = engine_lib.load_engine(str(workdir), max_slots=32, page_size=16,
+  # Pages for 32 requests of the longest prompt and output (256 + 128 tokens).
+  engine, _ = engine_lib.load_engine(str(workdir), max_slots=32, page_size=16, num_pages=768,
                                      prefill_chunk=256, max_seq_len=MAX_LEN)
   engine.start()
   hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
