@@ -7,9 +7,9 @@ JetStream's split, on one host thread:
 - *insert*: the request's slot row (last token, position, page table, sampling params)
   joins the batch;
 - *generate*: one jitted program runs one token for every slot at once.
-Each iteration of the loop runs at most one prefill chunk and then one decode step, so a
-long prompt never stalls the requests already generating, and a request joins or leaves
-the batch at every step.
+Each iteration of the loop runs prompt chunks of at most `prefill_chunk` tokens in all and
+then one decode step, so a long prompt never stalls the requests already generating, and a
+request joins or leaves the batch at every step.
 
 Memory: pages are allocated as a request's tokens arrive (serve/pages.py), so the cache in
 use follows the tokens in flight. Requests never run out of pages halfway: a request is
@@ -25,7 +25,8 @@ passed only while some running request uses it.
 
 Host <-> device traffic is explicit (`jax.device_put`, `np.asarray`), so the loop runs
 under `jax.transfer_guard('disallow')`: per decode step two small host arrays go in and
-one [slots, 2 + 2 * MAX_LOGPROBS] float32 array comes back.
+one [slots, 2 + 2 * MAX_LOGPROBS] float32 array comes back (two columns when no running
+request asked for log-probs).
 """
 
 import asyncio
@@ -205,7 +206,8 @@ def _sampling_params(floats_Bx4: jax.Array, top_k_B: jax.Array) -> sampling.Samp
       min_p=floats_Bx4[:, 2], repetition_penalty=floats_Bx4[:, 3])
 
 
-def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, active_B, vocab_limit: int):
+def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, active_B, vocab_limit: int,
+          top_n: int = MAX_LOGPROBS):
   """Samples one token per row and packs [token, logprob, top ids, top logprobs] in float32
   (ids are exact in float32 below 2**24), so the host copies one array.
 
@@ -222,21 +224,23 @@ def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, active_B, vocab_limit
         greedy, lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), sample)
   else:
     tokens_B = sample()
-  lp_B, top_ids_BxN, top_lp_BxN = sampling.token_logprobs(logits_BxV, tokens_B, MAX_LOGPROBS)
+  lp_B, top_ids_BxN, top_lp_BxN = sampling.token_logprobs(logits_BxV, tokens_B, top_n)
   packed = jnp.concatenate([tokens_B[:, None].astype(jnp.float32), lp_B[:, None],
                             top_ids_BxN.astype(jnp.float32), top_lp_BxN], axis=1)
   return tokens_B, packed
 
 
-def _decode_step(graphdef, params, cache, ints_SxC, floats_Sx4, seen_SxV, *, vocab_limit):
+def _decode_step(graphdef, params, cache, ints_SxC, floats_Sx4, seen_SxV, *, vocab_limit,
+                 top_n):
   """One token for every slot. ints columns: token, position (-1: empty slot), seed,
-  count, top_k, then the page table."""
+  count, top_k, then the page table (only as wide as the longest row needs: attention
+  reads every position of the table)."""
   tokens_S, positions_S = ints_SxC[:, 0], ints_SxC[:, 1]
   logits_Sx1xV, cache = decode.forward(graphdef, params, tokens_S[:, None], positions_S[:, None],
                                        cache, ints_SxC[:, _INT_COLS:])
   params_S = _sampling_params(floats_Sx4, ints_SxC[:, 4])
   next_S, packed = _pick(logits_Sx1xV[:, 0], params_S, ints_SxC[:, 2], ints_SxC[:, 3], seen_SxV,
-                         positions_S >= 0, vocab_limit)
+                         positions_S >= 0, vocab_limit, top_n)
   if seen_SxV is not None:
     seen_SxV = seen_SxV.at[jnp.arange(next_S.shape[0]), next_S].set(True)
   return cache, packed, seen_SxV
@@ -338,8 +342,10 @@ class Engine:
         page_size=page_size, dtype=cache_dtype or model_cfg.dtype), cache_sharding)
     self._seen = None   # [slots, V] bool, made when a request first uses repetition_penalty
     limit = tokenizer.vocab_size
-    self._decode = jax.jit(functools.partial(_decode_step, graphdef, vocab_limit=limit),
-                           donate_argnums=(1, 4))
+    self._decode = {
+        top_n: jax.jit(functools.partial(_decode_step, graphdef, vocab_limit=limit, top_n=top_n),
+                       donate_argnums=(1, 4))
+        for top_n in (0, MAX_LOGPROBS)}
     self._prefill = {
         (chunk, want): jax.jit(functools.partial(_prefill_step, graphdef, vocab_limit=limit,
                                                  chunk=chunk, prompt_logprobs=want),
@@ -483,12 +489,17 @@ class Engine:
             or any(s is not None for s in self._slots))
 
   def step(self) -> None:
-    """One iteration: cancellations, admission, one prefill chunk, one decode step."""
+    """One iteration: cancellations; prompt chunks of at most `prefill_chunk` tokens in all
+    (several whole short prompts, or one chunk of a long one), each admitting the next
+    waiting request; then one decode step for every running request."""
     self._handle_cancels()
-    if self._prefilling is None:
-      self._admit()
-    if self._prefilling is not None:
-      self._prefill_chunk(self._prefilling)
+    budget = self.prefill_chunk
+    while budget > 0:
+      if self._prefilling is None:  # after the first chunk, only prompts that fit whole
+        self._admit(None if budget == self.prefill_chunk else budget)
+      if self._prefilling is None:
+        break
+      budget -= self._prefill_chunk(self._prefilling, budget)
     if any(s is not None and s is not self._prefilling for s in self._slots):
       self._decode_all()
 
@@ -520,15 +531,18 @@ class Engine:
     return sum(self._pages_needed(s.prompt_len, s.max_tokens) - len(s.pages)
                for s in self._slots if s is not None)
 
-  def _admit(self) -> None:
-    """Moves the first waiting request into a free slot when the pages allow (FIFO: a big
-    request is not overtaken, so it never starves)."""
+  def _admit(self, max_prompt: int | None = None) -> None:
+    """Moves the first waiting request into a free slot when the pages allow and its prompt
+    has at most `max_prompt` tokens (FIFO: a big request is not overtaken, so it never
+    starves)."""
     if None not in self._slots:
       return
     with self._cond:
       if not self._waiting:
         return
       seq = self._waiting[0]
+    if max_prompt is not None and seq.prompt_len > max_prompt:
+      return
     hits = []
     if self.prefix_caching and seq.request.prompt_logprobs is None:
       # The last prompt token is always computed: its logits give the first token.
@@ -563,9 +577,10 @@ class Engine:
 
   # --- prefill ---------------------------------------------------------------------
 
-  def _prefill_chunk(self, seq: _Seq) -> None:
+  def _prefill_chunk(self, seq: _Seq, budget: int) -> int:
+    """Runs the next <= `budget` prompt tokens of `seq`; returns how many."""
     r, start = seq.request, seq.computed
-    end = min(seq.prompt_len, start + self.prefill_chunk)
+    end = min(seq.prompt_len, start + budget)
     n = end - start
     chunk = next(b for b in self._buckets if b >= n)
     self._grow(seq, end)
@@ -601,6 +616,7 @@ class Engine:
         self._finish_scoring(seq)
       else:
         self._first_token(seq, np.asarray(packed)[0])
+    return n
 
   def _add_prompt_logprobs(self, seq: _Seq, rows_Tx, targets: Sequence[int]) -> None:
     n = seq.request.prompt_logprobs
@@ -644,9 +660,12 @@ class Engine:
       self._ints[b, 0:2] = seq.tokens[-1], position
       self._ints[b, 3] = seq.generated
     penalized = any(s.request.repetition_penalty != 1.0 for s in running)
+    top_n = MAX_LOGPROBS if any(s.request.logprobs is not None for s in running) else 0
+    # The page table's width: a power of two covering the longest row (few programs).
+    width = min(self._pages_per_seq, 1 << (max(len(s.pages) for s in running) - 1).bit_length())
     put = functools.partial(jax.device_put, device=self._device)
-    self._cache, packed, seen = self._decode(
-        self._params, self._cache, put(self._ints), put(self._floats),
+    self._cache, packed, seen = self._decode[top_n](
+        self._params, self._cache, put(self._ints[:, :_INT_COLS + width]), put(self._floats),
         self._seen if penalized else None)
     if penalized:
       self._seen = seen
