@@ -91,12 +91,15 @@ def _slots(positions_BxT: jax.Array, num_pages: int, page_size: int,
   return page_BxT, positions_BxT % page_size
 
 
-def _rows(pages_GxSxKxD: jax.Array, batch: int, page_table_BxP: jax.Array | None) -> jax.Array:
-  """Each row's keys (or values) in position order: [B, P * S, K, Dh]."""
-  _, s, k, d = pages_GxSxKxD.shape
+def _rows(pages_NxGxSxKxD: jax.Array, layer: jax.Array, batch: int,
+          page_table_BxP: jax.Array | None) -> jax.Array:
+  """Each row's keys (or values) of one layer in position order: [B, P * S, K, Dh]. With a
+  page table this gathers only the row's pages, never a whole layer."""
+  _, _, s, k, d = pages_NxGxSxKxD.shape
   if page_table_BxP is None:
-    return pages_GxSxKxD.reshape(batch, -1, k, d)
-  return pages_GxSxKxD[page_table_BxP].reshape(batch, -1, k, d)
+    return jax.lax.dynamic_index_in_dim(pages_NxGxSxKxD, layer, keepdims=False).reshape(
+        batch, -1, k, d)
+  return pages_NxGxSxKxD[layer, page_table_BxP].reshape(batch, -1, k, d)
 
 
 def attend(
@@ -104,20 +107,26 @@ def attend(
     k_BxTxKxD: jax.Array,
     v_BxTxKxD: jax.Array,
     positions_BxT: jax.Array,
-    k_pages_GxSxKxD: jax.Array,
-    v_pages_GxSxKxD: jax.Array,
+    k_pages_NxGxSxKxD: jax.Array,
+    v_pages_NxGxSxKxD: jax.Array,
     page_table_BxP: jax.Array | None,
+    layer: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Writes the new keys and values into one layer's pages, then attends every query to
-  the cached keys at positions <= its own. Returns (out_BxTxHxD, k_pages, v_pages)."""
-  num_pages, page_size = k_pages_GxSxKxD.shape[:2]
+  """Writes the new keys and values into layer `layer`'s pages, then attends every query to
+  the cached keys at positions <= its own. Returns (out_BxTxHxD, k_pages, v_pages), the
+  whole cache of every layer: the layer scan carries it and updates it in place, so a step
+  costs what it writes and reads, not the size of the cache (slicing a layer out and
+  stacking it back copied the whole cache every step)."""
+  num_pages, page_size = k_pages_NxGxSxKxD.shape[1:3]
   page_BxT, slot_BxT = _slots(positions_BxT, num_pages, page_size, page_table_BxP)
-  dtype = k_pages_GxSxKxD.dtype
-  k_pages = k_pages_GxSxKxD.at[page_BxT, slot_BxT].set(k_BxTxKxD.astype(dtype), mode='drop')
-  v_pages = v_pages_GxSxKxD.at[page_BxT, slot_BxT].set(v_BxTxKxD.astype(dtype), mode='drop')
+  dtype = k_pages_NxGxSxKxD.dtype
+  k_pages = k_pages_NxGxSxKxD.at[layer, page_BxT, slot_BxT].set(
+      k_BxTxKxD.astype(dtype), mode='drop')
+  v_pages = v_pages_NxGxSxKxD.at[layer, page_BxT, slot_BxT].set(
+      v_BxTxKxD.astype(dtype), mode='drop')
   b = q_BxTxHxD.shape[0]
-  keys_BxLxKxD = _rows(k_pages, b, page_table_BxP).astype(q_BxTxHxD.dtype)
-  values_BxLxKxD = _rows(v_pages, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  keys_BxLxKxD = _rows(k_pages, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  values_BxLxKxD = _rows(v_pages, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
   key_pos_L = jnp.arange(keys_BxLxKxD.shape[1])
   mask_BxTxL = key_pos_L[None, None, :] <= positions_BxT[:, :, None]
   out = attention_lib.masked_attention(q_BxTxHxD, keys_BxLxKxD, values_BxLxKxD, mask_BxTxL)
