@@ -157,27 +157,29 @@ def table(rows: Sequence[Row]) -> str:
   return '\n'.join(lines)
 
 
-def write_section(path: str, device: str, command: str, body: str) -> None:
-  """Puts `body` under '### <device>' in the attention section, replacing that device's last."""
+def write_section(path: str, device: str, command: str, body: str, *, section: str = SECTION,
+                  program: str = 'kernels.bench') -> None:
+  """Puts `body` under '### `python -m <program>` on <device>' in `section` (a '## ' heading,
+  added at the end if missing), replacing that device's last."""
   with open(path) as f:
     text = f.read()
-  if SECTION not in text:
-    text = text.rstrip('\n') + f'\n\n{SECTION}\n'
-  start = text.index(SECTION) + len(SECTION)
+  if section not in text:
+    text = text.rstrip('\n') + f'\n\n{section}\n'
+  start = text.index(section) + len(section)
   nxt = text.find('\n## ', start)
   end = len(text) if nxt == -1 else nxt + 1
-  section = text[start:end]
-  heading = f'### `python -m kernels.bench` on {device}'
+  part = text[start:end]
+  heading = f'### `python -m {program}` on {device}'
   block = (f'{heading}\n\n{datetime.date.today().isoformat()}, jax {jax.__version__}. '
            f'Command:\n\n```bash\n{command}\n```\n\n{body}\n')
   pattern = re.compile(re.escape(heading) + r'\n.*?(?=\n### |\Z)', re.S)
-  if pattern.search(section):
-    section = pattern.sub(lambda _: block, section)
+  if pattern.search(part):
+    part = pattern.sub(lambda _: block, part)
   else:
-    section = section.rstrip('\n') + '\n\n' + block
+    part = part.rstrip('\n') + '\n\n' + block
   rest = text[end:].lstrip('\n')
   with open(path, 'w') as f:
-    f.write(text[:start] + '\n\n' + section.strip('\n') + '\n' + ('\n' + rest if rest else ''))
+    f.write(text[:start] + '\n\n' + part.strip('\n') + '\n' + ('\n' + rest if rest else ''))
 
 
 def _bools(values: Sequence[str]) -> list[bool]:

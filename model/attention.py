@@ -11,6 +11,9 @@ Implementations (`config.model.attention`):
           run per device through jax.shard_map under a mesh.
   auto    pallas on TPU and GPU for sequences of at least AUTO_PALLAS_MIN_LENGTH, else xla.
 
+Attention over a KV cache while decoding takes the same setting but chooses between the
+paged decode kernel and a jnp gather itself (model/kv_cache.py).
+
 All of them follow the semantics of kernels/attention_reference.py.
 """
 
@@ -175,8 +178,8 @@ def _pallas_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, causal, 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return per_device(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL)
-  batch, heads = _kernel_shards(mesh, q_BxLxHxD.shape[0], q_BxLxHxD.shape[2],
-                                k_BxSxKxD.shape[2])
+  batch, heads = kernel_shards(mesh, q_BxLxHxD.shape[0], q_BxLxHxD.shape[2],
+                               k_BxSxKxD.shape[2])
   qkv_spec = P(batch, None, heads, None)
   seg_spec = None if segment_ids_BxL is None else P(batch, None)
   return jax.shard_map(
@@ -185,7 +188,7 @@ def _pallas_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, causal, 
   )(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL)
 
 
-def _kernel_shards(mesh, batch: int, heads: int, kv_heads: int):
+def kernel_shards(mesh, batch: int, heads: int, kv_heads: int):
   """Mesh axes for the batch and head dims; an axis that does not divide is left whole."""
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   batch_ways = math.prod(mesh.shape[a] for a in batch_axes)

@@ -36,6 +36,19 @@ def forward(graphdef, params, tokens_BxT, positions_BxT, cache, page_table_BxP=N
   return model.decode(tokens_BxT, positions_BxT, cache, page_table_BxP)
 
 
+def contiguous_cache(cfg, batch: int, positions: int, page_size: int,
+                     dtype=None) -> kv_cache.KVCache:
+  """An empty cache in the contiguous layout (no page table) with room for `positions`
+  positions per row, sharded as the training rules say under a mesh; `dtype` defaults to
+  the model's compute dtype."""
+  page_size = min(page_size, positions)
+  pages_per_row = math.ceil(positions / page_size)
+  cache = kv_cache.init_cache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
+                              num_pages=batch * pages_per_row, page_size=page_size,
+                              dtype=dtype or cfg.dtype)
+  return kv_cache.constrain(cache, LOGICAL_AXIS_RULES, rows=batch)
+
+
 def mask_vocab(logits_BxV: jax.Array, vocab_limit: int | None) -> jax.Array:
   """Padded vocabulary rows (ids >= vocab_limit, the tokenizer's size) are not tokens."""
   if vocab_limit is None or vocab_limit >= logits_BxV.shape[-1]:
@@ -74,15 +87,8 @@ def generate(
     cache_dtype: the KV cache's dtype (default: the model's compute dtype).
   """
   model: Transformer = nnx.merge(graphdef, params)
-  cfg = model.cfg
   b, length = prompt_BxL.shape
-  total = length + max_new_tokens
-  page_size = min(page_size, total)
-  pages_per_row = math.ceil(total / page_size)
-  cache = kv_cache.init_cache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
-                              num_pages=b * pages_per_row, page_size=page_size,
-                              dtype=cache_dtype or cfg.dtype)
-  cache = kv_cache.constrain(cache, LOGICAL_AXIS_RULES, rows=b)
+  cache = contiguous_cache(model.cfg, b, length + max_new_tokens, page_size, cache_dtype)
   arange_L = jnp.arange(length, dtype=jnp.int32)
   valid_BxL = arange_L[None] < prompt_len_B[:, None]
   logits_BxLxV, cache = model.decode(prompt_BxL, jnp.where(valid_BxL, arange_L[None], -1), cache)

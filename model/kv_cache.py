@@ -1,13 +1,16 @@
 """A paged key/value cache: the memory that lets a transformer decode one token at a time.
 
-Shape letters: N layers, G pages, S page size (slots per page), K key/value heads,
+Shape letters: N layers, K key/value heads, G pages, S page size (slots per page),
 Dh head dim, B rows, T new tokens per row, P pages per row.
 
-Every layer's keys and values live in fixed-size pages, `k[N, G, S, K, Dh]`. A row
+Every layer's keys and values live in fixed-size pages, `k[N, K, G, S, Dh]`. A row
 (one sequence) owns a list of pages, its page table: position p of row b is slot
 `p % S` of page `page_table[b, p // S]`. Memory then grows with the tokens in
 flight, and rows may share the pages of a common prompt prefix (the serving
-engine's prefix cache; a shared page is full and never written again).
+engine's prefix cache; a shared page is full and never written again). Heads come
+before pages because that is the layout of the maintained Pallas paged-attention
+kernels (kernels/paged_attention.py): a head's pages are one contiguous block, so the
+kernels read the cache in place, with no per-step transpose.
 
 Without a page table the layout is contiguous: row b owns pages [b*P, (b+1)*P) with
 P = G // B, so its keys are a reshape of the pages (no gather) and the page axis
@@ -19,6 +22,18 @@ a position <= p of its row. Keys at later positions, left by a rejected
 speculative token or by an earlier request that owned the page, are never seen;
 the next write at that position replaces them, so nothing is ever rolled back.
 Rows padded with position -1 write nothing and see nothing (zero output).
+
+Attention over the cache runs one of two paths (`attend`'s `implementation`, the
+model's `config.model.attention`):
+  kernel  the paged decode kernel of kernels/paged_attention.py, for queries of at
+          most MAX_KERNEL_QUERIES tokens per row (decode steps, speculative blocks):
+          'pallas' anywhere (interpreted on CPU), 'auto' on GPU and TPU. Whether the
+          kernel beats the gather path there is not measured yet (no device has been
+          lent); `python -m kernels.bench_decode` measures it, and 'auto' follows the
+          result once recorded in docs/benchmarks.md.
+  gather  each row's pages gathered with jnp into [B, P * S, K, Dh], then
+          attention.masked_attention: prompts and long chunks, CPU under 'auto', and
+          'xla' / 'cudnn'.
 """
 
 import math
@@ -28,31 +43,36 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels import flash_attention
+from kernels import paged_attention as paged_kernel
 from model import attention as attention_lib
 
 # Logical axis names of the cache arrays (model/transformer.py LOGICAL_AXIS_RULES).
-LOGICAL_AXES = ('layers', 'batch', None, 'kv_heads', 'head_dim')
+LOGICAL_AXES = ('layers', 'kv_heads', 'batch', None, 'head_dim')
+# The kernel repeats a row's page reads for each of its queries, so it pays for decode
+# steps and speculative blocks; longer chunks (prompts) take the gather path.
+MAX_KERNEL_QUERIES = 16
 
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer: k and v are [N, G, S, K, Dh]."""
+  """Keys and values of every layer: k and v are [N, K, G, S, Dh]."""
   k: jax.Array
   v: jax.Array
 
   @property
   def page_size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @property
   def num_pages(self) -> int:
-    return self.k.shape[1]
+    return self.k.shape[2]
 
 
 def init_cache(n_layers: int, n_kv_heads: int, head_dim: int, *, num_pages: int,
                page_size: int, dtype) -> KVCache:
   """An all-zero cache of `num_pages` pages of `page_size` slots per layer."""
-  shape = (n_layers, num_pages, page_size, n_kv_heads, head_dim)
+  shape = (n_layers, n_kv_heads, num_pages, page_size, head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -91,15 +111,43 @@ def _slots(positions_BxT: jax.Array, num_pages: int, page_size: int,
   return page_BxT, positions_BxT % page_size
 
 
-def _rows(pages_NxGxSxKxD: jax.Array, layer: jax.Array, batch: int,
-          page_table_BxP: jax.Array | None) -> jax.Array:
-  """Each row's keys (or values) of one layer in position order: [B, P * S, K, Dh]. With a
-  page table this gathers only the row's pages, never a whole layer."""
-  _, _, s, k, d = pages_NxGxSxKxD.shape
+def _rows(pages_KxGxSxD: jax.Array, batch: int, page_table_BxP: jax.Array | None) -> jax.Array:
+  """Each row's keys (or values) in position order: [B, P * S, K, Dh]."""
+  k, _, _, d = pages_KxGxSxD.shape
   if page_table_BxP is None:
-    return jax.lax.dynamic_index_in_dim(pages_NxGxSxKxD, layer, keepdims=False).reshape(
-        batch, -1, k, d)
-  return pages_NxGxSxKxD[layer, page_table_BxP].reshape(batch, -1, k, d)
+    rows_KxBxLxD = pages_KxGxSxD.reshape(k, batch, -1, d)
+  else:
+    rows_KxBxLxD = pages_KxGxSxD[:, page_table_BxP].reshape(k, batch, -1, d)
+  return rows_KxBxLxD.transpose(1, 2, 0, 3)
+
+
+def write(k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, positions_BxT: jax.Array,
+          k_pages_KxGxSxD: jax.Array, v_pages_KxGxSxD: jax.Array,
+          page_table_BxP: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """One layer's pages with the new keys and values written at their positions."""
+  _, num_pages, page_size, _ = k_pages_KxGxSxD.shape
+  page_BxT, slot_BxT = _slots(positions_BxT, num_pages, page_size, page_table_BxP)
+  dtype = k_pages_KxGxSxD.dtype
+  k_KxBxTxD = k_BxTxKxD.astype(dtype).transpose(2, 0, 1, 3)
+  v_KxBxTxD = v_BxTxKxD.astype(dtype).transpose(2, 0, 1, 3)
+  k_pages = k_pages_KxGxSxD.at[:, page_BxT, slot_BxT].set(k_KxBxTxD, mode='drop')
+  v_pages = v_pages_KxGxSxD.at[:, page_BxT, slot_BxT].set(v_KxBxTxD, mode='drop')
+  return k_pages, v_pages
+
+
+def uses_kernel(implementation: str, queries_per_row: int, head_dim: int, dtype) -> bool:
+  """Whether `attend` runs the paged kernel for this implementation, query count, head
+  dim and cache dtype; a shape the kernel cannot take is logged once and gathered."""
+  if queries_per_row > MAX_KERNEL_QUERIES:
+    return False
+  if implementation == 'auto':
+    wanted = jax.default_backend() in ('gpu', 'tpu')
+  else:
+    wanted = implementation == 'pallas'
+  reason = paged_kernel.unsupported(head_dim, dtype) if wanted else None
+  if reason is not None:
+    flash_attention.warn_once(f'KV cache attention takes the jnp gather path: {reason}.')
+  return wanted and reason is None
 
 
 def attend(
@@ -107,27 +155,62 @@ def attend(
     k_BxTxKxD: jax.Array,
     v_BxTxKxD: jax.Array,
     positions_BxT: jax.Array,
-    k_pages_NxGxSxKxD: jax.Array,
-    v_pages_NxGxSxKxD: jax.Array,
+    k_pages_KxGxSxD: jax.Array,
+    v_pages_KxGxSxD: jax.Array,
     page_table_BxP: jax.Array | None,
-    layer: jax.Array,
+    implementation: str = 'xla',
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Writes the new keys and values into layer `layer`'s pages, then attends every query to
-  the cached keys at positions <= its own. Returns (out_BxTxHxD, k_pages, v_pages), the
-  whole cache of every layer: the layer scan carries it and updates it in place, so a step
-  costs what it writes and reads, not the size of the cache (slicing a layer out and
-  stacking it back copied the whole cache every step)."""
-  num_pages, page_size = k_pages_NxGxSxKxD.shape[1:3]
-  page_BxT, slot_BxT = _slots(positions_BxT, num_pages, page_size, page_table_BxP)
-  dtype = k_pages_NxGxSxKxD.dtype
-  k_pages = k_pages_NxGxSxKxD.at[layer, page_BxT, slot_BxT].set(
-      k_BxTxKxD.astype(dtype), mode='drop')
-  v_pages = v_pages_NxGxSxKxD.at[layer, page_BxT, slot_BxT].set(
-      v_BxTxKxD.astype(dtype), mode='drop')
+  """Writes the new keys and values into one layer's pages, then attends every query to
+  the cached keys at positions <= its own. Returns (out_BxTxHxD, k_pages, v_pages).
+
+  `implementation` is the model's attention setting (model/attention.py IMPLEMENTATIONS);
+  the module docstring says which path each one takes.
+  """
+  k_pages, v_pages = write(k_BxTxKxD, v_BxTxKxD, positions_BxT, k_pages_KxGxSxD,
+                           v_pages_KxGxSxD, page_table_BxP)
+  if uses_kernel(implementation, q_BxTxHxD.shape[1], k_pages.shape[-1], k_pages.dtype):
+    out = _kernel_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP)
+  else:
+    out = gather_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP)
+  return out, k_pages, v_pages
+
+
+def gather_attend(q_BxTxHxD: jax.Array, k_pages_KxGxSxD: jax.Array,
+                  v_pages_KxGxSxD: jax.Array, positions_BxT: jax.Array,
+                  page_table_BxP: jax.Array | None) -> jax.Array:
+  """The jnp path: gathers each row's pages, then masked attention over them."""
   b = q_BxTxHxD.shape[0]
-  keys_BxLxKxD = _rows(k_pages, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
-  values_BxLxKxD = _rows(v_pages, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  keys_BxLxKxD = _rows(k_pages_KxGxSxD, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  values_BxLxKxD = _rows(v_pages_KxGxSxD, b, page_table_BxP).astype(q_BxTxHxD.dtype)
   key_pos_L = jnp.arange(keys_BxLxKxD.shape[1])
   mask_BxTxL = key_pos_L[None, None, :] <= positions_BxT[:, :, None]
-  out = attention_lib.masked_attention(q_BxTxHxD, keys_BxLxKxD, values_BxLxKxD, mask_BxTxL)
-  return out, k_pages, v_pages
+  return attention_lib.masked_attention(q_BxTxHxD, keys_BxLxKxD, values_BxLxKxD, mask_BxTxL)
+
+
+def _kernel_attend(q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT,
+                   page_table_BxP):
+  """The kernel, per device under a mesh: heads over the tensor axis; rows and pages over
+  the batch axes when the layout is contiguous (a row's pages are then on its device).
+  With a page table any row may point at any page, so rows stay whole on every device."""
+  def per_device(q, k_pages, v_pages, positions, table):
+    return paged_kernel.paged_attention(q, k_pages, v_pages, positions, table)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return per_device(q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT,
+                      page_table_BxP)
+  batch, heads = attention_lib.kernel_shards(
+      mesh, q_BxTxHxD.shape[0], q_BxTxHxD.shape[2], k_pages_KxGxSxD.shape[0])
+  if page_table_BxP is not None:
+    batch = None
+  q_spec = P(batch, None, heads, None)
+  pages_spec = P(heads, batch, None, None)
+  table_spec = None if page_table_BxP is None else P(None, None)
+  specs = (q_spec, pages_spec, pages_spec, P(batch, None), table_spec)
+  args = (q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT, page_table_BxP)
+  # Kiln's meshes have Auto axes (train/mesh.py), so shard_map moves its inputs into
+  # these specs itself.
+  return jax.shard_map(
+      per_device, in_specs=specs, out_specs=q_spec,
+      check_vma=False,  # pallas_call outputs carry no varying-axes types
+  )(*args)

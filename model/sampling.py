@@ -82,13 +82,28 @@ def filter_logits(logits_BxV: jax.Array, params: SamplingParams,
   return jnp.where(keep_min_p, logits, -jnp.inf)
 
 
+def greedy(logits_BxV: jax.Array, params: SamplingParams,
+           seen_BxV: jax.Array | None = None) -> jax.Array:
+  """Each row's argmax after the repetition penalty (int32 [B]). The other filters keep
+  every largest logit, so this is the argmax of `filter_logits` without its sort (which
+  costs more than a small model's decode step on CPU)."""
+  logits = logits_BxV.astype(jnp.float32)
+  if seen_BxV is not None:
+    logits = penalize(logits, params.repetition_penalty, seen_BxV)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def sample(logits_BxV: jax.Array, params: SamplingParams, keys_B: jax.Array,
            seen_BxV: jax.Array | None = None) -> jax.Array:
-  """One token per row (int32 [B])."""
-  filtered_BxV = filter_logits(logits_BxV, params, seen_BxV)
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
-  greedy_B = jnp.argmax(filtered_BxV, axis=-1)
-  return jnp.where(params.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
+  """One token per row (int32 [B]); a batch of greedy rows skips the filters."""
+  def mixed():
+    filtered_BxV = filter_logits(logits_BxV, params, seen_BxV)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+    greedy_B = jnp.argmax(filtered_BxV, axis=-1)
+    return jnp.where(params.temperature > 0, drawn_B, greedy_B).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.all(params.temperature <= 0),
+                      lambda: greedy(logits_BxV, params, seen_BxV), mixed)
 
 
 def token_logprobs(logits_BxV: jax.Array, tokens_B: jax.Array, top_n: int):

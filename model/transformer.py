@@ -354,9 +354,9 @@ class Attention(nnx.Module):
 
   def __call__(
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-      kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
+      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
   ):
-    """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table, layer), the new
+    """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table), the new
     keys and values go into the cache and the queries attend to it (model/kv_cache.py),
     and the result is (out, (k_pages, v_pages))."""
     theta = self.cfg.rope_theta
@@ -375,7 +375,8 @@ class Attention(nnx.Module):
           causal=True, implementation=self.cfg.attention)
     else:
       out_BxLxHxDh, *pages = kv_cache.attend(
-          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv)
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
+          implementation=self.cfg.attention)
     out_BxLxD = _add_bias(project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh), self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
 
@@ -426,7 +427,7 @@ class Block(nnx.Module):
       positions_BxL: jax.Array,
       segment_ids_BxL: jax.Array | None,
       dropout_key: jax.Array | None,
-      kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
+      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
   ):
     """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
     attn_key = mlp_key = None
@@ -564,22 +565,16 @@ def _run_blocks(
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
 ):
   """Scans the stacked blocks over their leading 'layers' axis. With a cache
-  kv = (k_NxGxSxKxD, v_NxGxSxKxD, page_table), returns (x, (k, v))."""
+  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v))."""
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
-    # The whole cache is carried (each layer writes its own slice in place), not scanned
-    # as per-layer slices, which would copy all of it on every call.
-    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry,
+    @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0, None), out_axes=(nnx.Carry, 0),
               transform_metadata=_LAYERS_METADATA, unroll=unroll)
-    def decode_fn(block, carry, positions, table):
-      x, k, v, layer = carry
-      x, (k, v) = block(x, positions, None, None, (k, v, table, layer))
-      return x, k, v, layer + 1
+    def decode_fn(block, x, positions, k, v, table):
+      return block(x, positions, None, None, (k, v, table))
 
-    x_BxLxD, k_pages, v_pages, _ = decode_fn(
-        blocks, (x_BxLxD, k_pages, v_pages, jnp.int32(0)), positions_BxL, page_table)
-    return x_BxLxD, (k_pages, v_pages)
+    return decode_fn(blocks, x_BxLxD, positions_BxL, k_pages, v_pages, page_table)
 
   def layer(block, x, positions, segment_ids, key):
     return block(x, positions, segment_ids, key)

@@ -52,6 +52,8 @@ from serve.pages import PageAllocator, block_hashes
 MAX_LOGPROBS = 20          # OpenAI's limit on top log-probs; always computed, sliced per request
 LATENCY_SAMPLES = 10_000   # latency samples kept for stats()
 _INT_COLS = 5              # decode ints row: token, position, seed, count, top_k; then pages
+# Decode floats row: temperature, top_p, min_p, repetition_penalty (an empty slot: greedy).
+_IDLE_FLOATS = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,24 +208,14 @@ def _sampling_params(floats_Bx4: jax.Array, top_k_B: jax.Array) -> sampling.Samp
       min_p=floats_Bx4[:, 2], repetition_penalty=floats_Bx4[:, 3])
 
 
-def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, active_B, vocab_limit: int,
+def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, vocab_limit: int,
           top_n: int = MAX_LOGPROBS):
   """Samples one token per row and packs [token, logprob, top ids, top logprobs] in float32
-  (ids are exact in float32 below 2**24), so the host copies one array.
-
-  When every active row is greedy and none has a repetition penalty, the token is the
-  argmax, which is what `sampling.sample` returns then; the branch skips its full-vocabulary
-  sort, which costs more than the whole model step on CPU."""
+  (ids are exact in float32 below 2**24), so the host copies one array."""
   # Padded vocabulary rows are not tokens; log-probs are over the real ones, as in score().
   logits_BxV = decode.mask_vocab(logits_BxV, vocab_limit)
   keys_B = sampling.request_keys(seeds_B, counts_B)
-  sample = lambda: sampling.sample(logits_BxV, params, keys_B, seen_BxV)  # noqa: E731
-  if seen_BxV is None:
-    greedy = jnp.all((params.temperature <= 0) | ~active_B)
-    tokens_B = jax.lax.cond(
-        greedy, lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), sample)
-  else:
-    tokens_B = sample()
+  tokens_B = sampling.sample(logits_BxV, params, keys_B, seen_BxV)
   lp_B, top_ids_BxN, top_lp_BxN = sampling.token_logprobs(logits_BxV, tokens_B, top_n)
   packed = jnp.concatenate([tokens_B[:, None].astype(jnp.float32), lp_B[:, None],
                             top_ids_BxN.astype(jnp.float32), top_lp_BxN], axis=1)
@@ -240,7 +232,7 @@ def _decode_step(graphdef, params, cache, ints_SxC, floats_Sx4, seen_SxV, *, voc
                                        cache, ints_SxC[:, _INT_COLS:])
   params_S = _sampling_params(floats_Sx4, ints_SxC[:, 4])
   next_S, packed = _pick(logits_Sx1xV[:, 0], params_S, ints_SxC[:, 2], ints_SxC[:, 3], seen_SxV,
-                         positions_S >= 0, vocab_limit, top_n)
+                         vocab_limit, top_n)
   if seen_SxV is not None:
     seen_SxV = seen_SxV.at[jnp.arange(next_S.shape[0]), next_S].set(True)
   return cache, packed, seen_SxV
@@ -257,7 +249,7 @@ def _prefill_step(graphdef, params, cache, ints, floats_1x4, seen_1xV, *, vocab_
                                        ints[None, 3 * chunk + 3:])
   logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xCxV[0], last, keepdims=True)
   _, packed = _pick(logits_1xV, _sampling_params(floats_1x4, top_k[None]), seed[None],
-                    jnp.zeros((1,), jnp.int32), seen_1xV, jnp.ones((1,), bool), vocab_limit)
+                    jnp.zeros((1,), jnp.int32), seen_1xV, vocab_limit)
   prompt = None
   if prompt_logprobs:
     lp_C, ids_CxN, top_CxN = sampling.token_logprobs(
@@ -336,7 +328,8 @@ class Engine:
       spec = jax.sharding.PartitionSpec
       self._device = jax.sharding.NamedSharding(mesh, spec())
       heads = 'tensor' if model_cfg.n_kv_heads % mesh.shape.get('tensor', 1) == 0 else None
-      cache_sharding = jax.sharding.NamedSharding(mesh, spec(None, None, None, heads, None))
+      # [N, K, G, S, Dh]: KV heads over tensor; the page pool whole (any row, any page).
+      cache_sharding = jax.sharding.NamedSharding(mesh, spec(None, heads, None, None, None))
     self._cache = jax.device_put(kv_cache.init_cache(
         model_cfg.n_layers, model_cfg.n_kv_heads, model_cfg.head_dim, num_pages=num_pages,
         page_size=page_size, dtype=cache_dtype or model_cfg.dtype), cache_sharding)
@@ -357,7 +350,8 @@ class Engine:
     self._slots: list[_Seq | None] = [None] * max_slots
     self._ints = np.zeros((max_slots, _INT_COLS + self._pages_per_seq), np.int32)
     self._ints[:, 1] = -1
-    self._floats = np.ones((max_slots, 4), np.float32)
+    # Empty slots are greedy rows, so a batch of greedy requests samples without sorting.
+    self._floats = np.tile(_IDLE_FLOATS, (max_slots, 1))
     self._prefilling: _Seq | None = None
 
     # Shared with submitting threads, under `_cond`.
@@ -572,6 +566,7 @@ class Engine:
     seq.pages = []
     self._slots[seq.slot] = None
     self._ints[seq.slot, 1] = -1
+    self._floats[seq.slot] = _IDLE_FLOATS
     if self._prefilling is seq:
       self._prefilling = None
 

@@ -74,9 +74,9 @@ def test_pallas_under_a_mesh_runs_per_device_and_matches_xla():
 
 def test_shards_fall_back_to_whole_axes_that_do_not_divide():
   mesh = _mesh()
-  assert attention_lib._kernel_shards(mesh, 4, 8, 2) == (('data', 'fsdp'), 'tensor')
-  assert attention_lib._kernel_shards(mesh, 1, 8, 2) == (None, 'tensor')  # sampling, batch 1
-  assert attention_lib._kernel_shards(mesh, 4, 8, 1) == (('data', 'fsdp'), None)
+  assert attention_lib.kernel_shards(mesh, 4, 8, 2) == (('data', 'fsdp'), 'tensor')
+  assert attention_lib.kernel_shards(mesh, 1, 8, 2) == (None, 'tensor')  # sampling, batch 1
+  assert attention_lib.kernel_shards(mesh, 4, 8, 1) == (('data', 'fsdp'), None)
 
 
 def test_auto_is_xla_on_cpu_and_cudnn_needs_a_gpu():
@@ -141,5 +141,5 @@ def test_batch_specs_name_real_mesh_axes():
   mesh_cfg.update(data=2, fsdp=2, tensor=2)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   assert mesh_lib.batch_sharding(mesh).spec == P(attention_lib.BATCH_AXES)
-  assert attention_lib._kernel_shards(mesh, 4, 8, 2) == (attention_lib.BATCH_AXES,
+  assert attention_lib.kernel_shards(mesh, 4, 8, 2) == (attention_lib.BATCH_AXES,
                                                          attention_lib.HEAD_AXIS)

@@ -13,8 +13,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from kernels import bench
+from kernels import bench, bench_decode
 from model import attention as attention_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,3 +116,30 @@ def test_command_line_prints_a_table_and_writes_its_section(tmp_path):
   assert f'Wrote {output}.' in proc.stdout
   section = output.read_text()[output.read_text().index(bench.SECTION):]
   assert table[3] in section and '--seq_lens=32' in section
+
+
+def test_decode_bench_checks_the_kernel_and_writes_its_own_section(tmp_path):
+  """kernels/bench_decode.py: the kernel's row is checked against the gather path's, GB/s
+  is the keys and values over the time, and its section leaves the attention one alone."""
+  rows = bench_decode.bench_attention(2, 32, ['pallas', 'xla'], heads=4, kv_heads=2,
+                                      head_dim=16, page_size=8, dtype=jnp.float32, repeats=1,
+                                      iters=1)
+  by_impl = {r.impl: r for r in rows}
+  assert by_impl['xla'].max_err == 0.0 and 0.0 <= by_impl['pallas'].max_err < 1e-5
+  for r in rows:
+    assert r.gb_per_s == pytest.approx(2 * 2 * 32 * 2 * 16 * 4 / (r.ms * 1e-3) / 1e9)
+  row = bench_decode.GenerateRow('pallas', 8, prefill_ms=10.0, step_ms=1.0, total_ms=200.0,
+                                 new_tokens=100)
+  assert row.tokens_per_s == 8 * 100 / 0.2
+
+  path = tmp_path / 'benchmarks.md'
+  original = (REPO / 'docs' / 'benchmarks.md').read_text()
+  path.write_text(original)
+  for body in ('| one |', '| two |'):
+    bench.write_section(str(path), 'NVIDIA H200', 'python -m kernels.bench_decode', body,
+                        section=bench_decode.SECTION, program='kernels.bench_decode')
+  text = path.read_text()
+  assert text.startswith(original.rstrip('\n'))  # appended after everything else
+  decoding = text[text.index(bench_decode.SECTION):]
+  assert '| one |' not in decoding and '| two |' in decoding
+  assert decoding.count('### `python -m kernels.bench_decode` on NVIDIA H200') == 1

@@ -253,5 +253,5 @@ def test_generate_on_a_mesh_equals_one_device(llama):
         dtype=jnp.float32), transformer.LOGICAL_AXIS_RULES, rows=4))()
   np.testing.assert_array_equal(got, want)
   want_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, ('data', 'fsdp'), None, 'tensor', None))
+      mesh, jax.sharding.PartitionSpec(None, 'tensor', ('data', 'fsdp'), None, None))
   assert cache.k.sharding.is_equivalent_to(want_sharding, 5), cache.k.sharding

@@ -332,7 +332,7 @@ def test_sharded_parameters_give_the_same_tokens(model, alone):
   shardings = mesh_lib.shardings(params, specs, mesh, tfm.LOGICAL_AXIS_RULES)
   sharded = jax.device_put(params, shardings)
   engine = make_engine((graphdef, sharded, cfg, tokenizer))
-  assert engine._cache.k.sharding.spec[3] == 'tensor'
+  assert engine._cache.k.sharding.spec[1] == 'tensor'
   got = run(engine, requests=REQUESTS[:4])
   assert [tokens(e) for e in got] == [tokens(e) for e in alone[:4]]
 

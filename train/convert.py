@@ -5,8 +5,9 @@
 
 Import writes what `python -m train` leaves in a workdir: `config.json`, an orbax
 checkpoint at step 0 with the LM task's state (parameters, a fresh optimizer
-state) and, when the HF directory has a SentencePiece `tokenizer.model`, the
-tokenizer. `python -m train.sample --workdir=OUT` samples from it, and
+state) and the tokenizer: Kiln's SentencePiece one when the HF directory has a
+`tokenizer.model`, else its `tokenizer.json` (GPT-2's, Llama 3's byte-level BPE), which
+`data.tokenizers.HFTokenizer` reads. `python -m train.sample --workdir=OUT` samples from it, and
 `python -m train --config.init_from=OUT` starts a new run from its parameters.
 Each parameter is read lazily (safetensors' `safe_open`) one layer at a time,
 straight into the slices that each device holds of its NamedSharding, so no
@@ -57,7 +58,7 @@ HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens
 # Under {workdir}/tokenizer/: the HF files that travel with the tokenizer (tokenizer files,
 # generation_config.json and the original config.json, whose maximum length and special
 # token ids the export keeps).
-HF_TOKENIZER_DIR = 'hf'
+HF_TOKENIZER_DIR = tokenizers.HF_DIR
 
 
 # ---------------------------------------------------------------------------
@@ -606,9 +607,9 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
       os.makedirs(os.path.join(directory, HF_TOKENIZER_DIR), exist_ok=True)
       shutil.copy(os.path.join(hf_dir, name), os.path.join(directory, HF_TOKENIZER_DIR, name))
   if spm_proto is None:
-    logging.warning('%s has no SentencePiece tokenizer.model: the Kiln run has no tokenizer, so '
-                    'train.sample cannot encode prompts; export keeps the HF tokenizer files.',
-                    hf_dir)
+    if 'tokenizer.json' not in hf_files:  # else data.tokenizers.HFTokenizer reads it
+      logging.warning('%s has neither a SentencePiece tokenizer.model nor a tokenizer.json: the '
+                      'Kiln run has no tokenizer, so train.sample cannot encode prompts.', hf_dir)
     return
   storage.write_atomic(os.path.join(directory, tokenizers.SPM_FILE), spm_proto)
   meta = {'config': tokenizers.tokenizer_spec(config.data.tokenizer)}
@@ -687,8 +688,9 @@ def load_run(workdir: str):
   """(LMTask, state, step) of the newest checkpoint in `workdir`, as train.runs.load_latest,
   but a run without a Kiln tokenizer (imported with another kind) loads too."""
   config = load_run_config(workdir)
-  if config.get('task') != 'lm':
-    raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM runs export to HF.')
+  if config.get('task') not in ('lm', 'sft'):  # an SFT run's model is the LM's
+    raise ConfigError(f'{workdir} is a {config.get("task")!r} run; only LM and SFT runs export '
+                      'to HF.')
   task = LMTask(config)
   if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
     task.setup_inference(workdir)

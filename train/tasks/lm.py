@@ -136,16 +136,18 @@ class LMTask(tasks.Task):
     source = epath.Path(init) / 'tokenizer'
     target = epath.Path(workdir) / 'tokenizer'
     names = (tokenizers.SPM_FILE, tokenizers.META_FILE)  # the meta file last: it marks whole
-    if (target / tokenizers.META_FILE).exists():
+    hf = tokenizers.HF_DIR
+    if (target / tokenizers.META_FILE).exists() or (target / hf / tokenizers.HF_FILE).exists():
       return
-    if not (source / tokenizers.META_FILE).exists():
-      logging.warning('init_from=%s has no Kiln tokenizer; this run trains its own, whose ids '
+    # The HF files an import keeps with the tokenizer (train.convert), tokenizer.json last (it
+    # marks an HF-only tokenizer whole), then Kiln's.
+    hf_files = sorted((p.name for p in (source / hf).iterdir()),
+                      key=lambda n: (n == tokenizers.HF_FILE, n)) if (source / hf).is_dir() else []
+    if not (source / tokenizers.META_FILE).exists() and tokenizers.HF_FILE not in hf_files:
+      logging.warning('init_from=%s has no tokenizer; this run trains its own, whose ids '
                       'need not match the model\'s.', init)
       return
-    # The HF files an import keeps with the tokenizer (train.convert), then Kiln's.
-    hf_files = [f'hf/{p.name}' for p in sorted((source / 'hf').iterdir())
-                ] if (source / 'hf').is_dir() else []
-    for name in hf_files + list(names):
+    for name in [f'{hf}/{n}' for n in hf_files] + list(names):
       if (source / name).exists():
         storage.write_atomic(target / name, (source / name).read_bytes())
 
