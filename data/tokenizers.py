@@ -1,10 +1,19 @@
-"""Tokenizers: SentencePiece (bpe or unigram), UTF-8 bytes, and characters.
+"""Tokenizers: SentencePiece (bpe or unigram), UTF-8 bytes, characters, and imported HF ones.
 
 A run trains its tokenizer once, on the training split only, and caches it
 under `{workdir}/tokenizer/`: `tokenizer.json` (kind, the config that made it
 and, for characters, the vocabulary) beside `spm.model` for SentencePiece.
 `tokenizer.json` is written last, so its presence means the cache is whole.
 Reruns and the sampling command load the cache instead of retraining.
+
+A run imported by `python -m train.convert import` from a checkpoint whose tokenizer is not
+SentencePiece (GPT-2's or Llama 3's byte-level BPE) has no such cache; `load_tokenizer` then
+returns an `HFTokenizer` over the Hugging Face `tokenizer.json` the import keeps under
+`{workdir}/tokenizer/hf/`.
+
+Every tokenizer has `bos_id` and `eos_id` (-1 when it has none) and `special_tokens`, the
+text form of each special token mapped to its id (what chat templates write, data/chat.py).
+`encode` never adds special tokens.
 """
 
 import io
@@ -28,9 +37,17 @@ SPM_FILE = 'spm.model'
 _MAX_SENTENCE_BYTES = 16384
 
 
+# Where an imported HF tokenizer lives under {workdir}/tokenizer/ (train.convert.HF_TOKENIZER_DIR).
+HF_DIR = 'hf'
+HF_FILE = 'tokenizer.json'
+HF_CONFIG_FILE = 'tokenizer_config.json'
+
+
 class Tokenizer(Protocol):
   vocab_size: int
   bos_id: int  # -1 when the tokenizer has none (char level)
+  eos_id: int  # -1 when the tokenizer has none (bytes, characters)
+  special_tokens: dict[str, int]  # text form -> id of each special token
 
   def encode(self, text: str) -> list[int]: ...
 
@@ -46,6 +63,9 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.get_piece_size()
     self.bos_id = self._sp.bos_id()
+    self.eos_id = self._sp.eos_id()
+    self.special_tokens = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+                           if self._sp.is_control(i)}
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -58,10 +78,12 @@ class SentencePieceTokenizer:
 
 
 class ByteTokenizer:
-  """UTF-8 bytes are ids 0..255; BOS is 256."""
+  """UTF-8 bytes are ids 0..255; BOS is 256 (written `<s>` in chat templates); no EOS."""
 
   vocab_size = 257
   bos_id = 256
+  eos_id = -1
+  special_tokens = {'<s>': 256}
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode('utf-8'))
@@ -82,6 +104,8 @@ class CharTokenizer:
   """
 
   bos_id = -1
+  eos_id = -1
+  special_tokens = {}
 
   def __init__(self, chars: Sequence[str]):
     self.chars = list(chars)
@@ -100,6 +124,62 @@ class CharTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return ''.join(self.chars[i] for i in ids if 0 <= i < self.vocab_size)
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer (`tokenizer.json`), as an imported run keeps it.
+
+  BOS and EOS are the `bos_token` and `eos_token` of `tokenizer_config.json` beside it
+  (-1 when absent or not in the vocabulary). `encode` adds no special tokens (no
+  post-processor BOS) but, as Hugging Face does, reads special tokens written in the text as
+  their ids, which is how a rendered chat template becomes ids (data/chat.py).
+  """
+
+  def __init__(self, tokenizer_json: str, tokenizer_config: dict | None = None):
+    from tokenizers import Tokenizer as _HF
+
+    self._tok = _HF.from_str(tokenizer_json)
+    self.config = dict(tokenizer_config or {})
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
+                           if t.special}
+    self.bos_id = self.token_id(self.config.get('bos_token'))
+    self.eos_id = self.token_id(self.config.get('eos_token'))
+
+  @classmethod
+  def from_dir(cls, directory: str | os.PathLike) -> 'HFTokenizer':
+    """The tokenizer in `directory` (tokenizer.json, and tokenizer_config.json if present)."""
+    directory = epath.Path(directory)
+    config_path = directory / HF_CONFIG_FILE
+    try:
+      config = json.loads(config_path.read_text()) if config_path.exists() else {}
+      return cls((directory / HF_FILE).read_text(), config)
+    except Exception as e:  # OSError, bad JSON, or the tokenizers library's own Exception
+      raise DataError(f'Cannot read the Hugging Face tokenizer in {directory}: {e}') from None
+
+  def token_id(self, token) -> int:
+    """The id of `token` (its text, or tokenizer_config.json's {"content": ...} form); -1 if
+    it is None or not in the vocabulary."""
+    if isinstance(token, dict):
+      token = token.get('content')
+    if not token:
+      return -1
+    i = self._tok.token_to_id(token)
+    return -1 if i is None else i
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each token's (start, end) character span in `text`."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def tokenizer_spec(tok_cfg: ml_collections.ConfigDict) -> dict:
@@ -148,8 +228,11 @@ def load_or_train_tokenizer(tok_cfg: ml_collections.ConfigDict,
 
 
 def load_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
-  """The tokenizer a run cached in `workdir` (for sampling from its checkpoints)."""
+  """The tokenizer a run cached in `workdir` (for sampling from its checkpoints), or the HF
+  tokenizer an import kept when it has no Kiln one."""
   directory = epath.Path(workdir) / 'tokenizer'
+  if not (directory / META_FILE).exists() and (directory / HF_DIR / HF_FILE).exists():
+    return HFTokenizer.from_dir(directory / HF_DIR)
   if not (directory / META_FILE).exists():
     raise DataError(f'No tokenizer in {directory}; train in --workdir={workdir} first, or '
                     'point --workdir at the directory of a run.')
