@@ -109,29 +109,46 @@ def _check_shapes(q, k, v, segment_ids) -> None:
 
 
 def _xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, segment_ids_BxL, causal, window, softcap):
+  mask_BxLxS = None
+  if causal or window is not None or segment_ids_BxL is not None:
+    mask_BxLxS = visible_mask(q_BxLxHxD.shape[1], k_BxSxKxD.shape[1],
+                              segment_ids_BxL=segment_ids_BxL, causal=causal,
+                              sliding_window=window)
+  return masked_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxLxS, softcap)
+
+
+def masked_attention(
+    q_BxLxHxD: jax.Array,
+    k_BxSxKxD: jax.Array,
+    v_BxSxKxD: jax.Array,
+    mask_BxLxS: jax.Array | None,
+    logit_softcap: float | None = None,
+) -> jax.Array:
+  """Grouped einsums and a softmax under an explicit visibility mask (None: all visible).
+
+  The xla implementation, and decoding over a KV cache (model/kv_cache.py), whose mask
+  comes from the cached positions rather than from the query layout.
+  """
   b, q_len, h, d = q_BxLxHxD.shape
-  s, kh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+  kh = k_BxSxKxD.shape[2]
   # Group the query heads by the k/v head they share, so K/V are never repeated.
   q_BxLxKxGxD = q_BxLxHxD.reshape(b, q_len, kh, h // kh, d)
   scores_BxKxGxLxS = jnp.einsum(
       'blkgd,bskd->bkgls', q_BxLxKxGxD, k_BxSxKxD,
       preferred_element_type=jnp.float32)
   scores_BxKxGxLxS = scores_BxKxGxLxS * (d ** -0.5)
-  if softcap is not None:
-    scores_BxKxGxLxS = softcap * jnp.tanh(scores_BxKxGxLxS / softcap)
-  seen_BxL = None
-  if causal or window is not None or segment_ids_BxL is not None:
-    mask_BxLxS = visible_mask(q_len, s, segment_ids_BxL=segment_ids_BxL, causal=causal,
-                              sliding_window=window)
+  if logit_softcap is not None:
+    scores_BxKxGxLxS = logit_softcap * jnp.tanh(scores_BxKxGxLxS / logit_softcap)
+  if mask_BxLxS is not None:
     # finfo.min rather than -inf keeps fully masked rows finite; they are zeroed below.
     scores_BxKxGxLxS = jnp.where(
         mask_BxLxS[:, None, None], scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    seen_BxL = jnp.any(mask_BxLxS, axis=-1)
   probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1)
   out_BxLxKxGxD = jnp.einsum(
       'bkgls,bskd->blkgd', probs_BxKxGxLxS.astype(v_BxSxKxD.dtype), v_BxSxKxD)
   out_BxLxHxD = out_BxLxKxGxD.reshape(b, q_len, h, d)
-  if seen_BxL is not None:
+  if mask_BxLxS is not None:
+    seen_BxL = jnp.any(mask_BxLxS, axis=-1)
     out_BxLxHxD = jnp.where(seen_BxL[:, :, None, None], out_BxLxHxD, 0)
   return out_BxLxHxD.astype(q_BxLxHxD.dtype)
 

@@ -37,6 +37,7 @@ import ml_collections
 from flax import nnx
 
 from model import attention as attention_lib
+from model import kv_cache
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp')),
@@ -352,8 +353,12 @@ class Attention(nnx.Module):
       self.o_bias = _zeros((d,), ('embed',), pd)
 
   def __call__(
-      self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None
-  ) -> jax.Array:
+      self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
+      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+  ):
+    """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table), the new
+    keys and values go into the cache and the queries attend to it (model/kv_cache.py),
+    and the result is (out, (k_pages, v_pages))."""
     theta = self.cfg.rope_theta
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD)
     k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD)
@@ -364,11 +369,15 @@ class Attention(nnx.Module):
     if self.cfg.position == 'rope':
       q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
       k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
-    out_BxLxHxDh = attention_lib.attention(
-        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
-        causal=True, implementation=self.cfg.attention)
-    out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh)
-    return _add_bias(out_BxLxD, self, 'o_bias')
+    if kv is None:
+      out_BxLxHxDh = attention_lib.attention(
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
+          causal=True, implementation=self.cfg.attention)
+    else:
+      out_BxLxHxDh, *pages = kv_cache.attend(
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv)
+    out_BxLxD = _add_bias(project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh), self, 'o_bias')
+    return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
 
 
 class Mlp(nnx.Module):
@@ -417,14 +426,19 @@ class Block(nnx.Module):
       positions_BxL: jax.Array,
       segment_ids_BxL: jax.Array | None,
       dropout_key: jax.Array | None,
-  ) -> jax.Array:
+      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+  ):
+    """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
     attn_key = mlp_key = None
     if dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
-    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+    h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
+    if kv is not None:
+      h_BxLxD, pages = h_BxLxD
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
     h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD))
-    return x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
+    x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
+    return x_BxLxD if kv is None else (x_BxLxD, pages)
 
 
 _LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
@@ -494,13 +508,43 @@ class Transformer(nnx.Module):
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
 
-    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0)
-    if cfg.position == 'learned':
-      x_BxLxD = x_BxLxD + jnp.take(self.position_embedding[...], positions_BxL, axis=0)
-    x_BxLxD = x_BxLxD.astype(cfg.dtype)
     x_BxLxD = _run_blocks(
-        self.blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N, cfg.remat,
-        cfg.n_layers if cfg.scan_unroll == -1 else min(cfg.scan_unroll, cfg.n_layers))
+        self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
+        dropout_keys_N, cfg.remat, self._unroll())
+    return self._head(x_BxLxD)
+
+  def decode(
+      self,
+      tokens_BxT: jax.Array,
+      positions_BxT: jax.Array,
+      cache: kv_cache.KVCache,
+      page_table_BxP: jax.Array | None = None,
+  ) -> tuple[jax.Array, kv_cache.KVCache]:
+    """Runs T new tokens per row against a KV cache: (float32 logits_BxTxV, new cache).
+
+    Each token's keys and values are written at its position, and it attends to every
+    cached position <= its own in its row (model/kv_cache.py has the layout; a
+    position < 0 marks padding). A prompt, a chunk of one, a single decode step and a
+    speculative block are all this call.
+    """
+    x_BxTxD = self._embed(tokens_BxT, jnp.maximum(positions_BxT, 0))
+    x_BxTxD, (k, v) = _run_blocks(
+        self.blocks, x_BxTxD, positions_BxT, None, None, 'none', self._unroll(),
+        kv=(cache.k, cache.v, page_table_BxP))
+    return self._head(x_BxTxD), kv_cache.KVCache(k=k, v=v)
+
+  def _unroll(self) -> int:
+    cfg = self.cfg
+    return cfg.n_layers if cfg.scan_unroll == -1 else min(cfg.scan_unroll, cfg.n_layers)
+
+  def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    x_BxLxD = jnp.take(self.embedding[...], tokens_BxL, axis=0)
+    if self.cfg.position == 'learned':
+      x_BxLxD = x_BxLxD + jnp.take(self.position_embedding[...], positions_BxL, axis=0)
+    return x_BxLxD.astype(self.cfg.dtype)
+
+  def _head(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
     x_BxLxD = self.final_norm(x_BxLxD)
     if cfg.tie_embeddings:
       head_DxV = self.embedding[...].astype(cfg.dtype).T
@@ -517,8 +561,19 @@ def _run_blocks(
     dropout_keys_N: jax.Array | None,
     remat: str,
     unroll: int,
-) -> jax.Array:
-  """Scans the stacked blocks over their leading 'layers' axis."""
+    kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+):
+  """Scans the stacked blocks over their leading 'layers' axis. With a cache
+  kv = (k_NxGxSxKxD, v_NxGxSxKxD, page_table), returns (x, (k, v))."""
+  if kv is not None:
+    k_pages, v_pages, page_table = kv
+
+    @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0, None), out_axes=(nnx.Carry, 0),
+              transform_metadata=_LAYERS_METADATA, unroll=unroll)
+    def decode_fn(block, x, positions, k, v, table):
+      return block(x, positions, None, None, (k, v, table))
+
+    return decode_fn(blocks, x_BxLxD, positions_BxL, k_pages, v_pages, page_table)
 
   def layer(block, x, positions, segment_ids, key):
     return block(x, positions, segment_ids, key)

@@ -6,6 +6,7 @@ Kiln model's logits (trained export), Kiln's tokenizer (exported tokenizer) and
 a run's own evaluation (init_from).
 """
 
+import functools
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import transformers
 from configs import lm
 from data import tokenizers
 from data.errors import ConfigError, DataError
+from model import decode, sampling
 from train import convert, trainer
 
 VOCAB = 96
@@ -137,17 +139,20 @@ def test_import_logits_and_greedy_match_hf(imported, kind):
   tokens = _tokens((2, 24), seed=1)
   _assert_logits_close(_kiln_logits(task, state.params, tokens), _hf_logits(model, tokens))
 
-  # Greedy: Kiln re-runs its fixed window (as LMTask.generate does) and takes the argmax.
+  # Greedy with the KV cache (model/decode.py) against transformers' generate.
   prompt = _tokens((1, 5), seed=2)
   with torch.no_grad():
     want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
                           pad_token_id=0)[0, 5:].numpy()
-  window = np.zeros((1, 32), np.int32)
-  ids = list(prompt[0])
-  for _ in range(20):
-    window[0, :len(ids)] = ids
-    ids.append(int(np.argmax(_kiln_logits(task, state.params, window)[0, len(ids) - 1])))
-  assert ids[5:] == list(want)
+  out = _greedy(task.graphdef, state.params, prompt, np.array([5], np.int32))
+  assert list(np.asarray(out.tokens[0])) == list(want)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _greedy(graphdef, params, prompt, length):
+  return decode.generate(graphdef, params, prompt, length, max_new_tokens=20,
+                         sampling_params=sampling.SamplingParams.make(1, temperature=0.0),
+                         seeds_B=np.zeros(1, np.int32), page_size=8)
 
 
 @pytest.mark.parametrize('kind', KINDS)
