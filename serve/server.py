@@ -21,16 +21,18 @@ requests, which frees their slots.
 """
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from data.errors import ConfigError
 from serve import engine as engine_lib
 from serve import protocol as P
 from serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -195,16 +197,24 @@ class _Served:
                      param='messages') from None
 
   def submit(self, requests: list) -> list:
-    """Submits every request, or none: a full queue cancels those already in and is a 429."""
+    """Submits every request, or none: a full queue cancels those already in and is a 429;
+    an engine that is stopping is a 503."""
     streams = []
     try:
       for r in requests:
         streams.append(self.engine.submit(r))
     except engine_lib.QueueFull:
-      for s in streams:
-        s.cancel()
       raise APIError('The server is overloaded (its request queue is full); retry later.',
                      status=429, type='server_overloaded', code='queue_full') from None
+    except engine_lib.EngineError as e:
+      raise APIError(f'The engine is not serving: {e}', status=503, type='server_error',
+                     code='engine_unavailable') from None
+    except ConfigError as e:  # a request the checks above let through (they should not)
+      raise APIError(str(e)) from None
+    finally:
+      if len(streams) < len(requests):
+        for stream in streams:
+          stream.cancel()
     return streams
 
   async def events(self, stream, arrived: float) -> AsyncIterator:
@@ -228,16 +238,19 @@ class _Served:
 
 async def _merged(served: _Served, streams: list, arrived: float) -> AsyncIterator[tuple]:
   """(choice index, event) from several streams as they come; all cancelled on exit."""
+  # aclosing: an abandoned stream's events() finishes (and cancels it) now, not at GC.
   if len(streams) == 1:
-    async for ev in served.events(streams[0], arrived):
-      yield 0, ev
+    async with contextlib.aclosing(served.events(streams[0], arrived)) as events:
+      async for ev in events:
+        yield 0, ev
     return
   queue: asyncio.Queue = asyncio.Queue()
 
   async def pump(i, stream):
     try:
-      async for ev in served.events(stream, arrived):
-        await queue.put((i, ev))
+      async with contextlib.aclosing(served.events(stream, arrived)) as events:
+        async for ev in events:
+          await queue.put((i, ev))
     except Exception as e:  # handed to the consumer, which re-raises it
       await queue.put((i, e))
 
@@ -251,10 +264,13 @@ async def _merged(served: _Served, streams: list, arrived: float) -> AsyncIterat
       remaining -= ev.finish_reason is not None
       yield i, ev
   finally:
-    for t in tasks:
+    for t in tasks:  # each pump's events() cancels its stream if it had not finished
       t.cancel()
-    for s in streams:
-      s.cancel()
+
+
+def _seed(seed: int | None, choice: int) -> int | None:
+  """Choice j of a seeded request samples with seed + j (as 32 bits, the engine's keys)."""
+  return None if seed is None else (seed + choice) % 2**32
 
 
 def _sse(payload: dict | str) -> str:
@@ -345,7 +361,7 @@ async def completions(served: _Served, req: P.CompletionRequest, arrived: float)
     for j in range(req.n):
       requests.append(engine_lib.Request(
           prompt_ids=tuple(ids), max_tokens=max_tokens, **sampling,
-          seed=None if req.seed is None else req.seed + j, logprobs=req.logprobs,
+          seed=_seed(req.seed, j), logprobs=req.logprobs,
           prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None))
   served.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
   streams = served.submit(requests)
@@ -453,7 +469,7 @@ async def chat_completions(served: _Served, req: P.ChatCompletionRequest, arrive
   max_tokens = served.budget(len(ids), max_tokens, param)
   top_n = req.top_logprobs or 0
   requests = [engine_lib.Request(prompt_ids=tuple(ids), max_tokens=max_tokens, **sampling,
-                                 seed=None if req.seed is None else req.seed + j,
+                                 seed=_seed(req.seed, j),
                                  logprobs=top_n if req.logprobs else None)
               for j in range(req.n)]
   served.metrics.prompt_tokens.inc(len(ids))
@@ -515,6 +531,32 @@ def tokenizer_info(tokenizer, chat_template=None) -> dict:
 # --- the app ----------------------------------------------------------------------------
 
 
+class _CountRequests:
+  """ASGI middleware counting responses by route and status. (Plain ASGI rather than
+  `@app.middleware('http')`, which would wrap every streamed chunk.)"""
+
+  def __init__(self, app, counter):
+    self.app, self.counter = app, counter
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    status = 500
+
+    async def send_counted(message):
+      nonlocal status
+      if message['type'] == 'http.response.start':
+        status = message['status']
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_counted)
+    finally:
+      # The router records the matched route in the scope; unmatched paths share one label.
+      endpoint = getattr(scope.get('route'), 'path', 'unmatched')
+      self.counter.labels(endpoint, str(status)).inc()
+
+
 def create_app(engine, tokenizer, *, model_name: str, chat_template=None, max_n: int = 16,
                tokenizer_info: dict | None = None) -> FastAPI:
   """The server's ASGI app.
@@ -534,13 +576,7 @@ def create_app(engine, tokenizer, *, model_name: str, chat_template=None, max_n:
   app = FastAPI(title='Kiln', docs_url=None, redoc_url=None, openapi_url=None)
   app.state.served = served
 
-  @app.middleware('http')
-  async def count_requests(request: Request, call_next):
-    response = await call_next(request)
-    route = request.scope.get('route')
-    endpoint = getattr(route, 'path', 'unknown')
-    served.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-    return response
+  app.add_middleware(_CountRequests, counter=served.metrics.requests)
 
   @app.exception_handler(APIError)
   async def api_error(_, exc: APIError):
