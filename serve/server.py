@@ -386,9 +386,9 @@ async def completions(served: _Served, req: P.CompletionRequest, arrived: float)
     return text, (b.take() if req.logprobs is not None else None)
 
   if req.stream:
-    return StreamingResponse(
+    return StreamingResponse(_engine_errors_as_events(
         _stream_completion(served, req, streams, arrived, rid, created, prompt_tokens,
-                           on_event), media_type='text/event-stream')
+                           on_event)), media_type='text/event-stream')
   texts = [''] * len(streams)
   logprobs = [P.CompletionLogprobs() for _ in streams]
   finish = [None] * len(streams)
@@ -409,6 +409,18 @@ async def completions(served: _Served, req: P.CompletionRequest, arrived: float)
   return P.dump(P.CompletionResponse(id=rid, created=created, model=served.model_name,
                                      choices=choices,
                                      usage=_usage(prompt_tokens, generated)))
+
+
+async def _engine_errors_as_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+  """A stream whose engine fails midway ends with an error event and [DONE] (the status,
+  200, is sent already), as vLLM ends it."""
+  try:
+    async for event in events:
+      yield event
+  except engine_lib.EngineError as e:
+    error = P.ErrorBody(message=str(e), type='server_error', code='engine_error')
+    yield _sse(P.dump(P.ErrorResponse(error=error)))
+    yield _sse('[DONE]')
 
 
 async def _stream_completion(served, req, streams, arrived, rid, created, prompt_tokens,
@@ -476,8 +488,9 @@ async def chat_completions(served: _Served, req: P.ChatCompletionRequest, arrive
   streams = served.submit(requests)
   rid, created = P.new_id('chatcmpl'), P.now()
   if req.stream:
-    return StreamingResponse(_stream_chat(served, req, streams, arrived, rid, created, len(ids),
-                                          top_n), media_type='text/event-stream')
+    return StreamingResponse(_engine_errors_as_events(
+        _stream_chat(served, req, streams, arrived, rid, created, len(ids), top_n)),
+        media_type='text/event-stream')
   texts = [''] * len(streams)
   content: list[list] = [[] for _ in streams]
   finish = [None] * len(streams)

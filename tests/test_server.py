@@ -152,6 +152,19 @@ def test_prompt_forms_n_and_seeds(served, client):
   assert strings.usage.prompt_tokens == 7 + 4
 
 
+def test_stop_strings_and_repetition_penalty(served, client):
+  """A stop string cuts the text before its first occurrence (finish_reason 'stop'); the
+  penalty is passed through as vLLM's extra field."""
+  tok, engine = served['tok'], served['engine']
+  events = direct(engine, _bos(tok, 'while'), max_tokens=16, repetition_penalty=1.3, **GREEDY)
+  full = ''.join(e.text for e in events)
+  stop = full[5:7]
+  out = client.completions.create(model=MODEL, prompt='while', max_tokens=16, temperature=0,
+                                  stop=[stop], extra_body={'repetition_penalty': 1.3})
+  assert out.choices[0].text == full[:full.index(stop)]
+  assert out.choices[0].finish_reason == 'stop'
+
+
 def test_echo_logprobs_equal_score(served, client):
   """lm-evaluation-harness's scoring request: token ids, echo, max_tokens 1, logprobs 1.
   The prompt's log-probs align one to one with its ids and equal model.decode.score."""
