@@ -77,6 +77,7 @@ def base() -> ml_collections.ConfigDict:
       temperature=0.8,
       top_k=40,
       top_p=0.95,
+      min_p=0.0,
   ))
   return c
 

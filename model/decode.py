@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model import kv_cache, sampling
-from model.transformer import Transformer
+from model.transformer import LOGICAL_AXIS_RULES, Transformer
 
 
 @flax.struct.dataclass
@@ -82,6 +82,7 @@ def generate(
   cache = kv_cache.init_cache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim,
                               num_pages=b * pages_per_row, page_size=page_size,
                               dtype=cache_dtype or cfg.dtype)
+  cache = kv_cache.constrain(cache, LOGICAL_AXIS_RULES, rows=b)
   arange_L = jnp.arange(length, dtype=jnp.int32)
   valid_BxL = arange_L[None] < prompt_len_B[:, None]
   logits_BxLxV, cache = model.decode(prompt_BxL, jnp.where(valid_BxL, arange_L[None], -1), cache)

@@ -21,9 +21,12 @@ the next write at that position replaces them, so nothing is ever rolled back.
 Rows padded with position -1 write nothing and see nothing (zero output).
 """
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from model import attention as attention_lib
 
@@ -51,6 +54,27 @@ def init_cache(n_layers: int, n_kv_heads: int, head_dim: int, *, num_pages: int,
   """An all-zero cache of `num_pages` pages of `page_size` slots per layer."""
   shape = (n_layers, num_pages, page_size, n_kv_heads, head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def constrain(cache: KVCache, rules, rows: int | None) -> KVCache:
+  """The cache sharded by the logical-axis `rules` under the current mesh (as the
+  training state is): key/value heads over the tensor axis and, in the contiguous layout
+  of `rows` rows, the pages with their rows over the batch axes. An axis that does not
+  divide its dimension is left whole; without a mesh the cache is returned as it is."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return cache
+  rules = dict(rules)
+  spec = []
+  for dim, name in zip(cache.k.shape, LOGICAL_AXES, strict=True):
+    axes = rules.get(name) if name else None
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                 if a in mesh.axis_names)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if name == 'batch':  # pages follow their rows; a paged pool stays whole
+      dim = rows or 1
+    spec.append(axes if axes and (name != 'batch' or rows) and dim % ways == 0 else None)
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, P(*spec)), cache)
 
 
 def _slots(positions_BxT: jax.Array, num_pages: int, page_size: int,

@@ -38,13 +38,13 @@ def run_sample(*args):
 
 def flags(**overrides):
   values = dict(num_samples=1, scale=1, max_new_tokens=None, temperature=None, top_k=None,
-                top_p=None, prompt=None, out=None, overwrite=False)
+                top_p=None, min_p=None, prompt=None, out=None, overwrite=False)
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
 
 LM_CONFIG = {'task': 'lm', 'sample': {'prompt': 'def', 'max_new_tokens': 4, 'temperature': 1.0,
-                                      'top_k': 0, 'top_p': 1.0}}
+                                      'top_k': 0, 'top_p': 1.0, 'min_p': 0.0}}
 IMAGE_CONFIG = {'task': 'diffusion', 'sample': {'grid_rows': 4}}
 
 
@@ -55,6 +55,7 @@ IMAGE_CONFIG = {'task': 'diffusion', 'sample': {'grid_rows': 4}}
     ({'top_p': 0.0}, LM_CONFIG, r'--top_p=0.0 must be in \(0, 1\]'),
     ({'temperature': -1.0}, LM_CONFIG, r'--temperature=-1.0 must be >= 0'),
     ({'top_k': -2}, LM_CONFIG, r'--top_k=-2 must be >= 0'),
+    ({'min_p': 1.0}, LM_CONFIG, r'--min_p=1.0 must be in \[0, 1\)'),
     ({'prompt': 'a'}, IMAGE_CONFIG, r"--prompt does not apply to this run: its task"),
 ])
 def test_bad_flags_are_named(overrides, config, message):

@@ -1,6 +1,7 @@
 """Samples from the latest checkpoint of a run.
 
-  python -m train.sample --workdir=DIR --prompt='def' [--temperature=0.8 --top_k=40 --top_p=0.95]
+  python -m train.sample --workdir=DIR --prompt='def' [--temperature=0.8 --top_k=40 --top_p=0.95
+                                                      --min_p=0.05]
   python -m train.sample --workdir=DIR --out=grid.png [--scale=4]
 
 The run's resolved config (DIR/config.json) rebuilds the task, and the task's
@@ -57,7 +58,7 @@ def _tagged(out: str, tag: str) -> str:
 
 
 # Flags that set `config.sample.<key>` of a run whose task samples text from a prompt.
-_TEXT_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p')
+_TEXT_FLAGS = ('prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'min_p')
 
 
 def check_flags(f, config: ml_collections.ConfigDict) -> None:
@@ -74,6 +75,8 @@ def check_flags(f, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'--top_k={f.top_k} must be >= 0 (0 disables top-k).')
   if f.top_p is not None and not 0.0 < f.top_p <= 1.0:
     raise ConfigError(f'--top_p={f.top_p} must be in (0, 1] (1 disables nucleus sampling).')
+  if f.min_p is not None and not 0.0 <= f.min_p < 1.0:
+    raise ConfigError(f'--min_p={f.min_p} must be in [0, 1) (0 disables min-p filtering).')
   given = [name for name in _TEXT_FLAGS if getattr(f, name) is not None]
   missing = [name for name in given if name not in config.get('sample', {})]
   if missing:
@@ -141,6 +144,8 @@ def _define_flags() -> None:
   flags.DEFINE_float('temperature', None, '0 is greedy.')
   flags.DEFINE_integer('top_k', None, '0 disables top-k filtering.')
   flags.DEFINE_float('top_p', None, '1.0 disables nucleus filtering.')
+  flags.DEFINE_float('min_p', None, 'Keep tokens at least this fraction as likely as the '
+                     'likeliest; 0 disables.')
   flags.DEFINE_integer('num_samples', 1, 'How many samples (seeds seed, seed + 1, ...).')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_string('out', None, 'Image samples: the PNG file to write (several samples or '

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, storage, tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import scoring, transformer
+from model import decode, sampling, scoring, transformer
 from train import optim, tasks
 from train.state import TrainState
 from train.tasks import kit
@@ -245,58 +245,52 @@ class LMTask(tasks.Task):
     s = self.config.sample
     text = self.generate(self.inference_params(state), s.prompt,
                          max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                         top_k=s.top_k, top_p=s.top_p, seed=seed)
+                         top_k=s.top_k, top_p=s.top_p, min_p=s.get('min_p', 0.0), seed=seed)
     return {'samples/text': text}
 
   def generate(self, params, prompt: str, *, max_new_tokens: int, temperature: float,
-               top_k: int, top_p: float, seed: int) -> str:
-    """Samples a continuation of `prompt` (the prompt included in the result).
-
-    The model runs over a fixed window of `seq_len` tokens so that one
-    compiled program serves every position; tokens past the window's end are
-    invisible to earlier positions because attention is causal. (The KV cache
-    arrives with the inference issue.)
-    """
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-      raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got '
-                        f'temperature={temperature}, top_k={top_k}, top_p={top_p}.')
+               top_k: int, top_p: float, seed: int, min_p: float = 0.0) -> str:
+    """Samples a continuation of `prompt` (the prompt included in the result) with the KV
+    cache decoder (model/decode.py), stopping at the tokenizer's end of sequence."""
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
+      raise ConfigError(f'Sampling needs temperature >= 0, top_k >= 0, 0 < top_p <= 1 and '
+                        f'0 <= min_p < 1; got temperature={temperature}, top_k={top_k}, '
+                        f'top_p={top_p}, min_p={min_p}.')
     unknown = unencodable(self.tokenizer, prompt)
     if unknown:
       shown = ', '.join(f'{c!r} (U+{ord(c):04X})' for c in unknown[:5])
       raise ConfigError(f'The prompt has characters this tokenizer cannot encode: {shown}. '
                         'Remove or replace them.')
     ids = list(self.tokenizer.encode(prompt))
-    if self.tokenizer.bos_id >= 0:
-      ids = [self.tokenizer.bos_id] + ids
+    bos = self.tokenizer.bos_id
+    if bos >= 0:
+      ids = [bos] + ids
     if not ids:
       raise ConfigError('The prompt encodes to no tokens and the tokenizer has no BOS; give a '
                         'non-empty prompt.')
-    n_prompt = len(ids)
-    seq_len = self.config.data.seq_len
-    key = jax.random.key(seed)
-    next_token = self._next_token_fn()
-    for i in range(max_new_tokens):
-      window = ids[-seq_len:]
-      tokens = np.zeros((1, seq_len), np.int32)
-      tokens[0, :len(window)] = window
-      token = next_token(params, tokens, jnp.int32(len(window) - 1), jax.random.fold_in(key, i),
-                         temperature, top_k, top_p)
-      ids.append(int(token))
-    start = 1 if self.tokenizer.bos_id >= 0 else 0
-    return self.tokenizer.decode(ids[start:n_prompt] + ids[n_prompt:])
+    limit = self.model_cfg.max_positions or None  # learned positions end somewhere
+    if limit is not None and len(ids) + max_new_tokens > limit:
+      raise ConfigError(f'The prompt ({len(ids)} tokens) and max_new_tokens={max_new_tokens} '
+                        f'exceed the model\'s {limit} positions.')
+    settings = sampling.SamplingParams.make(1, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, min_p=min_p)
+    eos = getattr(self.tokenizer, 'eos_id', -1)
+    out = self._generate_fn(max_new_tokens, (eos,) if eos >= 0 else ())(
+        params, np.asarray([ids], np.int32), np.asarray([len(ids)], np.int32), settings,
+        np.asarray([seed], np.int32))
+    new = [int(t) for t in np.asarray(out.tokens[0, :int(out.lengths[0])])]
+    if new and new[-1] == eos:
+      new = new[:-1]
+    return self.tokenizer.decode(ids[1 if bos >= 0 else 0:] + new)
 
-  @functools.cache  # noqa: B019  (one compiled sampler per task)
-  def _next_token_fn(self):
-    @functools.partial(jax.jit, static_argnums=(4, 5, 6))
-    def next_token(params, tokens_1xL, last, key, temperature, top_k, top_p):
-      batch = {'inputs': tokens_1xL, 'positions': jnp.arange(tokens_1xL.shape[1])[None],
-               'segment_ids': jnp.ones_like(tokens_1xL)}
-      logits_V = self._logits(params, batch)[0, last].astype(jnp.float32)
-      # Padded vocabulary rows are not tokens.
-      logits_V = jnp.where(jnp.arange(logits_V.shape[0]) < self.tokenizer.vocab_size,
-                           logits_V, -jnp.inf)
-      return sample_logits(logits_V, key, temperature=temperature, top_k=top_k, top_p=top_p)
-    return next_token
+  @functools.cache  # noqa: B019  (one compiled sampler per length and stop set)
+  def _generate_fn(self, max_new_tokens: int, stop_ids: tuple[int, ...]):
+    def run(params, prompt_BxL, length_B, settings, seeds_B):
+      return decode.generate(self.graphdef, params, prompt_BxL, length_B,
+                             max_new_tokens=max_new_tokens, sampling_params=settings,
+                             seeds_B=seeds_B, stop_ids=stop_ids,
+                             vocab_limit=self.tokenizer.vocab_size)
+    return jax.jit(run)
 
 
 def unencodable(tokenizer: tokenizers.Tokenizer, text: str) -> list[str]:
@@ -306,21 +300,3 @@ def unencodable(tokenizer: tokenizers.Tokenizer, text: str) -> list[str]:
          else None)
   return sorted(c for c in set(text)
                 if not c.isspace() and (not (ids := tokenizer.encode(c)) or unk in ids))
-
-
-def sample_logits(logits_V: jax.Array, key: jax.Array, *, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
-  """Temperature, then top-k, then nucleus (top-p) filtering; temperature 0 is greedy."""
-  if temperature == 0:
-    return jnp.argmax(logits_V)
-  logits_V = logits_V / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits_V, min(top_k, logits_V.shape[-1]))[0][-1]
-    logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
-  if top_p < 1.0:
-    sorted_V = jnp.sort(logits_V)[::-1]
-    cum_V = jnp.cumsum(jax.nn.softmax(sorted_V))
-    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    cutoff = sorted_V[jnp.minimum(jnp.sum(cum_V < top_p), logits_V.shape[-1] - 1)]
-    logits_V = jnp.where(logits_V < cutoff, -jnp.inf, logits_V)
-  return jax.random.categorical(key, logits_V)
