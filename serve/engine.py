@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.errors import ConfigError
-from model import decode, sampling
+from model import decode, kv_cache, sampling
 from serve.detokenize import Detokenizer
 from serve.pages import PageAllocator, block_hashes
 
@@ -208,10 +208,10 @@ def _sampling_params(floats_Bx4: jax.Array, top_k_B: jax.Array) -> sampling.Samp
 def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, vocab_limit: int) -> jax.Array:
   """Samples one token per row and packs [token, logprob, top ids, top logprobs] in float32
   (ids are exact in float32 below 2**24), so the host copies one array."""
-  allowed_V = jnp.arange(logits_BxV.shape[-1]) < vocab_limit  # padded rows are not tokens
-  masked_BxV = jnp.where(allowed_V, logits_BxV, -jnp.inf)
+  # Padded vocabulary rows are not tokens; log-probs are over the real ones, as in score().
+  logits_BxV = decode.mask_vocab(logits_BxV, vocab_limit)
   keys_B = sampling.request_keys(seeds_B, counts_B)
-  tokens_B = sampling.sample(masked_BxV, params, keys_B, seen_BxV)
+  tokens_B = sampling.sample(logits_BxV, params, keys_B, seen_BxV)
   lp_B, top_ids_BxN, top_lp_BxN = sampling.token_logprobs(logits_BxV, tokens_B, MAX_LOGPROBS)
   packed = jnp.concatenate([tokens_B[:, None].astype(jnp.float32), lp_B[:, None],
                             top_ids_BxN.astype(jnp.float32), top_lp_BxN], axis=1)
@@ -246,7 +246,8 @@ def _prefill_step(graphdef, params, cache, ints, floats_1x4, seen_1xV, *, vocab_
                     jnp.zeros((1,), jnp.int32), seen_1xV, vocab_limit)
   prompt = None
   if prompt_logprobs:
-    lp_C, ids_CxN, top_CxN = sampling.token_logprobs(logits_1xCxV[0], targets_C, MAX_LOGPROBS)
+    lp_C, ids_CxN, top_CxN = sampling.token_logprobs(
+        decode.mask_vocab(logits_1xCxV[0], vocab_limit), targets_C, MAX_LOGPROBS)
     prompt = jnp.concatenate([lp_C[:, None], ids_CxN.astype(jnp.float32), top_CxN], axis=1)
   return cache, packed, prompt
 
@@ -310,6 +311,10 @@ class Engine:
 
     # Device state. Host inputs go to `self._device` (one device, or replicated on the mesh).
     self._params = params
+    if mesh is None:  # parameters restored onto a mesh (train.runs) bring it along
+      sharding = getattr(jax.tree.leaves(params)[0], 'sharding', None)
+      if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+        mesh = sharding.mesh
     if mesh is None:
       self._device = jax.devices()[0]
       cache_sharding = self._device
@@ -318,8 +323,9 @@ class Engine:
       self._device = jax.sharding.NamedSharding(mesh, spec())
       heads = 'tensor' if model_cfg.n_kv_heads % mesh.shape.get('tensor', 1) == 0 else None
       cache_sharding = jax.sharding.NamedSharding(mesh, spec(None, None, None, heads, None))
-    self._cache = jax.device_put(
-        decode.init_cache(model_cfg, num_pages, page_size, cache_dtype), cache_sharding)
+    self._cache = jax.device_put(kv_cache.init_cache(
+        model_cfg.n_layers, model_cfg.n_kv_heads, model_cfg.head_dim, num_pages=num_pages,
+        page_size=page_size, dtype=cache_dtype or model_cfg.dtype), cache_sharding)
     self._seen = None   # [slots, V] bool, made when a request first uses repetition_penalty
     limit = tokenizer.vocab_size
     self._decode = jax.jit(functools.partial(_decode_step, graphdef, vocab_limit=limit),

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -40,7 +41,7 @@ def model():
 def make_engine(model, **kwargs):
   graphdef, params, cfg, tokenizer = model
   kwargs = {'max_slots': 3, 'page_size': PAGE, 'max_seq_len': 64, 'prefill_chunk': CHUNK,
-            **kwargs}
+            'num_pages': 40, **kwargs}
   return engine_lib.Engine(graphdef, params, cfg, tokenizer, **kwargs)
 
 
@@ -63,14 +64,16 @@ def run(engine, steps_between=None, requests=()):
   return [s.poll() for s in streams]
 
 
-def greedy_oracle(model, prompt, n):
-  """Greedy continuation by recomputing the whole sequence for every token."""
+def greedy_oracle(model, prompt, n, length=64):
+  """Greedy continuation by recomputing the whole sequence (padded to `length`; causal
+  attention keeps the padding out of earlier positions) for every token."""
   graphdef, params, _, tokenizer = model
-  net = nnx.merge(graphdef, params)
+  logits_fn = jax.jit(lambda params, tokens_1xL: nnx.merge(graphdef, params)(tokens_1xL)[0])
   ids = list(prompt)
   for _ in range(n):
-    logits_V = np.asarray(net(jnp.asarray([ids]))[0, -1])
-    ids.append(int(np.argmax(logits_V[:tokenizer.vocab_size])))
+    with jax.transfer_guard('allow'):
+      logits_LxV = np.asarray(logits_fn(params, jnp.asarray([ids + [0] * (length - len(ids))])))
+    ids.append(int(np.argmax(logits_LxV[len(ids) - 1, :tokenizer.vocab_size])))
   return ids[len(prompt):]
 
 
@@ -172,18 +175,18 @@ def test_pages_in_use_track_tokens_in_flight(model):
     assert engine.stats()['pages_in_use'] == math.ceil((CHUNK + 5 + 1) / PAGE)
 
 
-def test_requests_wait_when_pages_run_out(model):
-  # Room for one request's worst case (9 + 8 - 1 = 16 positions = 4 pages) at a time.
-  engine = make_engine(model, num_pages=5)
-  requests = [engine_lib.Request(prompt_of(9, 30 + i), max_tokens=8, temperature=0.0)
-              for i in range(2)]
+def test_requests_wait_when_pages_run_out(engine):
+  # Each needs 40 + 24 - 1 = 63 positions, 16 of the 40 pages: the third waits.
+  requests = [engine_lib.Request(prompt_of(40, 30 + i), max_tokens=24, temperature=0.0)
+              for i in range(3)]
   with jax.transfer_guard('disallow'):
     streams = [engine.submit(r) for r in requests]
-    engine.step()
-    assert engine.stats()['running'] == 1 and engine.stats()['waiting'] == 1
+    for _ in range(6):
+      engine.step()
+    assert engine.stats()['running'] == 2 and engine.stats()['waiting'] == 1
     while not engine.idle:
       engine.step()
-  assert [len(s.poll()) for s in streams] == [8, 8]
+  assert [len(s.poll()) for s in streams] == [24, 24, 24]
 
 
 def test_cancel_frees_slot_and_pages(engine):
@@ -232,7 +235,7 @@ def test_stop_ids_and_stop_strings(engine, alone):
 
 
 def test_logprobs_equal_score(model, engine):
-  graphdef, params, _, _ = model
+  graphdef, params, _, tokenizer = model
   prompt = prompt_of(CHUNK + 5, 60)  # prompt log-probs from two chunks
   scoring, generating = run(engine, requests=[
       engine_lib.Request(prompt, max_tokens=0, prompt_logprobs=3),
@@ -242,7 +245,8 @@ def test_logprobs_equal_score(model, engine):
   full = prompt + tuple(tokens(generating))
   with jax.transfer_guard('allow'):
     expected = np.asarray(decode.score(graphdef, params, jnp.asarray([full]),
-                                       jnp.asarray([len(full)])))[0]
+                                       jnp.asarray([len(full)]),
+                                       vocab_limit=tokenizer.vocab_size)[0])[0]
   entries = scoring[0].prompt_logprobs
   assert entries[0] is None and len(entries) == len(prompt)
   np.testing.assert_allclose([lp for lp, _ in entries[1:]], expected[1:len(prompt)], atol=1e-4)
@@ -316,3 +320,18 @@ def test_stream_ends_on_engine_error(model):
   engine._thread.join()
   with pytest.raises(engine_lib.EngineError):
     engine.submit(engine_lib.Request(prompt_of(3, 70), max_tokens=2))
+
+
+def test_sharded_parameters_give_the_same_tokens(model, alone):
+  """Parameters sharded as in training (heads over tensor, embed over fsdp) and the cache's
+  KV heads over tensor: the engine finds the mesh on the parameters."""
+  from train import mesh as mesh_lib
+  graphdef, params, cfg, tokenizer = model
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(nnx.merge(graphdef, params))))
+  shardings = mesh_lib.shardings(params, specs, mesh, tfm.LOGICAL_AXIS_RULES)
+  sharded = jax.device_put(params, shardings)
+  engine = make_engine((graphdef, sharded, cfg, tokenizer))
+  assert engine._cache.k.sharding.spec[3] == 'tensor'
+  got = run(engine, requests=REQUESTS[:4])
+  assert [tokens(e) for e in got] == [tokens(e) for e in alone[:4]]
