@@ -60,8 +60,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
   err = exc.errors()[0]
   loc = [str(x) for x in err.get('loc', ()) if x != 'body']
   if err.get('type') == 'json_invalid':
-    return f'The request body is not valid JSON: {err.get("ctx", {}).get("error", "")}'.strip(
-        ': '), None
+    detail = err.get('ctx', {}).get('error')
+    return 'The request body is not valid JSON' + (f': {detail}.' if detail else '.'), None
   # Union members add their type to the location ('prompt.list[int].0'): name the field.
   field = loc[0] if loc else None
   got = repr(err.get('input'))[:80]
@@ -120,14 +120,15 @@ class _Served:
       raise APIError(f'{param} has the token id {bad}, outside the vocabulary '
                      f'[0, {self.vocab_size}).', param=param)
 
-  def budget(self, n_prompt: int, max_tokens: int | None, param: str) -> int:
-    """The new-token count, checked against the context limit."""
+  def budget(self, n_prompt: int, max_tokens: int | None, param: str, prompt_param: str) -> int:
+    """The new-token count (None: the rest of the context), checked against the context
+    limit; `param` and `prompt_param` name the fields an error blames."""
     limit = self.max_seq_len
     if max_tokens is None:
       max_tokens = limit - n_prompt
       if max_tokens <= 0:
         raise APIError(f"This model's maximum context length is {limit} tokens, and the "
-                       f'prompt has {n_prompt}; shorten it.', param='messages',
+                       f'prompt has {n_prompt}; shorten it.', param=prompt_param,
                        code='context_length_exceeded')
     if n_prompt + max_tokens > limit:
       raise APIError(f"This model's maximum context length is {limit} tokens. However, you "
@@ -340,7 +341,9 @@ class _LogprobBuilder:
     return lp
 
 
-async def completions(served: _Served, req: P.CompletionRequest, arrived: float):
+def _completion_requests(served: _Served, req: P.CompletionRequest):
+  """The checked request as (prompts as (ids, text or None), engine requests); choice i
+  answers prompt i // n, as OpenAI orders them."""
   served.check_model(req.model)
   if req.suffix:
     raise APIError('suffix is not supported.', param='suffix')
@@ -357,17 +360,21 @@ async def completions(served: _Served, req: P.CompletionRequest, arrived: float)
   prompts = _completion_prompts(served, req.prompt)
   requests = []
   for ids, _ in prompts:
-    max_tokens = served.budget(len(ids), req.max_tokens, 'max_tokens')
+    max_tokens = served.budget(len(ids), req.max_tokens, 'max_tokens', 'prompt')
     for j in range(req.n):
       requests.append(engine_lib.Request(
           prompt_ids=tuple(ids), max_tokens=max_tokens, **sampling,
           seed=_seed(req.seed, j), logprobs=req.logprobs,
           prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None))
+  return prompts, requests
+
+
+async def completions(served: _Served, req: P.CompletionRequest, arrived: float):
+  prompts, requests = _completion_requests(served, req)
   served.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
   streams = served.submit(requests)
   rid, created = P.new_id('cmpl'), P.now()
   prompt_tokens = sum(len(ids) for ids, _ in prompts)
-  # Choice i answers prompt i // n, as OpenAI orders them.
   prompt_text = [text if text is not None else served.tokenizer.decode(ids)
                  for ids, text in prompts]
   # text_offset indexes the choice's text (which starts with the prompt under echo).
@@ -478,7 +485,7 @@ async def chat_completions(served: _Served, req: P.ChatCompletionRequest, arrive
   text = served.render_chat(req.messages, req.add_generation_prompt)
   ids = served.encode(text, add_bos=False)  # the template writes its own special tokens
   served.check_ids(ids, 'messages')
-  max_tokens = served.budget(len(ids), max_tokens, param)
+  max_tokens = served.budget(len(ids), max_tokens, param, 'messages')
   top_n = req.top_logprobs or 0
   requests = [engine_lib.Request(prompt_ids=tuple(ids), max_tokens=max_tokens, **sampling,
                                  seed=_seed(req.seed, j),

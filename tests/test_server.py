@@ -260,6 +260,8 @@ BAD = [  # (endpoint, body, status, param, code)
     ('chat/completions', {'messages': _CHAT, 'max_tokens': 0}, 400, 'max_tokens', None),
     ('chat/completions', {'messages': _CHAT, 'model': 'nope'}, 404, 'model', 'model_not_found'),
     ('chat/completions', {'messages': _CHAT, 'top_p': 0.0}, 400, 'top_p', None),
+    ('chat/completions', {'messages': [{'role': 'user', 'content': 'x' * MAX_SEQ_LEN}]}, 400,
+     'messages', 'context_length_exceeded'),
 ]
 
 
