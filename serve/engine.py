@@ -205,13 +205,23 @@ def _sampling_params(floats_Bx4: jax.Array, top_k_B: jax.Array) -> sampling.Samp
       min_p=floats_Bx4[:, 2], repetition_penalty=floats_Bx4[:, 3])
 
 
-def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, vocab_limit: int) -> jax.Array:
+def _pick(logits_BxV, params, seeds_B, counts_B, seen_BxV, active_B, vocab_limit: int):
   """Samples one token per row and packs [token, logprob, top ids, top logprobs] in float32
-  (ids are exact in float32 below 2**24), so the host copies one array."""
+  (ids are exact in float32 below 2**24), so the host copies one array.
+
+  When every active row is greedy and none has a repetition penalty, the token is the
+  argmax, which is what `sampling.sample` returns then; the branch skips its full-vocabulary
+  sort, which costs more than the whole model step on CPU."""
   # Padded vocabulary rows are not tokens; log-probs are over the real ones, as in score().
   logits_BxV = decode.mask_vocab(logits_BxV, vocab_limit)
   keys_B = sampling.request_keys(seeds_B, counts_B)
-  tokens_B = sampling.sample(logits_BxV, params, keys_B, seen_BxV)
+  sample = lambda: sampling.sample(logits_BxV, params, keys_B, seen_BxV)  # noqa: E731
+  if seen_BxV is None:
+    greedy = jnp.all((params.temperature <= 0) | ~active_B)
+    tokens_B = jax.lax.cond(
+        greedy, lambda: jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32), sample)
+  else:
+    tokens_B = sample()
   lp_B, top_ids_BxN, top_lp_BxN = sampling.token_logprobs(logits_BxV, tokens_B, MAX_LOGPROBS)
   packed = jnp.concatenate([tokens_B[:, None].astype(jnp.float32), lp_B[:, None],
                             top_ids_BxN.astype(jnp.float32), top_lp_BxN], axis=1)
@@ -226,7 +236,7 @@ def _decode_step(graphdef, params, cache, ints_SxC, floats_Sx4, seen_SxV, *, voc
                                        cache, ints_SxC[:, _INT_COLS:])
   params_S = _sampling_params(floats_Sx4, ints_SxC[:, 4])
   next_S, packed = _pick(logits_Sx1xV[:, 0], params_S, ints_SxC[:, 2], ints_SxC[:, 3], seen_SxV,
-                         vocab_limit)
+                         positions_S >= 0, vocab_limit)
   if seen_SxV is not None:
     seen_SxV = seen_SxV.at[jnp.arange(next_S.shape[0]), next_S].set(True)
   return cache, packed, seen_SxV
@@ -243,7 +253,7 @@ def _prefill_step(graphdef, params, cache, ints, floats_1x4, seen_1xV, *, vocab_
                                        ints[None, 3 * chunk + 3:])
   logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xCxV[0], last, keepdims=True)
   _, packed = _pick(logits_1xV, _sampling_params(floats_1x4, top_k[None]), seed[None],
-                    jnp.zeros((1,), jnp.int32), seen_1xV, vocab_limit)
+                    jnp.zeros((1,), jnp.int32), seen_1xV, jnp.ones((1,), bool), vocab_limit)
   prompt = None
   if prompt_logprobs:
     lp_C, ids_CxN, top_CxN = sampling.token_logprobs(

@@ -335,3 +335,10 @@ def test_sharded_parameters_give_the_same_tokens(model, alone):
   assert engine._cache.k.sharding.spec[3] == 'tensor'
   got = run(engine, requests=REQUESTS[:4])
   assert [tokens(e) for e in got] == [tokens(e) for e in alone[:4]]
+
+
+def test_load_engine_refuses_what_it_cannot_serve(tmp_path):
+  with pytest.raises(ConfigError, match="quant='int3'"):
+    engine_lib.load_engine(str(tmp_path), quant='int3')
+  with pytest.raises(ConfigError, match='config.json does not exist'):
+    engine_lib.load_engine(str(tmp_path))

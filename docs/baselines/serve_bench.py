@@ -73,17 +73,22 @@ def summary(name, c, tokens, wall, ttft, itl) -> dict:
           'itl_p50_ms': 1e3 * np.percentile(itl, 50), 'itl_p99_ms': 1e3 * np.percentile(itl, 99)}
 
 
-def run_kiln(engine, clients: list[list[tuple[list[int], int]]]) -> tuple[float, list, list]:
+def run_kiln(engine, clients: list[list[tuple[list[int], int]]], out: dict | None = None
+             ) -> tuple[float, list, list]:
+  """Wall time, TTFT and inter-token samples; `out` gets each prompt's tokens."""
   ttft, itl, lock = [], [], threading.Lock()
 
   def client(requests):
     for prompt, n in requests:
       t0 = time.perf_counter()
       stream = engine.submit(engine_lib.Request(tuple(prompt), max_tokens=n, temperature=0.0))
-      times = [time.perf_counter() for _ in stream]
+      events = [(time.perf_counter(), event.token_id) for event in stream]
+      times = [t for t, _ in events]
       with lock:
         ttft.append(times[0] - t0)
         itl.extend(np.diff(times))
+        if out is not None:
+          out[tuple(prompt)] = [token for _, token in events]
 
   threads = [threading.Thread(target=client, args=(r,)) for r in clients]
   start = time.perf_counter()
@@ -107,7 +112,9 @@ class _StepTimes(transformers.generation.streamers.BaseStreamer):
     pass
 
 
-def run_hf(model, batches: list[list[tuple[list[int], int]]]) -> tuple[float, list, list]:
+def run_hf(model, batches: list[list[tuple[list[int], int]]], out: dict | None = None
+           ) -> tuple[float, list, list]:
+  """As run_kiln, for padded batches through `generate`."""
   ttft, itl = [], []
   start = time.perf_counter()
   for batch in batches:
@@ -120,10 +127,13 @@ def run_hf(model, batches: list[list[tuple[list[int], int]]]) -> tuple[float, li
     steps, t0 = _StepTimes(), time.perf_counter()
     new = max(n for _, n in batch)
     with torch.no_grad():
-      model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                     do_sample=False, pad_token_id=0, streamer=steps)
+      generated = model.generate(
+          input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+          do_sample=False, pad_token_id=0, streamer=steps)[:, longest:]
     times = steps.times[1:]
-    for _, n in batch:
+    for i, (prompt, n) in enumerate(batch):
+      if out is not None:
+        out[tuple(prompt)] = generated[i, :n].tolist()
       ttft.append(times[0] - t0)
       itl.extend(np.diff(times[:n]))
   return time.perf_counter() - start, ttft, itl
@@ -138,7 +148,8 @@ def main():
   args = parser.parse_args()
   root = pathlib.Path(tempfile.mkdtemp(prefix='kiln-serve-bench-'))
   hf_dir, workdir, ids = make_model(root)
-  engine, _ = engine_lib.load_engine(str(workdir), max_slots=32, page_size=16,
+  # Pages for 32 requests of the longest prompt and output (256 + 128 tokens).
+  engine, _ = engine_lib.load_engine(str(workdir), max_slots=32, page_size=16, num_pages=768,
                                      prefill_chunk=256, max_seq_len=MAX_LEN)
   engine.start()
   hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
@@ -155,12 +166,19 @@ def main():
     total = max(args.min_requests, c * args.requests_per_client)
     requests = workload(ids, total, seed=c)
     clients = [requests[i::c] for i in range(c)]
-    rows.append(summary('kiln', c, sum(n for _, n in requests), *run_kiln(engine, clients)))
+    kiln_tokens, hf_tokens = {}, {}
+    rows.append(summary('kiln', c, sum(n for _, n in requests),
+                        *run_kiln(engine, clients, kiln_tokens)))
     print(rows[-1], flush=True)
     if not args.skip_hf:
       batches = [requests[i:i + c] for i in range(0, total, c)]
-      rows.append(summary('transformers', c, sum(n for _, n in requests), *run_hf(hf, batches)))
+      rows.append(summary('transformers', c, sum(n for _, n in requests),
+                          *run_hf(hf, batches, hf_tokens)))
       print(rows[-1], flush=True)
+      # Greedy on the same weights: the same tokens (up to float ties on a random model).
+      same = sum(kiln_tokens[k] == hf_tokens[k] for k in kiln_tokens)
+      print(f'concurrency {c}: {same} of {len(kiln_tokens)} requests give transformers\' '
+            'tokens exactly', flush=True)
   engine.shutdown()
 
   print('\n| concurrent | engine | requests tokens | wall s | tokens/s | TTFT p50 ms '
