@@ -17,17 +17,18 @@
 
 Every error is a 4xx or 5xx in OpenAI's shape `{"error": {"message", "type", "param",
 "code"}}`; a full engine queue is a 429. A streaming client that disconnects cancels its
-requests, which frees their slots.
+requests, which frees their slots; so does one that leaves before a
+non-streaming answer is complete.
 """
 
 import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -267,6 +268,24 @@ async def _merged(served: _Served, streams: list, arrived: float) -> AsyncIterat
   finally:
     for t in tasks:  # each pump's events() cancels its stream if it had not finished
       t.cancel()
+
+
+async def _unless_disconnected(http: Request, work: Coroutine):
+  """Awaits `work` (a whole non-streaming answer) while the client is still connected; a
+  client that leaves cancels it, which cancels its requests and frees their slots."""
+  task = asyncio.ensure_future(work)
+  try:
+    while True:
+      done, _ = await asyncio.wait({task}, timeout=0.1)
+      if done:
+        return task.result()
+      if await http.is_disconnected():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+          await task
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+  finally:
+    task.cancel()
 
 
 def _seed(seed: int | None, choice: int) -> int | None:
@@ -638,12 +657,12 @@ def create_app(engine, tokenizer, *, model_name: str, chat_template=None, max_n:
     return model_card()
 
   @app.post('/v1/completions')
-  async def completions_endpoint(req: P.CompletionRequest):
-    return await completions(served, req, time.perf_counter())
+  async def completions_endpoint(req: P.CompletionRequest, http: Request):
+    return await _unless_disconnected(http, completions(served, req, time.perf_counter()))
 
   @app.post('/v1/chat/completions')
-  async def chat_endpoint(req: P.ChatCompletionRequest):
-    return await chat_completions(served, req, time.perf_counter())
+  async def chat_endpoint(req: P.ChatCompletionRequest, http: Request):
+    return await _unless_disconnected(http, chat_completions(served, req, time.perf_counter()))
 
   @app.post('/tokenize')
   async def tokenize(req: P.TokenizeRequest):

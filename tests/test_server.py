@@ -325,6 +325,30 @@ def test_a_client_that_disconnects_frees_its_slot(served):
   assert engine.stats()['tokens_generated'] - before < MAX_SEQ_LEN // 2
 
 
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(served):
+  """Long streams hold both slots, so a non-streaming request waits; its client gives up,
+  and the server cancels the request (the engine counts it) instead of running it."""
+  engine = served['engine']
+  _wait_idle(engine)
+  cancelled = engine.stats()['requests_cancelled']
+  with httpx.Client(base_url=served['url'], timeout=60) as http:
+    streams = [http.stream('POST', '/v1/completions', json=_LONG) for _ in range(SLOTS)]
+    try:
+      for s in streams:
+        s.__enter__()
+      with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served['url'] + '/v1/completions', json={**_LONG, 'stream': False},
+                   timeout=0.05)
+      deadline = time.time() + 30
+      while engine.stats()['requests_cancelled'] == cancelled:
+        assert time.time() < deadline, engine.stats()
+        time.sleep(0.01)
+    finally:
+      for s in streams:
+        s.__exit__(None, None, None)
+  _wait_idle(engine)
+
+
 def test_graceful_shutdown_finishes_requests_in_flight(served):
   """What SIGTERM does to uvicorn (its exit handler): no new connections, but the response
   in flight streams to its end before the server stops."""
