@@ -1,2 +1,3 @@
-"""Serving: the inference engine (slots, paged KV cache, continuous batching) and the
-OpenAI-compatible server. It sits beside `train/`, above `model/`."""
+"""Serving: the inference engine (serve/engine.py: slots, paged KV cache, continuous
+batching) and the OpenAI-compatible server (serve/server.py), started with
+`python -m serve --workdir=DIR`. It sits beside `train/`, above `model/`."""
