@@ -203,3 +203,16 @@ def test_reference_from_a_run_and_precomputed_agree_at_ln2(rules_run, tmp_path):
   assert model['train/logps/chosen'] < -1.0  # a real log-prob, not a zero
   assert abs(model['train/rewards/margins']) > 1e-4  # the policy moved from the reference
   assert list((tmp_path / 'precomputed' / 'reference_logps').glob('*.npy'))
+
+
+def test_lora_base_reference_starts_at_ln2(tmp_path):
+  """LoRA DPO whose reference is the policy with its adapters off: ln 2 at the first step
+  (B = 0), then a policy that moved away from it; a frozen-model reference with adapters is
+  refused (it would look for adapters in a run that has none)."""
+  cfg = config(**{'model.lora.rank': 4, 'dpo.reference': 'lora_base', 'steps': 3,
+                  'optimizer.warmup_steps': 0, 'eval_every': 0})
+  result = trainer.train_and_evaluate(cfg, str(tmp_path / 'lora'))
+  np.testing.assert_allclose(result.losses[1], math.log(2.0), rtol=1e-6)
+  assert abs(result.train['train/rewards/margins']) > 1e-5
+  with pytest.raises(ConfigError, match="use dpo.reference='lora_base'"):
+    tasks.get_task(config(**{'model.lora.rank': 4, 'dpo.reference': 'model'}))

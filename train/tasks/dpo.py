@@ -39,7 +39,7 @@ from etils import epath
 
 from data import chat, preference_data, storage
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import run_params, scoring
+from model import lora, run_params, scoring
 from train import mesh as mesh_lib
 from train import tasks
 from train.tasks import kit, lm
@@ -89,10 +89,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'jsonl':
     require(bool(config.data.path), "data.source='jsonl' needs data.path: a file or glob of "
             'preference jsonl ({"prompt": ..., "chosen": ..., "rejected": ...} per line).')
+  rank = config.model.get('lora', {}).get('rank', 0)
   if config.dpo.reference == 'lora_base':
-    rank = config.model.get('lora', {}).get('rank', 0)
     require(rank > 0, "dpo.reference='lora_base' needs LoRA adapters: set model.lora.rank > 0 "
             f'(it is {rank}).')
+  else:  # a second model with the policy's adapters would read them from a run without any
+    require(rank == 0, f"dpo.reference={config.dpo.reference!r} with LoRA adapters "
+            f"(model.lora.rank={rank}): use dpo.reference='lora_base', the base model the "
+            'adapters start from (B = 0), which needs no second copy of the weights.')
   if config.model.get('position') == 'learned' and config.data.seq_len > config.model.get(
       'max_positions', 0):
     raise ConfigError(f'data.seq_len={config.data.seq_len} exceeds model.max_positions='
@@ -210,7 +214,6 @@ class DPOTask(lm.LMTask):
     elif reference == 'precomputed':
       logps_Bx2 = frozen['ref_logps'][batch['index']]
     else:
-      from model import lora  # the LoRA branch's module (issue 15, section 3)
       logps_Bx2, _ = self._pair_logps(lora.disabled(params), batch)
     return jax.lax.stop_gradient(logps_Bx2)
 
