@@ -716,20 +716,35 @@ class Engine:
       seq.stream._put(item)
 
 
+QUANT_MODES = ('none', 'int8', 'int4')
+
+
 def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
   """(Engine, tokenizer) for a Kiln LM run or an HF import (`train.convert import`), from its
-  newest checkpoint. max_seq_len defaults to the run's `data.seq_len`."""
+  newest checkpoint. max_seq_len defaults to the run's `data.seq_len`.
+
+  The engine serves the run's inference model (`task.inference_params`: a LoRA run's
+  adapters merged into its weights). `quant` 'int8' (per output channel) or 'int4'
+  (groups of 128 along the contraction axis) stores its projection weights quantized,
+  converted here at load (model/quant.py); activations, embeddings and the KV cache stay in
+  the model's dtypes.
+  """
   from train import runs  # serve sits above train: loading a run is train's business
   from train.tasks import get_task
-  if quant != 'none':
-    raise ConfigError(f"quant={quant!r} is not available; use 'none'.")
+  if quant not in QUANT_MODES:
+    raise ConfigError(f'quant={quant!r} is not available; choose one of '
+                      f'{", ".join(QUANT_MODES)}.')
   config = runs.load_run_config(workdir)
   if config.get('task', 'lm') != 'lm':
     raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task = get_task(config)
   task.setup_inference(workdir)
+  if quant != 'none':
+    task.set_inference_quant(quant)  # checked on shapes, before the checkpoint is read
   state, _ = runs.restore_latest(task, config, workdir)
+  params = task.inference_params(state)
+  del state  # the float weights go once converted
   engine_kwargs.setdefault('max_seq_len', int(config.data.seq_len))
-  engine = Engine(task.graphdef, task.inference_params(state), task.model_cfg, task.tokenizer,
+  engine = Engine(task.inference_graphdef, params, task.inference_model_cfg, task.tokenizer,
                   **engine_kwargs)
   return engine, task.tokenizer

@@ -38,7 +38,8 @@ def run_sample(*args):
 
 def flags(**overrides):
   values = dict(num_samples=1, scale=1, max_new_tokens=None, temperature=None, top_k=None,
-                top_p=None, min_p=None, prompt=None, out=None, overwrite=False)
+                top_p=None, min_p=None, prompt=None, out=None, overwrite=False,
+                quant='none')
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
@@ -57,6 +58,7 @@ IMAGE_CONFIG = {'task': 'diffusion', 'sample': {'grid_rows': 4}}
     ({'top_k': -2}, LM_CONFIG, r'--top_k=-2 must be >= 0'),
     ({'min_p': 1.0}, LM_CONFIG, r'--min_p=1.0 must be in \[0, 1\)'),
     ({'prompt': 'a'}, IMAGE_CONFIG, r"--prompt does not apply to this run: its task"),
+    ({'quant': 'int3'}, LM_CONFIG, r"--quant='int3' is not allowed; choose one of none, int8"),
 ])
 def test_bad_flags_are_named(overrides, config, message):
   import ml_collections
@@ -94,6 +96,9 @@ def test_command_line_errors_are_one_line(lm_run, tmp_path):
   unknown = run_sample(f'--workdir={lm_run}', '--prompt=déf')
   assert unknown.returncode == 2, unknown.stderr[-2000:]
   assert "cannot encode: 'é' (U+00E9)" in unknown.stderr and 'Traceback' not in unknown.stderr
-  ok = run_sample(f'--workdir={lm_run}', '--prompt=def', '--num_samples=2', '--max_new_tokens=3')
+  # --quant=int8 samples the model quantized at load (tests/test_quant_serving.py checks
+  # what it computes).
+  ok = run_sample(f'--workdir={lm_run}', '--prompt=def', '--num_samples=2', '--max_new_tokens=3',
+                  '--quant=int8')
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert ok.stdout.count('--- sample ') == 2

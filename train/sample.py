@@ -3,6 +3,7 @@
   python -m train.sample --workdir=DIR --prompt='def' [--temperature=0.8 --top_k=40 --top_p=0.95
                                                       --min_p=0.05]
   python -m train.sample --workdir=DIR --out=grid.png [--scale=4]
+  python -m train.sample --workdir=DIR --prompt='def' --quant=int8   # or int4, nf4
 
 The run's resolved config (DIR/config.json) rebuilds the task, and the task's
 `samples(state, seed)` makes them, from `task.inference_params(state)` (an EMA
@@ -10,7 +11,9 @@ where the task keeps one). What happens to a sample depends on what it is:
 text is printed, an image grid is written as a PNG at --out (a task with
 several grids writes one PNG per tag, `<out stem>_<tag><ext>`). The text flags
 (--prompt, --temperature, ...) set the run's `sample.*` keys, for tasks that
-have them. Every flag is checked before the model is restored.
+have them. --quant samples a language model with its projection weights quantized at
+load (model/quant.py; the same conversion as `python -m serve --quant`). Every flag is
+checked before the model is restored.
 """
 
 import os
@@ -22,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from data.errors import ConfigError, exit_on_user_error
+from model import quant
 from train import mesh as mesh_lib
 from train.runs import load_run_config, restore_latest
 from train.tasks import get_task
@@ -77,6 +81,9 @@ def check_flags(f, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'--top_p={f.top_p} must be in (0, 1] (1 disables nucleus sampling).')
   if f.min_p is not None and not 0.0 <= f.min_p < 1.0:
     raise ConfigError(f'--min_p={f.min_p} must be in [0, 1) (0 disables min-p filtering).')
+  if f.quant not in quant.MODES:
+    raise ConfigError(f'--quant={f.quant!r} is not allowed; choose one of '
+                      f'{", ".join(quant.MODES)}.')
   given = [name for name in _TEXT_FLAGS if getattr(f, name) is not None]
   missing = [name for name in given if name not in config.get('sample', {})]
   if missing:
@@ -117,6 +124,11 @@ def _sample() -> None:
         config.sample[name] = getattr(f, name)
   task = get_task(config)
   task.setup_inference(f.workdir)
+  if f.quant != 'none':
+    if not hasattr(task, 'set_inference_quant'):
+      raise ConfigError(f'--quant does not apply to this run: its task ({config.task!r}) '
+                        'has no quantized inference.')
+    task.set_inference_quant(f.quant)
   state, step = restore_latest(task, config, f.workdir)
   with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
     for i in range(f.num_samples):
@@ -152,6 +164,8 @@ def _define_flags() -> None:
                       'grids get a suffix).')
   flags.DEFINE_integer('scale', 1, 'Image samples: each pixel becomes a scale x scale block.')
   flags.DEFINE_boolean('overwrite', False, 'Replace an existing --out file.')
+  flags.DEFINE_string('quant', 'none', 'Language models: sample with the projection weights '
+                      'quantized at load: none, int8, int4 or nf4.')
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Decoder-only language modelling: next-token cross-entropy on packed windows."""
 
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator, Mapping
@@ -126,10 +127,7 @@ class LMTask(tasks.Task):
         lambda: self._new_model(jax.random.key(0)), nnx.Param, what='The transformer')
     # Tools sample, serve and export the model without adapters and with float weights:
     # `inference_params` merges them in (model/lora.py).
-    self.inference_model_cfg = self.model_cfg.base()
-    self.inference_graphdef = self.graphdef
-    if self.inference_model_cfg != self.model_cfg:
-      self.inference_graphdef = transformer.graphdef(self.inference_model_cfg)
+    self._set_inference_cfg(self.model_cfg.base())
     self.opt = optim.make_optimizer(self._optimizer_config(), self.config.steps,
                                     self.config.max_nonfinite_steps, self._param_specs)
 
@@ -312,19 +310,42 @@ class LMTask(tasks.Task):
 
   # --- what tools read -------------------------------------------------------
 
+  def _set_inference_cfg(self, cfg: transformer.TransformerConfig) -> None:
+    graphdef = self.graphdef if cfg == self.model_cfg else transformer.graphdef(cfg)
+    self.inference_model_cfg, self.inference_graphdef = cfg, graphdef
+
+  def set_inference_quant(self, mode: str, group: int = 0) -> None:
+    """Tools from here on sample and serve the inference model with its projections
+    quantized at load (weight-only, model/quant.py: 'int8' per channel, 'int4' or 'nf4'
+    group-wise along the contraction axis, `group` 0 for the default): `inference_model_cfg`,
+    `inference_graphdef` and `inference_params` change together. 'none' is the float model.
+    A group that does not split a projection's contraction axis is a ConfigError. Call it
+    before the first `generate`: the compiled sampler keeps the graph it was traced with."""
+    cfg = dataclasses.replace(self.model_cfg.base(), quant=mode, quant_group=group)
+    try:  # the graph is built from shapes alone; building it checks the mode and the group
+      self._set_inference_cfg(cfg)
+    except ValueError as e:
+      raise ConfigError(f'Cannot quantize this model to {mode!r}: {e}') from None
+    self._generate_fn.cache_clear()
+
   def inference_params(self, state):
     """The parameters of `inference_model_cfg` (apply with `inference_graphdef`): `params`
     itself, or with LoRA its adapters merged into float weights (a quantized base
-    dequantized), in `param_dtype`."""
+    dequantized), in `param_dtype`; then quantized when `set_inference_quant` asked."""
     if self.inference_model_cfg == self.model_cfg:
       return state.params
-    return self._merge_fn()(state.params)
+    return self._inference_fn(self.inference_model_cfg)(state.params)
 
-  @functools.cache  # noqa: B019  (one compiled merge per task)
-  def _merge_fn(self):
+  @functools.cache  # noqa: B019  (one compiled conversion per task and inference model)
+  def _inference_fn(self, inference_cfg: transformer.TransformerConfig):
     cfg = self.model_cfg
-    return jax.jit(functools.partial(lora.merge_params, scale=cfg.lora_scale,
-                                     scheme=cfg.quant_scheme, dtype=cfg.param_dtype))
+
+    def convert(params):
+      if cfg != cfg.base():  # adapters or a quantized base: merged into float weights
+        params = lora.merge_params(params, scale=cfg.lora_scale, scheme=cfg.quant_scheme,
+                                   dtype=cfg.param_dtype)
+      return quant.quantize_params(params, inference_cfg.quant_scheme)
+    return jax.jit(convert)
 
   # --- sampling --------------------------------------------------------------
 
