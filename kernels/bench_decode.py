@@ -19,7 +19,7 @@ generations of a llama_1b-shaped model.
     update in place, so it also copies the cache) are timed on their own; tokens/s counts
     the generated tokens of the whole generation, prefill included.
 
-Results go to stdout and, under "## Decoding" in docs/benchmarks.md, to a subsection
+Results go to stdout and, under "## Decoding on accelerators" in docs/benchmarks.md, to a subsection
 named for the device. On CPU the kernel runs interpreted: those numbers only check that
 the bench runs.
 """
@@ -39,7 +39,7 @@ from configs import lm as lm_config
 from kernels import bench, paged_attention
 from model import decode, kv_cache, sampling, transformer
 
-SECTION = '## Decoding'
+SECTION = '## Decoding on accelerators'
 IMPLS = ('pallas', 'xla')
 # Smoke sizes: every code path at a size that runs interpreted on CPU in seconds.
 SMOKE = dict(batches=[1, 2], contexts=[64, 128], heads=4, kv_heads=2, head_dim=16,
