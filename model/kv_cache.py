@@ -113,15 +113,14 @@ def _slots(positions_BxT: jax.Array, num_pages: int, page_size: int,
 
 def _rows(pages_NxKxGxSxD: jax.Array, layer: jax.Array, batch: int,
           page_table_BxP: jax.Array | None) -> jax.Array:
-  """Each row's keys (or values) of layer `layer` in position order: [B, P * S, K, Dh].
-  With a page table this gathers only the rows' pages, never the whole layer."""
+  """Each row's keys (or values) of layer `layer` in position order, heads first:
+  [K, B, P * S, Dh]. With a page table this gathers only the rows' pages, never the whole
+  layer; the cache's own head-major order needs no transpose."""
   _, k, _, _, d = pages_NxKxGxSxD.shape
-  if page_table_BxP is None:
-    pages_KxGxSxD = jax.lax.dynamic_index_in_dim(pages_NxKxGxSxD, layer, keepdims=False)
-    return pages_KxGxSxD.reshape(k, batch, -1, d).transpose(1, 2, 0, 3)
-  # A scalar and an array index apart: the indexed dims come first, [B, P, K, S, Dh].
-  rows_BxPxKxSxD = pages_NxKxGxSxD[layer, :, page_table_BxP]
-  return rows_BxPxKxSxD.transpose(0, 1, 3, 2, 4).reshape(batch, -1, k, d)
+  pages_KxGxSxD = jax.lax.dynamic_index_in_dim(pages_NxKxGxSxD, layer, keepdims=False)
+  if page_table_BxP is not None:
+    pages_KxGxSxD = jnp.take(pages_KxGxSxD, page_table_BxP, axis=1)  # [K, B, P, S, Dh]
+  return pages_KxGxSxD.reshape(k, batch, -1, d)
 
 
 def write(k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, positions_BxT: jax.Array,
@@ -196,14 +195,31 @@ def gather_attend(q_BxTxHxD: jax.Array, k_pages_KxGxSxD: jax.Array,
 
 def _gather_attend(q_BxTxHxD, k_pages_NxKxGxSxD, v_pages_NxKxGxSxD, positions_BxT,
                    page_table_BxP, layer):
-  """gather_attend over layer `layer` of the whole cache."""
-  b = q_BxTxHxD.shape[0]
-  keys_BxLxKxD = _rows(k_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
-  values_BxLxKxD = _rows(v_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(
+  """gather_attend over layer `layer` of the whole cache.
+
+  The same math as attention.masked_attention, written here in the cache's head-major
+  order ([K, B, L, Dh] keys, batch dims leading): XLA:CPU then runs the two einsums on
+  the gathered pages as they are, where the [B, L, K, Dh] order cost a transpose of every
+  row's keys and values per layer (3-5x slower decode attention at 32 rows).
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  keys_KxBxLxD = _rows(k_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  values_KxBxLxD = _rows(v_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(
       q_BxTxHxD.dtype)
-  key_pos_L = jnp.arange(keys_BxLxKxD.shape[1])
+  kh = keys_KxBxLxD.shape[0]
+  q_KxBxGxTxD = q_BxTxHxD.reshape(b, t, kh, h // kh, d).transpose(2, 0, 3, 1, 4)
+  scores_KxBxGxTxL = jnp.einsum('kbgtd,kbld->kbgtl', q_KxBxGxTxD, keys_KxBxLxD,
+                                preferred_element_type=jnp.float32) * (d ** -0.5)
+  key_pos_L = jnp.arange(keys_KxBxLxD.shape[2])
   mask_BxTxL = key_pos_L[None, None, :] <= positions_BxT[:, :, None]
-  return attention_lib.masked_attention(q_BxTxHxD, keys_BxLxKxD, values_BxLxKxD, mask_BxTxL)
+  # finfo.min rather than -inf keeps rows that see nothing (padding) finite; zeroed below.
+  scores_KxBxGxTxL = jnp.where(mask_BxTxL[None, :, None], scores_KxBxGxTxL,
+                               jnp.finfo(jnp.float32).min)
+  probs_KxBxGxTxL = jax.nn.softmax(scores_KxBxGxTxL, axis=-1).astype(values_KxBxLxD.dtype)
+  out_KxBxGxTxD = jnp.einsum('kbgtl,kbld->kbgtd', probs_KxBxGxTxL, values_KxBxLxD)
+  out_BxTxHxD = out_KxBxGxTxD.transpose(1, 3, 0, 2, 4).reshape(b, t, h, d)
+  out_BxTxHxD = jnp.where((positions_BxT >= 0)[:, :, None, None], out_BxTxHxD, 0)
+  return out_BxTxHxD.astype(q_BxTxHxD.dtype)
 
 
 def _kernel_attend(q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT,
