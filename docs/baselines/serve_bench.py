@@ -156,9 +156,11 @@ def main():
   print(f'jax {__import__("jax").__version__} devices {__import__("jax").devices()}, torch '
         f'{torch.__version__} threads {torch.get_num_threads()}, cpus {os.cpu_count()}')
 
-  # Warm-up: every prefill bucket and the decode program; HF's kernels.
+  # Warm-up: every prefill bucket and the decode programs (a lone client's, then a full
+  # batch's, at every page-table width); HF's kernels.
   warm = [(ids[:n], 4) for n in (8, 24, 48, 100, 200, 256)]
   run_kiln(engine, [warm])
+  run_kiln(engine, [warm] * 32)
   run_hf(hf, [warm[:2]])
 
   rows = []
