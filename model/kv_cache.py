@@ -31,9 +31,13 @@ model's `config.model.attention`):
           kernel beats the gather path there is not measured yet (no device has been
           lent); `python -m kernels.bench_decode` measures it, and 'auto' follows the
           result once recorded in docs/benchmarks.md.
-  gather  each row's pages gathered with jnp into [B, P * S, K, Dh], then
-          attention.masked_attention: prompts and long chunks, CPU under 'auto', and
-          'xla' / 'cudnn'.
+  gather  each row's pages gathered with jnp into [K, B, P * S, Dh] (the cache's
+          head-major order), then masked attention: prompts and long chunks, CPU under
+          'auto', and 'xla' / 'cudnn'.
+
+The layer scan carries the whole cache, and each layer writes and reads its own slice
+by index (`write`, `_rows`): XLA updates the donated cache in place, so a step costs
+what it writes and reads, not the size of the pool.
 """
 
 import math
