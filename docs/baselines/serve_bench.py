@@ -4,6 +4,9 @@
   python docs/baselines/serve_bench.py                       # 1, 8 and 32 concurrent
   python docs/baselines/serve_bench.py --concurrency=32 --requests_per_client=2
 
+On a shared machine set OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin
+against JAX's threads in the same process, and transformers measured up to 10x slower.
+
 From the project root. One random Llama (d_model 256, 4 layers, 4 heads over 2 KV heads,
 vocab 4096, tied embeddings, float32) is made with transformers, saved with a SentencePiece
 tokenizer trained on the stdlib corpus, and imported into Kiln with `train.convert`, so both
