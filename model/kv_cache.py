@@ -31,9 +31,13 @@ model's `config.model.attention`):
           kernel beats the gather path there is not measured yet (no device has been
           lent); `python -m kernels.bench_decode` measures it, and 'auto' follows the
           result once recorded in docs/benchmarks.md.
-  gather  each row's pages gathered with jnp into [B, P * S, K, Dh], then
-          attention.masked_attention: prompts and long chunks, CPU under 'auto', and
-          'xla' / 'cudnn'.
+  gather  each row's pages gathered with jnp into [K, B, P * S, Dh] (the cache's
+          head-major order), then masked attention: prompts and long chunks, CPU under
+          'auto', and 'xla' / 'cudnn'.
+
+The layer scan carries the whole cache, and each layer writes and reads its own slice
+by index (`write`, `_rows`): XLA updates the donated cache in place, so a step costs
+what it writes and reads, not the size of the pool.
 """
 
 import math
@@ -111,27 +115,32 @@ def _slots(positions_BxT: jax.Array, num_pages: int, page_size: int,
   return page_BxT, positions_BxT % page_size
 
 
-def _rows(pages_KxGxSxD: jax.Array, batch: int, page_table_BxP: jax.Array | None) -> jax.Array:
-  """Each row's keys (or values) in position order: [B, P * S, K, Dh]."""
-  k, _, _, d = pages_KxGxSxD.shape
-  if page_table_BxP is None:
-    rows_KxBxLxD = pages_KxGxSxD.reshape(k, batch, -1, d)
-  else:
-    rows_KxBxLxD = pages_KxGxSxD[:, page_table_BxP].reshape(k, batch, -1, d)
-  return rows_KxBxLxD.transpose(1, 2, 0, 3)
+def _rows(pages_NxKxGxSxD: jax.Array, layer: jax.Array, batch: int,
+          page_table_BxP: jax.Array | None) -> jax.Array:
+  """Each row's keys (or values) of layer `layer` in position order, heads first:
+  [K, B, P * S, Dh]. With a page table this gathers only the rows' pages, never the whole
+  layer; the cache's own head-major order needs no transpose."""
+  _, k, _, _, d = pages_NxKxGxSxD.shape
+  pages_KxGxSxD = jax.lax.dynamic_index_in_dim(pages_NxKxGxSxD, layer, keepdims=False)
+  if page_table_BxP is not None:
+    pages_KxGxSxD = jnp.take(pages_KxGxSxD, page_table_BxP, axis=1)  # [K, B, P, S, Dh]
+  return pages_KxGxSxD.reshape(k, batch, -1, d)
 
 
 def write(k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, positions_BxT: jax.Array,
-          k_pages_KxGxSxD: jax.Array, v_pages_KxGxSxD: jax.Array,
-          page_table_BxP: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """One layer's pages with the new keys and values written at their positions."""
-  _, num_pages, page_size, _ = k_pages_KxGxSxD.shape
+          k_pages_NxKxGxSxD: jax.Array, v_pages_NxKxGxSxD: jax.Array,
+          page_table_BxP: jax.Array | None, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The whole cache with layer `layer`'s new keys and values written at their positions.
+  It takes and returns every layer so that the layer scan can carry the cache and XLA
+  updates it in place: a step then costs what it writes, not the size of the cache."""
+  _, _, num_pages, page_size, _ = k_pages_NxKxGxSxD.shape
   page_BxT, slot_BxT = _slots(positions_BxT, num_pages, page_size, page_table_BxP)
-  dtype = k_pages_KxGxSxD.dtype
-  k_KxBxTxD = k_BxTxKxD.astype(dtype).transpose(2, 0, 1, 3)
-  v_KxBxTxD = v_BxTxKxD.astype(dtype).transpose(2, 0, 1, 3)
-  k_pages = k_pages_KxGxSxD.at[:, page_BxT, slot_BxT].set(k_KxBxTxD, mode='drop')
-  v_pages = v_pages_KxGxSxD.at[:, page_BxT, slot_BxT].set(v_KxBxTxD, mode='drop')
+  dtype = k_pages_NxKxGxSxD.dtype
+  # A scalar and arrays apart index [B, T, K, Dh] (the indexed dims first): no transpose.
+  k_pages = k_pages_NxKxGxSxD.at[layer, :, page_BxT, slot_BxT].set(
+      k_BxTxKxD.astype(dtype), mode='drop')
+  v_pages = v_pages_NxKxGxSxD.at[layer, :, page_BxT, slot_BxT].set(
+      v_BxTxKxD.astype(dtype), mode='drop')
   return k_pages, v_pages
 
 
@@ -155,36 +164,66 @@ def attend(
     k_BxTxKxD: jax.Array,
     v_BxTxKxD: jax.Array,
     positions_BxT: jax.Array,
-    k_pages_KxGxSxD: jax.Array,
-    v_pages_KxGxSxD: jax.Array,
+    k_pages_NxKxGxSxD: jax.Array,
+    v_pages_NxKxGxSxD: jax.Array,
     page_table_BxP: jax.Array | None,
+    layer: jax.Array,
     implementation: str = 'xla',
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Writes the new keys and values into one layer's pages, then attends every query to
-  the cached keys at positions <= its own. Returns (out_BxTxHxD, k_pages, v_pages).
+  """Writes the new keys and values into layer `layer` of the cache, then attends every
+  query to that layer's cached keys at positions <= its own. Returns (out_BxTxHxD,
+  k_pages, v_pages), the pages of every layer (see `write`).
 
   `implementation` is the model's attention setting (model/attention.py IMPLEMENTATIONS);
   the module docstring says which path each one takes.
   """
-  k_pages, v_pages = write(k_BxTxKxD, v_BxTxKxD, positions_BxT, k_pages_KxGxSxD,
-                           v_pages_KxGxSxD, page_table_BxP)
+  k_pages, v_pages = write(k_BxTxKxD, v_BxTxKxD, positions_BxT, k_pages_NxKxGxSxD,
+                           v_pages_NxKxGxSxD, page_table_BxP, layer)
   if uses_kernel(implementation, q_BxTxHxD.shape[1], k_pages.shape[-1], k_pages.dtype):
-    out = _kernel_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP)
+    layer_pages = [jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+                   for x in (k_pages, v_pages)]
+    out = _kernel_attend(q_BxTxHxD, *layer_pages, positions_BxT, page_table_BxP)
   else:
-    out = gather_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP)
+    out = _gather_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP, layer)
   return out, k_pages, v_pages
 
 
 def gather_attend(q_BxTxHxD: jax.Array, k_pages_KxGxSxD: jax.Array,
                   v_pages_KxGxSxD: jax.Array, positions_BxT: jax.Array,
                   page_table_BxP: jax.Array | None) -> jax.Array:
-  """The jnp path: gathers each row's pages, then masked attention over them."""
-  b = q_BxTxHxD.shape[0]
-  keys_BxLxKxD = _rows(k_pages_KxGxSxD, b, page_table_BxP).astype(q_BxTxHxD.dtype)
-  values_BxLxKxD = _rows(v_pages_KxGxSxD, b, page_table_BxP).astype(q_BxTxHxD.dtype)
-  key_pos_L = jnp.arange(keys_BxLxKxD.shape[1])
+  """The jnp path over one layer's pages: gathers each row's pages, then masked
+  attention over them (the reference for the kernel)."""
+  return _gather_attend(q_BxTxHxD, k_pages_KxGxSxD[None], v_pages_KxGxSxD[None],
+                        positions_BxT, page_table_BxP, jnp.int32(0))
+
+
+def _gather_attend(q_BxTxHxD, k_pages_NxKxGxSxD, v_pages_NxKxGxSxD, positions_BxT,
+                   page_table_BxP, layer):
+  """gather_attend over layer `layer` of the whole cache.
+
+  The same math as attention.masked_attention, written here in the cache's head-major
+  order ([K, B, L, Dh] keys, batch dims leading): XLA:CPU then runs the two einsums on
+  the gathered pages as they are, where the [B, L, K, Dh] order cost a transpose of every
+  row's keys and values per layer (3-5x slower decode attention at 32 rows).
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  keys_KxBxLxD = _rows(k_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(q_BxTxHxD.dtype)
+  values_KxBxLxD = _rows(v_pages_NxKxGxSxD, layer, b, page_table_BxP).astype(
+      q_BxTxHxD.dtype)
+  kh = keys_KxBxLxD.shape[0]
+  q_KxBxGxTxD = q_BxTxHxD.reshape(b, t, kh, h // kh, d).transpose(2, 0, 3, 1, 4)
+  scores_KxBxGxTxL = jnp.einsum('kbgtd,kbld->kbgtl', q_KxBxGxTxD, keys_KxBxLxD,
+                                preferred_element_type=jnp.float32) * (d ** -0.5)
+  key_pos_L = jnp.arange(keys_KxBxLxD.shape[2])
   mask_BxTxL = key_pos_L[None, None, :] <= positions_BxT[:, :, None]
-  return attention_lib.masked_attention(q_BxTxHxD, keys_BxLxKxD, values_BxLxKxD, mask_BxTxL)
+  # finfo.min rather than -inf keeps rows that see nothing (padding) finite; zeroed below.
+  scores_KxBxGxTxL = jnp.where(mask_BxTxL[None, :, None], scores_KxBxGxTxL,
+                               jnp.finfo(jnp.float32).min)
+  probs_KxBxGxTxL = jax.nn.softmax(scores_KxBxGxTxL, axis=-1).astype(values_KxBxLxD.dtype)
+  out_KxBxGxTxD = jnp.einsum('kbgtl,kbld->kbgtd', probs_KxBxGxTxL, values_KxBxLxD)
+  out_BxTxHxD = out_KxBxGxTxD.transpose(1, 3, 0, 2, 4).reshape(b, t, h, d)
+  out_BxTxHxD = jnp.where((positions_BxT >= 0)[:, :, None, None], out_BxTxHxD, 0)
+  return out_BxTxHxD.astype(q_BxTxHxD.dtype)
 
 
 def _kernel_attend(q_BxTxHxD, k_pages_KxGxSxD, v_pages_KxGxSxD, positions_BxT,

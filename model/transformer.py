@@ -489,12 +489,13 @@ class Attention(nnx.Module):
 
   def __call__(
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
-      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+      kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
       lora_key: jax.Array | None = None,
   ):
-    """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table), the new
-    keys and values go into the cache and the queries attend to it (model/kv_cache.py),
-    and the result is (out, (k_pages, v_pages)). `lora_key` keys adapter dropout."""
+    """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table, layer), the
+    new keys and values go into layer `layer` of the whole cache and the queries attend to
+    it (model/kv_cache.py), and the result is (out, (k_pages, v_pages)). `lora_key` keys
+    adapter dropout."""
     theta = self.cfg.rope_theta
     key_q, key_k, key_v, key_o = _keys(lora_key, 4)
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
@@ -567,7 +568,7 @@ class Block(nnx.Module):
       positions_BxL: jax.Array,
       segment_ids_BxL: jax.Array | None,
       dropout_key: jax.Array | None,
-      kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+      kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
   ):
     """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
     attn_key = mlp_key = attn_lora_key = mlp_lora_key = None
@@ -722,12 +723,18 @@ def _run_blocks(
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
-    @nnx.scan(in_axes=(0, nnx.Carry, None, 0, 0, None), out_axes=(nnx.Carry, 0),
+    # The whole cache is carried and each layer writes its own slice in place; scanning
+    # per-layer slices in and out would copy all of it on every call.
+    @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry,
               transform_metadata=_LAYERS_METADATA, unroll=unroll)
-    def decode_fn(block, x, positions, k, v, table):
-      return block(x, positions, None, None, (k, v, table))
+    def decode_fn(block, carry, positions, table):
+      x, k, v, layer = carry
+      x, (k, v) = block(x, positions, None, None, (k, v, table, layer))
+      return x, k, v, layer + 1
 
-    return decode_fn(blocks, x_BxLxD, positions_BxL, k_pages, v_pages, page_table)
+    x_BxLxD, k_pages, v_pages, _ = decode_fn(
+        blocks, (x_BxLxD, k_pages, v_pages, jnp.int32(0)), positions_BxL, page_table)
+    return x_BxLxD, (k_pages, v_pages)
 
   def layer(block, x, positions, segment_ids, key):
     return block(x, positions, segment_ids, key)

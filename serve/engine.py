@@ -51,6 +51,7 @@ from serve.pages import PageAllocator, block_hashes
 
 MAX_LOGPROBS = 20          # OpenAI's limit on top log-probs; always computed, sliced per request
 LATENCY_SAMPLES = 10_000   # latency samples kept for stats()
+SMALL_BATCH = 8            # decode rows while only the first slots are busy (fewer FLOPs)
 _INT_COLS = 5              # decode ints row: token, position, seed, count, top_k; then pages
 # Decode floats row: temperature, top_p, min_p, repetition_penalty (an empty slot: greedy).
 _IDLE_FLOATS = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
@@ -658,10 +659,15 @@ class Engine:
     top_n = MAX_LOGPROBS if any(s.request.logprobs is not None for s in running) else 0
     # The page table's width: a power of two covering the longest row (few programs).
     width = min(self._pages_per_seq, 1 << (max(len(s.pages) for s in running) - 1).bit_length())
+    # Slots fill lowest first, so while only the first SMALL_BATCH are busy the step runs
+    # those rows alone (a lone request's step at 32 slots cost 6x its own). Two sizes keep
+    # the compiled programs few; the penalty rows (`seen`) stay whole.
+    busy_small = max(s.slot for s in running) < SMALL_BATCH and not penalized
+    rows = min(self.max_slots, SMALL_BATCH) if busy_small else self.max_slots
     put = functools.partial(jax.device_put, device=self._device)
     self._cache, packed, seen = self._decode[top_n](
-        self._params, self._cache, put(self._ints[:, :_INT_COLS + width]), put(self._floats),
-        self._seen if penalized else None)
+        self._params, self._cache, put(self._ints[:rows, :_INT_COLS + width]),
+        put(self._floats[:rows]), self._seen if penalized else None)
     if penalized:
       self._seen = seen
     packed = np.asarray(packed)

@@ -116,6 +116,15 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(engine, alone):
   assert stats['pages_in_use'] == 0 and stats['running'] == 0 and stats['waiting'] == 0
 
 
+def test_more_slots_than_the_small_batch_give_each_request_its_tokens_alone(model, alone):
+  # Steps run only the first SMALL_BATCH rows while no higher slot is busy, all of them
+  # after; requests that cross between the two keep their tokens.
+  assert engine_lib.SMALL_BATCH < 12
+  wide = make_engine(model, max_slots=12, num_pages=160)
+  batched = run(wide, steps_between=[0] * 6 + [1] * 6, requests=REQUESTS * 2)
+  assert [tokens(e) for e in batched] == [tokens(e) for e in alone] * 2
+
+
 def test_background_thread_and_async_streams(engine, alone):
   engine.start()
   try:

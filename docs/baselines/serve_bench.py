@@ -4,6 +4,9 @@
   python docs/baselines/serve_bench.py                       # 1, 8 and 32 concurrent
   python docs/baselines/serve_bench.py --concurrency=32 --requests_per_client=2
 
+On a shared machine set OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads otherwise spin
+against JAX's threads in the same process, and transformers measured up to 10x slower.
+
 From the project root. One random Llama (d_model 256, 4 layers, 4 heads over 2 KV heads,
 vocab 4096, tied embeddings, float32) is made with transformers, saved with a SentencePiece
 tokenizer trained on the stdlib corpus, and imported into Kiln with `train.convert`, so both
@@ -156,9 +159,11 @@ def main():
   print(f'jax {__import__("jax").__version__} devices {__import__("jax").devices()}, torch '
         f'{torch.__version__} threads {torch.get_num_threads()}, cpus {os.cpu_count()}')
 
-  # Warm-up: every prefill bucket and the decode program; HF's kernels.
+  # Warm-up: every prefill bucket and the decode programs (a lone client's, then a full
+  # batch's, at every page-table width); HF's kernels.
   warm = [(ids[:n], 4) for n in (8, 24, 48, 100, 200, 256)]
   run_kiln(engine, [warm])
+  run_kiln(engine, [warm] * 32)
   run_hf(hf, [warm[:2]])
 
   rows = []
