@@ -20,12 +20,12 @@ from train.state import setup_state
 from train.tasks.lm import LMTask
 
 
-def measure(preset: str, freeze: str, batch: int, seq_len: int) -> tuple[int, int, int]:
-  config = lm.get_config(preset)
+def compiled_step(config, batch: int, seq_len: int):
+  """(task, abstract state, XLA's memory analysis, trainable parameter count) of the LM
+  train step that `config` describes, FSDP over every device, compiled and never run."""
   config.unlock()
   config.update(batch_size=batch)
   config.data.seq_len = seq_len
-  config.optimizer.freeze = freeze
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   task = LMTask(config)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -39,6 +39,14 @@ def measure(preset: str, freeze: str, batch: int, seq_len: int) -> tuple[int, in
   trainable = sum(x.size for x, keep in zip(jax.tree.leaves(abstract.params),
                                             jax.tree.leaves(task.opt.trainable), strict=True)
                   if keep)
+  return task, abstract, stats, trainable
+
+
+def measure(preset: str, freeze: str, batch: int, seq_len: int) -> tuple[int, int, int]:
+  config = lm.get_config(preset)
+  config.unlock()
+  config.optimizer.freeze = freeze
+  _, _, stats, trainable = compiled_step(config, batch, seq_len)
   return stats.argument_size_in_bytes, stats.temp_size_in_bytes, trainable
 
 

@@ -13,25 +13,17 @@ the quantized projections alone).
 
 import argparse
 
+import freeze_memory  # the compile-only step beside this script
 import jax
-import jax.numpy as jnp
 
 from configs import lm
 from model import lora, quant, transformer
-from train import checkpoint, trainer
-from train import mesh as mesh_lib
-from train.state import setup_state
-from train.tasks.lm import LMTask
 
 MODES = {
     'full': {},
     'lora': {'rank': 16, 'alpha': 16.0},
     'qlora': {'rank': 16, 'alpha': 16.0, 'base_quant': 'nf4'},
 }
-
-
-def _bytes(tree) -> int:
-  return quant.weight_bytes(tree)
 
 
 def _stored_projection(name: str) -> bool:
@@ -45,19 +37,8 @@ def measure(preset: str, mode: str, batch: int, seq_len: int, n_layers: int = 0
   config.unlock()
   if n_layers:
     config.model.n_layers = n_layers
-  config.update(batch_size=batch)
-  config.data.seq_len = seq_len
   config.model.lora.update(MODES[mode])
-  config.mesh.update(data=1, fsdp=-1, tensor=1)
-  task = LMTask(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  _, abstract, shardings, _ = setup_state(task, config, mesh)
-  train_step, _ = trainer.compile_step(task, shardings, mesh)
-  state = checkpoint.abstract_with_shardings(abstract, shardings)
-  tokens = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-            for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  with jax.set_mesh(mesh):
-    stats = train_step.lower(state, tokens, {}).compile().memory_analysis()
+  task, abstract, stats, trainable = freeze_memory.compiled_step(config, batch, seq_len)
   flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
   names = [p[-1].key for p, _ in flat]
   base = [x for n, (_, x) in zip(names, flat, strict=True) if not n.endswith((lora.A, lora.B))]
@@ -65,13 +46,10 @@ def measure(preset: str, mode: str, batch: int, seq_len: int, n_layers: int = 0
   cfg = task.model_cfg.base()
   proj_count = cfg.n_layers * transformer._block_matmul_params(cfg) + (
       0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size)
-  trainable = sum(x.size for x, keep in zip(jax.tree.leaves(abstract.params),
-                                            jax.tree.leaves(task.opt.trainable), strict=True)
-                  if keep)
   return dict(trainable=trainable, arguments=stats.argument_size_in_bytes,
               temporaries=stats.temp_size_in_bytes,
-              base_per_param=_bytes(base) / transformer.count_params(cfg),
-              proj_per_param=_bytes(proj) / proj_count)
+              base_per_param=quant.weight_bytes(base) / transformer.count_params(cfg),
+              proj_per_param=quant.weight_bytes(proj) / proj_count)
 
 
 def main() -> None:
