@@ -632,8 +632,10 @@ class Transformer(nnx.Module):
       segment_ids_BxL: jax.Array | None = None,
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
+      features: bool = False,
   ) -> jax.Array:
-    """Returns float32 logits_BxLxV.
+    """Returns float32 logits_BxLxV, or with `features=True` the final-normed hidden states
+    x_BxLxD in the compute dtype (what a scalar head, a reward model or a value head, reads).
 
     Args:
       tokens_BxL: integer token ids.
@@ -659,7 +661,8 @@ class Transformer(nnx.Module):
     x_BxLxD = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
         dropout_keys_N, cfg.remat, self._unroll())
-    return self._head(x_BxLxD)
+    x_BxLxD = self.final_norm(x_BxLxD)
+    return x_BxLxD if features else self._head(x_BxLxD)
 
   def decode(
       self,
@@ -679,7 +682,7 @@ class Transformer(nnx.Module):
     x_BxTxD, (k, v) = _run_blocks(
         self.blocks, x_BxTxD, positions_BxT, None, None, 'none', self._unroll(),
         kv=(cache.k, cache.v, page_table_BxP))
-    return self._head(x_BxTxD), kv_cache.KVCache(k=k, v=v)
+    return self._head(self.final_norm(x_BxTxD)), kv_cache.KVCache(k=k, v=v)
 
   def _unroll(self) -> int:
     cfg = self.cfg
@@ -692,8 +695,8 @@ class Transformer(nnx.Module):
     return x_BxLxD.astype(self.cfg.dtype)
 
   def _head(self, x_BxLxD: jax.Array) -> jax.Array:
+    """float32 logits from final-normed hidden states."""
     cfg = self.cfg
-    x_BxLxD = self.final_norm(x_BxLxD)
     if not cfg.tie_embeddings:
       return project(self, 'lm_head', 'bld,dv->blv', x_BxLxD,
                      preferred_element_type=jnp.float32)

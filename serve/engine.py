@@ -740,10 +740,11 @@ def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
   if quant not in QUANT_MODES:
     raise ConfigError(f'quant={quant!r} is not available; choose one of '
                       f'{", ".join(QUANT_MODES)}.')
+  from train.tasks.lm import LMTask
   config = runs.load_run_config(workdir)
-  if config.get('task', 'lm') != 'lm':
-    raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task = get_task(config)
+  if not isinstance(task, LMTask):  # SFT, DPO and distillation runs hold the LM's model
+    raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task.setup_inference(workdir)
   if quant != 'none':
     task.set_inference_quant(quant)  # checked on shapes, before the checkpoint is read

@@ -96,6 +96,17 @@ def test_packed_segments_match_separate_documents():
   assert not np.allclose(unmasked[:, 5:], logits[:, 5:], atol=1e-4)
 
 
+def test_features_are_what_the_head_reads():
+  # Tied head: logits = features @ embedding^T, so a scalar head on features sees exactly the
+  # hidden state the LM head does.
+  model = _init(_cfg())
+  tokens = _tokens((2, 6), seed=3)
+  features = nnx.jit(lambda m, t: m(t, features=True))(model, tokens)
+  assert features.shape == (2, 6, 32)
+  np.testing.assert_allclose(features @ model.embedding[...].T, _forward(model, tokens),
+                             atol=1e-4)
+
+
 def test_remat_policies_match_none():
   cfg = _cfg()
   tokens = _tokens((2, 10))
