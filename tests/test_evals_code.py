@@ -12,9 +12,12 @@ import math
 import os
 import textwrap
 
+import numpy as np
 import pytest
 
+from data.errors import ConfigError
 from evals import humaneval, sandbox
+from evals import mauve as evals_mauve
 
 TASKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'evals', 'tasks')
 
@@ -175,3 +178,40 @@ def test_humaneval_tasks_through_lm_eval(problems, monkeypatch):
   assert sampled['pass@1,none'] == pytest.approx(13 / 30)
   assert results['humaneval']['pass@1,none'] == pytest.approx(2 / 3)
   assert 'pass@10,none' not in results['humaneval']
+
+
+# --- MAUVE -----------------------------------------------------------------------------------
+
+
+def _char_features(texts):
+  """A deterministic text featuriser: character counts of each text ([N, 26])."""
+  out = np.zeros((len(texts), 26), np.float32)
+  for row, text in enumerate(texts):
+    for ch in text:
+      if 'a' <= ch <= 'z':
+        out[row, ord(ch) - ord('a')] += 1
+  return out
+
+
+def test_mauve_matches_mauve_text_and_its_limits():
+  import faiss
+
+  faiss.omp_set_num_threads(1)  # as evals.mauve runs it (spinning threads: 200x slower)
+  rng = np.random.default_rng(0)
+  p = rng.normal(size=(60, 8)).astype(np.float32)
+  assert evals_mauve.mauve_from_features(p, p.copy()) == pytest.approx(1.0)
+  import mauve as mauve_text  # after evals.mauve imported it without torch (10 s saved)
+
+  assert evals_mauve.mauve_from_features(p, p + 50.0) < 0.05
+  q = rng.normal(size=(60, 8)).astype(np.float32) + 0.5
+  want = mauve_text.compute_mauve(p_features=p, q_features=q).mauve
+  assert evals_mauve.mauve_from_features(p, q) == pytest.approx(want)
+  words = ['apple', 'banana', 'cherry', 'date', 'elder', 'fig', 'grape', 'kiwi']
+  p_texts = [' '.join(rng.choice(words, 6)) for _ in range(40)]
+  q_texts = [' '.join(rng.choice(words[:4], 6)) for _ in range(40)]
+  want = mauve_text.compute_mauve(p_features=_char_features(p_texts),
+                                  q_features=_char_features(q_texts)).mauve
+  got = evals_mauve.mauve(p_texts, q_texts, features_fn=_char_features)
+  assert got == pytest.approx(want) and got < 0.9
+  with pytest.raises(ConfigError, match='p_text'):
+    evals_mauve.mauve_from_features(p, q, p_text=p_texts)
