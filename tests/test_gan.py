@@ -340,7 +340,8 @@ def test_evaluation_reaches_tensorboard(straight):
   evals = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
            for tag in acc.Tags()['scalars'] if tag.startswith('eval/')}
   for tag in ('eval/fd', 'eval/kid', 'eval/fd_floor', 'eval/kid_floor', 'eval/cond_acc',
-              'eval/loss'):
+              'eval/loss', 'eval/precision', 'eval/recall', 'eval/precision_floor',
+              'eval/recall_floor', 'eval/memorisation_ratio', 'eval/memorisation_share'):
     assert [step for step, _ in evals.get(tag, [])] == [STEPS], (tag, sorted(evals))
   value = {tag: v[0][1] for tag, v in evals.items()}
   assert all(np.isfinite(v) for v in value.values()), value
@@ -348,6 +349,7 @@ def test_evaluation_reaches_tensorboard(straight):
   # Six steps from the init: far from the data, farther than held-out images are.
   assert value['eval/fd'] > value['eval/fd_floor'], value
   assert 0 <= value['eval/cond_acc'] <= 1
+  assert value['eval/recall'] < value['eval/recall_floor'], value
 
   [grid] = acc.Images('samples/grid')
   assert grid.step == STEPS

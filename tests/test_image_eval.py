@@ -1,10 +1,12 @@
-"""Image evaluation: FD, KID, the feature classifier, cond_acc, grids and PNGs.
+"""Image evaluation: FD, KID, precision/recall, memorisation, the feature classifier,
+cond_acc, grids and PNGs.
 
 Oracles: FD's closed form for Gaussians (diagonal: per-axis sqrt; general:
 scipy's sqrtm), KID against a direct double loop and against its expectation
-(0 for one distribution), the classifier against the held-out labels, a
-second evaluator against the first (cache reuse), and grids against a
-hand-built arrangement.
+(0 for one distribution), precision/recall against a hand-worked example and
+scipy's cdist, memorisation against copies of training images, the classifier
+against the held-out labels, a second evaluator against the first (cache reuse),
+and grids against a hand-built arrangement.
 """
 
 import os
@@ -12,11 +14,12 @@ import os
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial.distance
 
 from configs import common
 from data import images
 from data.errors import ConfigError
-from train import image_eval
+from train import image_eval, image_neighbours
 
 
 def test_frechet_distance_matches_the_closed_form():
@@ -72,6 +75,38 @@ def test_kid_matches_the_direct_sum_and_is_unbiased():
   assert abs(np.mean(same)) < 3 * stderr  # unbiased: 0 in expectation, negative at times
   assert min(same) < 0
   assert np.mean(shifted) > 10 * stderr and min(shifted) > 0
+
+
+def test_precision_recall_by_hand_and_closed_forms():
+  # k = 1 on a line. Real radii: 1, 1, 1, 8 (0, 1, 2, 10); fake radii: 4.5, 4.5, 15.
+  real, fake = np.array([[0.], [1.], [2.], [10.]]), np.array([[0.5], [5.], [20.]])
+  # 0.5 is in 0's ball, 5 in 10's (|5 - 10| <= 8), 20 in none; every real point is in a fake
+  # ball (10 in 20's: |10 - 20| <= 15).
+  assert image_neighbours.precision_recall(real, fake, k=1) == pytest.approx((2 / 3, 1.0))
+  x = np.random.default_rng(0).normal(size=(40, 5))
+  assert image_neighbours.precision_recall(x, x.copy()) == (1.0, 1.0)
+  assert image_neighbours.precision_recall(x, x + 100.0) == (0.0, 0.0)
+
+
+def test_neighbour_distances_match_cdist():
+  rng = np.random.default_rng(1)
+  x, y = rng.normal(size=(23, 4)), rng.normal(size=(31, 4))
+  d = scipy.spatial.distance.cdist(x, y)
+  np.testing.assert_allclose(image_neighbours.nearest_distances(x, y, k=3, chunk=7),
+                             np.sort(d, axis=1)[:, :3], atol=1e-9)
+  radii = np.sort(scipy.spatial.distance.cdist(y, y), axis=1)[:, 3]
+  np.testing.assert_allclose(image_neighbours.manifold_radii(y, k=3, chunk=5), radii, atol=1e-9)
+  want = np.mean(np.any(d <= radii[None, :], axis=1))
+  assert image_neighbours.coverage(x, y, radii, chunk=4) == pytest.approx(want)
+
+
+def test_memorisation_statistics():
+  heldout = np.linspace(1.0, 2.0, 101)  # 1st percentile 1.01, median 1.5
+  assert image_neighbours.memorisation(heldout, heldout) == pytest.approx(
+      {'ratio': 1.0, 'share': 2 / 101})  # 1.0 and 1.01 are at or below the threshold
+  copies = np.concatenate([np.zeros(30), np.full(70, 3.0)])
+  assert image_neighbours.memorisation(copies, heldout) == pytest.approx(
+      {'ratio': 2.0, 'share': 0.3})
 
 
 @pytest.fixture(scope='module')
@@ -151,15 +186,44 @@ def test_scores_of_real_shuffled_and_noise_images(digits_eval):
   shuffled = evaluator.score(real, np.random.default_rng(0).permutation(labels))
   assert 0.03 <= shuffled['eval/cond_acc'] <= 0.2  # chance is 0.1
   assert scores['eval/fd_floor'] > 0 and set(scores) == {
-      'eval/fd', 'eval/kid', 'eval/fd_floor', 'eval/kid_floor', 'eval/cond_acc'}
-  # Other held-out images score like the floor; noise is far away.
+      'eval/fd', 'eval/kid', 'eval/fd_floor', 'eval/kid_floor', 'eval/cond_acc',
+      'eval/precision', 'eval/recall', 'eval/precision_floor', 'eval/recall_floor',
+      'eval/memorisation_ratio', 'eval/memorisation_share'}
+  # Other held-out images score like the floor (most of them are the floor's images) and are
+  # no closer to the training images than held-out images are; noise is far away.
   assert scores['eval/fd'] < 2 * scores['eval/fd_floor']
+  assert scores['eval/precision_floor'] > 0.6 and scores['eval/recall_floor'] > 0.6
+  for key in ('eval/precision', 'eval/recall'):
+    assert scores[key] == pytest.approx(scores[f'{key}_floor'], abs=0.05)
+  assert scores['eval/memorisation_ratio'] == pytest.approx(1.0, abs=0.05)
+  assert scores['eval/memorisation_share'] <= 0.03
   noise = evaluator.score(np.random.default_rng(1).uniform(-1, 1, real.shape), None)
   assert 'eval/cond_acc' not in noise
   assert noise['eval/fd'] > 20 * scores['eval/fd_floor']
   assert noise['eval/kid'] > 20 * abs(scores['eval/kid_floor'])
+  assert noise['eval/precision'] < 0.05 and noise['eval/memorisation_share'] == 0.0
+  assert noise['eval/memorisation_ratio'] > 2.0
   nan = evaluator.score(np.full(real.shape, np.nan, np.float32), labels)
-  assert np.isnan(nan['eval/fd']) and np.isnan(nan['eval/kid'])
+  assert all(np.isnan(nan[key]) for key in ('eval/fd', 'eval/kid', 'eval/precision',
+                                            'eval/recall', 'eval/memorisation_ratio'))
+
+
+def test_copies_of_training_images_are_flagged(digits_eval):
+  """Samples that copy training images sit at distance 0 from them: all flagged, ratio 0. Half
+  copies and half held-out images: half flagged. (The FD of copies can beat the floor.)"""
+  cfg_data, cfg_eval, evaluator = digits_eval
+  n = cfg_eval.num_samples
+  train_x = images.load_split(cfg_data, 'train')[0]
+  copies = images.to_float(train_x[np.random.default_rng(2).choice(len(train_x), n,
+                                                                   replace=False)])
+  scores = evaluator.score(copies)
+  assert scores['eval/memorisation_share'] == 1.0
+  assert scores['eval/memorisation_ratio'] == pytest.approx(0.0, abs=1e-6)
+  assert scores['eval/precision'] > 0.9
+  heldout = images.to_float(images.load_split(cfg_data, 'test')[0][:n])
+  half = np.concatenate([copies[:n // 2], heldout[n // 2:]])
+  share = evaluator.score(half)['eval/memorisation_share']
+  assert 0.5 <= share <= 0.52
 
 
 def test_eval_config_errors(digits_eval):

@@ -15,6 +15,11 @@ comparable across runs. The reference is the whole training split.
          depends on the sample count, so the floor uses the same count).
   cond_acc  the fraction of samples that the classifier assigns to their
          conditioning label.
+  precision, recall  k-NN manifold precision and recall (train/image_neighbours.py)
+         against a fixed subset of `eval.num_samples` training images, with their
+         floors for the held-out images.
+  memorisation_ratio, memorisation_share  the samples' distances to their nearest
+         training image against the held-out images' (train/image_neighbours.py).
 
 Classifier work runs on this process's first local device. Process 0 loads or
 trains the classifier (and saves it); the others receive it from process 0,
@@ -40,6 +45,7 @@ from data import images as images_lib
 from data import storage
 from data.errors import ConfigError, check_positive
 from model import classifier as classifier_lib
+from train import image_neighbours
 
 # Bump when the classifier or its training changes: old caches are then ignored.
 CLASSIFIER_VERSION = 1
@@ -112,15 +118,26 @@ class ImageEvaluator:
                                        / train_features.shape[1]))
     self.train_features = train_features / self.feature_scale
     self.train_mu, self.train_sigma = gaussian_fit(self.train_features)
+    # Precision and recall compare equal counts (their bias depends on both): a fixed subset
+    # of the training features, as many as the samples, is their real set.
+    subset = np.random.default_rng(_FLOOR_SEED + 1).choice(
+        len(self.train_features), min(n, len(self.train_features)), replace=False)
+    self.pr_real = self.train_features[np.sort(subset)]
+    self.pr_real_radii = image_neighbours.manifold_radii(self.pr_real)
     held = np.random.default_rng(_FLOOR_SEED).choice(len(test_x), n, replace=False)
-    floor = self._scores(self.features(images_lib.to_float(test_x[np.sort(held)])), _FLOOR_SEED)
-    self.floor = {'eval/fd_floor': floor['eval/fd'], 'eval/kid_floor': floor['eval/kid']}
+    held_features = self.features(images_lib.to_float(test_x[np.sort(held)]))
+    floor = self._scores(held_features, _FLOOR_SEED)
+    self.floor = {f'{key}_floor': floor[key] for key in
+                  ('eval/fd', 'eval/kid', 'eval/precision', 'eval/recall')}
+    self.heldout_to_train = image_neighbours.nearest_distances(held_features,
+                                                               self.train_features)[:, 0]
 
   # --- scoring -------------------------------------------------------------------
 
   def score(self, images_NxHxWxC: np.ndarray, labels_N: np.ndarray | None = None
             ) -> dict[str, float]:
-    """FD, KID, their floors, and cond_acc when `labels_N` (the conditioning labels) is given.
+    """FD, KID, precision, recall, their floors, memorisation, and cond_acc when `labels_N`
+    (the conditioning labels) is given.
 
     Images are float in [-1, 1], [N, H, W, C] of the dataset's shape; N should be
     eval.num_samples, the floor's count.
@@ -134,22 +151,35 @@ class ImageEvaluator:
                       'by the count, so the two are not comparable.', len(images_NxHxWxC),
                       self.cfg_eval.num_samples)
     features, logits = self.features_and_logits(images_NxHxWxC)
-    out = {**self._scores(features, self.seed), **self.floor}
+    out = {**self._scores(features, self.seed), **self.floor, **self._memorisation(features)}
     if labels_N is not None:
       out['eval/cond_acc'] = float(np.mean(np.argmax(logits, -1) == np.asarray(labels_N)))
     return out
 
   def _scores(self, features_NxF: np.ndarray, seed: int) -> dict[str, float]:
     if not np.all(np.isfinite(features_NxF)):  # a diverged model: report, don't crash
-      return {'eval/fd': float('nan'), 'eval/kid': float('nan')}
+      return dict.fromkeys(('eval/fd', 'eval/kid', 'eval/precision', 'eval/recall'),
+                           float('nan'))
     mu, sigma = gaussian_fit(features_NxF)
     rng = np.random.default_rng(seed)  # KID's subsets
+    precision, recall = image_neighbours.precision_recall(
+        self.pr_real, features_NxF, real_radii_N=self.pr_real_radii)
     return {
         'eval/fd': frechet_distance(mu, sigma, self.train_mu, self.train_sigma),
         'eval/kid': kernel_inception_distance(features_NxF, self.train_features, rng,
                                               self.cfg_eval.kid_subset_size,
                                               self.cfg_eval.kid_subsets),
+        'eval/precision': precision,
+        'eval/recall': recall,
     }
+
+  def _memorisation(self, features_NxF: np.ndarray) -> dict[str, float]:
+    keys = ('eval/memorisation_ratio', 'eval/memorisation_share')
+    if not np.all(np.isfinite(features_NxF)):
+      return dict.fromkeys(keys, float('nan'))
+    to_train = image_neighbours.nearest_distances(features_NxF, self.train_features)[:, 0]
+    stats = image_neighbours.memorisation(to_train, self.heldout_to_train)
+    return {keys[0]: stats['ratio'], keys[1]: stats['share']}
 
   def features(self, images_NxHxWxC: np.ndarray) -> np.ndarray:
     """Classifier features (scaled, see __init__), float64 [N, F], of images in [-1, 1]."""
