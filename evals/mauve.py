@@ -8,6 +8,7 @@ touches the network. The numbers are then MAUVE in the Kiln model's feature spac
 compare runs with each other, not with published GPT-2-feature MAUVE scores.
 """
 
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,9 @@ def _import_mauve():
   fetch GPT-2 even if asked. Its other imports (faiss, scikit-learn, and through it scipy,
   which looks torch up in sys.modules) are loaded first, with nothing hidden.
   """
+  if importlib.util.find_spec('mauve') is None or importlib.util.find_spec('faiss') is None:
+    raise ConfigError('MAUVE needs the optional packages mauve-text and faiss-cpu (GPLv3 and '
+                      'MIT): install them with `pip install -e ".[mauve]"`.')
   import faiss  # noqa: F401
   import sklearn.decomposition  # noqa: F401
   import sklearn.metrics  # noqa: F401
