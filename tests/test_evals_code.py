@@ -215,3 +215,13 @@ def test_mauve_matches_mauve_text_and_its_limits():
   assert got == pytest.approx(want) and got < 0.9
   with pytest.raises(ConfigError, match='p_text'):
     evals_mauve.mauve_from_features(p, q, p_text=p_texts)
+
+
+def test_mauve_without_its_optional_packages_names_the_extra(monkeypatch):
+  import importlib.util
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'mauve' else real(name, *a))
+  features = np.zeros((4, 2))
+  with pytest.raises(ConfigError, match=r'pip install -e "\.\[mauve\]"'):
+    evals_mauve.mauve_from_features(features, features)
