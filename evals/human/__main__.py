@@ -30,20 +30,22 @@ def main(argv):
 
 
 def _summary() -> None:
-  f = flags.FLAGS
-  if not (pathlib.Path(f.summary) / completions.COMPLETIONS_FILE).exists():
-    raise DataError(f'--summary={f.summary} has no {completions.COMPLETIONS_FILE}: is it the '
+  print(summary_text(flags.FLAGS.summary))
+
+
+def summary_text(output: str) -> str:
+  """The summary of an --output folder as text; also written to `output`/summary.json."""
+  if not (pathlib.Path(output) / completions.COMPLETIONS_FILE).exists():
+    raise DataError(f'--summary={output} has no {completions.COMPLETIONS_FILE}: is it the '
                     '--output of python -m evals.human?')
-  store = Store(f.summary, completions.load(f.summary))
+  store = Store(output, completions.load(output))
   summary = stats.summarize(store.judgements, len(store.items))
-  path = pathlib.Path(f.summary) / 'summary.json'
+  path = pathlib.Path(output) / 'summary.json'
   path.write_text(json.dumps(summary, indent=2) + '\n')
-  print(stats.format_summary(summary))
-  print(f'(as JSON in {path})')
+  return f'{stats.format_summary(summary)}\n(as JSON in {path})'
 
 
-def _generation() -> dict:
-  f = flags.FLAGS
+def _generation(f) -> dict:
   return dict(max_tokens=f.max_tokens, temperature=f.temperature, top_p=f.top_p, seed=f.seed)
 
 
@@ -77,7 +79,7 @@ def check_flags(f) -> tuple[tuple[list, list] | None, dict | None]:
     for name in ('a', 'b'):
       load_run_config(getattr(f, name))  # a run folder, or one line saying it is not
     prompts = completions.read_prompts(f.prompts)
-    made_by = completions.settings(f.a, f.b, f.prompts, **_generation())
+    made_by = completions.settings(f.a, f.b, f.prompts, **_generation(f))
     if have:
       completions.check_settings(f.output, made_by)
       prompts = made_by = None
@@ -102,8 +104,9 @@ def _check_port_free(host: str, port: int) -> None:
       raise ConfigError(f'--host={host} --port={port} {why}; choose another --port.') from None
 
 
-def _serve() -> None:
-  f = flags.FLAGS
+def build(f) -> Store:
+  """The checked flags' store: the output folder's items (generated first when it has
+  none, or not from these settings) and the judgements made so far."""
   prompts, made_by = check_flags(f)
   if prompts is not None:
     texts = {}
@@ -112,12 +115,17 @@ def _serve() -> None:
       logging.info('Generating %d completions with %s (model %s)', len(prompts[0]), workdir,
                    model.upper())
       texts[model] = completions.generate(workdir, prompts[0], places=prompts[1],
-                                          **_generation())
+                                          **_generation(f))
     completions.save(f.output, prompts[0], texts, made_by)
+  return Store(f.output, completions.load(f.output), seed=f.seed)
+
+
+def _serve() -> None:
+  f = flags.FLAGS
+  store = build(f)
   import uvicorn
 
   from evals.human.app import create_app
-  store = Store(f.output, completions.load(f.output), seed=f.seed)
   logging.info('%d items, %d judgements so far; judge at http://%s:%d/ (summary at /summary)',
                len(store.items), len(store.judgements), f.host, f.port)
   uvicorn.run(create_app(store), host=f.host, port=f.port, log_level=f.log_level)
