@@ -103,6 +103,8 @@ function pct(rate) {
 async function summary() {
   show('summary');
   document.querySelector('h1').textContent = 'Summary';
+  $('nav').textContent = 'Judge';
+  $('nav').href = '/';
   const {status, body} = await call('/api/summary');
   if (status !== 200) { fail(body && body.error ? body.error : `Error ${status}`); return; }
   const s = body, w = s.a_vs_b, p = s.position, g = s.agreement;
