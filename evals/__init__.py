@@ -1,0 +1,1 @@
+"""Evaluation: offline task harness (python -m evals) and human side-by-side comparison."""
