@@ -1,0 +1,1 @@
+"""Evaluation harness: lm-evaluation-harness tasks on Kiln runs (python -m evals)."""
