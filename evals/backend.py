@@ -57,6 +57,11 @@ def rolling_windows(tokens: Sequence[int], prefix_token: int, max_seq_len: int,
   return out
 
 
+def _until(kwargs: dict | None) -> list[str]:
+  until = (kwargs or {}).get('until') or []
+  return [s for s in ([until] if isinstance(until, str) else until) if s]
+
+
 def _bucket(n: int, limit: int, smallest: int = 16) -> int:
   """The padded size for n: a power of two from `smallest`, at most `limit` (>= n)."""
   size = smallest
@@ -105,11 +110,14 @@ class KilnLM:
     add_bos_token: put the tokenizer's BOS before every encoded string.
     step: the checkpoint step, reported by `model_info`.
     seed: the first generation seed (request i samples with seed + i).
+    engine: an engine over the same model to generate with (default: one of `batch_size`
+      slots, made at the first generation request).
   """
 
   def __init__(self, graphdef, params, model_cfg, tokenizer, *, batch_size: int = 32,
                max_seq_len: int | None = None, add_bos_token: bool = False,
-               step: int | None = None, seed: int = 1234, source: str | None = None):
+               step: int | None = None, seed: int = 1234, source: str | None = None,
+               engine: engine_lib.Engine | None = None):
     if max_seq_len is None:
       max_seq_len = model_cfg.max_positions if model_cfg.position == 'learned' else 2048
     if batch_size < 1 or max_seq_len < 2:
@@ -125,7 +133,7 @@ class KilnLM:
     self._score = jax.jit(functools.partial(_row_scores, graphdef,
                                             vocab_limit=tokenizer.vocab_size))
     self._features = jax.jit(functools.partial(_last_features, graphdef))
-    self._engine = None
+    self._engine = engine
 
   @classmethod
   def from_run(cls, workdir: str, *, quant: str = 'none', **kw) -> 'KilnLM':
@@ -237,41 +245,49 @@ class KilnLM:
           self.graphdef, self.params, self.model_cfg, self.tokenizer,
           max_slots=self.batch_size, max_seq_len=self.max_length,
           prefill_chunk=min(256, self.max_length), max_queue=1 << 30)
+    self._engine.start()  # a no-op for an engine already running
     return self._engine
 
   def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
     """Continues each context until one of `until` (or EOS), at most `max_gen_toks` tokens;
-    every request runs at once through the engine's decode slots."""
+    the requests run together in the engine's decode slots (all queued at once, or as many
+    as a shared engine's queue takes)."""
     engine = self._get_engine()
-    eos = self.eot_token_id
-    streams = []
+    texts: list[str | None] = [None] * len(requests)
+    streams: list = []  # (index, stream) not yet read, oldest first
     for i, (context, kwargs) in enumerate(requests):
-      kwargs = dict(kwargs or {})
-      until = kwargs.pop('until', None) or []
-      until = [until] if isinstance(until, str) else list(until)
-      max_gen = int(kwargs.pop('max_gen_toks', DEFAULT_MAX_GEN_TOKS))
-      sample = bool(kwargs.pop('do_sample', False))
-      temperature = float(kwargs.pop('temperature', 1.0 if sample else 0.0))
-      if not sample:
-        temperature = 0.0
-      ids = self.tok_encode(context) or [self._require_prefix()]
-      ids = ids[-max(self.max_length - max_gen, 1):]
-      streams.append(engine.submit(engine_lib.Request(
-          prompt_ids=tuple(ids), max_tokens=max_gen, temperature=temperature,
-          top_p=float(kwargs.pop('top_p', 1.0) or 1.0), top_k=int(kwargs.pop('top_k', 0) or 0),
-          seed=self.seed + i, stop_token_ids=() if eos is None else (eos,),
-          stop=tuple(s for s in until if s))))
-    while not engine.idle:
-      engine.step()
+      request = self._generation_request(i, context, kwargs)
+      while True:
+        try:
+          streams.append((i, engine.submit(request)))
+          break
+        except engine_lib.QueueFull:
+          j, stream = streams.pop(0)
+          texts[j] = ''.join(ev.text for ev in stream)
+    for j, stream in streams:
+      texts[j] = ''.join(ev.text for ev in stream)
     out = []
-    for stream, (_, kwargs) in zip(streams, requests, strict=True):
-      text = ''.join(ev.text for ev in stream.poll())
-      until = (kwargs or {}).get('until') or []
-      for stop in [until] if isinstance(until, str) else until:
-        if stop:
-          text = text.split(stop)[0]
+    for text, (_, kwargs) in zip(texts, requests, strict=True):
+      for stop in _until(kwargs):  # the engine stops at them; lm-eval cuts again
+        text = text.split(stop)[0]
       out.append(text)
     return out
+
+  def _generation_request(self, i: int, context: str, kwargs: dict | None
+                          ) -> engine_lib.Request:
+    """HFLM.generate_until's reading of lm-eval's generation kwargs, as an engine request."""
+    kwargs = dict(kwargs or {})
+    max_gen = int(kwargs.get('max_gen_toks', DEFAULT_MAX_GEN_TOKS))
+    sample = bool(kwargs.get('do_sample', False))
+    temperature = float(kwargs.get('temperature', 1.0)) if sample else 0.0
+    ids = self.tok_encode(context) or [self._require_prefix()]
+    ids = ids[-max(self.max_length - max_gen, 1):]
+    eos = self.eot_token_id
+    return engine_lib.Request(
+        prompt_ids=tuple(ids), max_tokens=max_gen, temperature=temperature,
+        top_p=float(kwargs.get('top_p') or 1.0), top_k=int(kwargs.get('top_k') or 0),
+        seed=self.seed + i, stop_token_ids=() if eos is None else (eos,),
+        stop=tuple(_until(kwargs)))
 
   # --- features ---------------------------------------------------------------------
 
