@@ -41,9 +41,6 @@ def _define_flags() -> None:
 
 def check_flags(f, argv) -> list:
   """Every check before anything loads; returns the tasks (their files read, data loaded)."""
-  from evals import task_config
-  from train.runs import load_run_config
-
   if f.compare:
     if len(argv) != 3:
       raise ConfigError('--compare takes two runs or results files: '
@@ -59,6 +56,9 @@ def check_flags(f, argv) -> list:
     raise ConfigError(f'--num_fewshot={f.num_fewshot} must be >= 0.')
   if f.batch_size < 1:
     raise ConfigError(f'--batch_size={f.batch_size} must be >= 1.')
+  from evals import task_config
+  from train.runs import load_run_config
+
   tasks = [t for name in f.tasks for t in task_config.load_tasks(name)]
   if not f.workdir:
     raise ConfigError('--workdir is required: the --workdir of a training run or an import.')

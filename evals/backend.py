@@ -223,7 +223,7 @@ class KilnLM:
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
-      b = _bucket(len(chunk), self.batch_size, smallest=1)
+      b = self.batch_size  # one row count: a compile per length bucket only
       length = _bucket(max(len(rows[i][0]) for i in chunk), self.max_length)
       inp = np.zeros((b, length), np.int32)
       tgt = np.zeros((b, length), np.int32)
@@ -300,7 +300,7 @@ class KilnLM:
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), self.batch_size):
       chunk = order[start:start + self.batch_size]
-      b = _bucket(len(chunk), self.batch_size, smallest=1)
+      b = self.batch_size
       length = _bucket(max(len(encoded[i]) for i in chunk), self.max_length)
       tokens = np.zeros((b, length), np.int32)
       lengths = np.ones((b,), np.int32)

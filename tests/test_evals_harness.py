@@ -14,8 +14,12 @@ import subprocess
 import sys
 import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import sacrebleu
+from flax import nnx
 from rouge_score import rouge_scorer
 from test_server import ServerThread, _tiny_model
 
@@ -217,6 +221,18 @@ def test_bits_per_byte_closed_form(stack):
   results = stack['ours']['results']['kiln_ppl']
   assert results['bits_per_byte'] == pytest.approx(want, rel=1e-6)
   assert results['byte_perplexity'] == pytest.approx(2 ** want, rel=1e-6)
+
+
+def test_features_are_the_models_last_hidden_state(stack):
+  """features() pads each batch to a length bucket; each row equals the unpadded model's
+  final-normed state at the text's last token (texts of one length: one oracle call)."""
+  lm, tok = stack['lm'], stack['tok']
+  texts = ['def f(x):', 'import os', 'a' * 9]
+  got = lm.features(texts)
+  forward = jax.jit(lambda params, ids: nnx.merge(lm.graphdef, params)(ids, features=True))
+  want = forward(lm.params, jnp.asarray([tok.encode(t) for t in texts]))[:, -1]
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert got.shape == (3, lm.model_cfg.d_model)
 
 
 def test_rolling_windows_are_lm_evals():
