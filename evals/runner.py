@@ -35,7 +35,10 @@ def evaluate(backend, tasks: Sequence[str], *, limit: int | float | None = None,
     results, samples = run_task(backend, task, limit=limit, num_fewshot=num_fewshot, seed=seed,
                                 bootstrap_iters=bootstrap_iters)
     out['results'][task.name] = results
-    out['higher_is_better'][task.name] = {m.name: m.higher_is_better for m in task.metrics}
+    hib = {m.name: m.higher_is_better for m in task.metrics}
+    if 'rouge' in hib:  # its per-type scores inherit it (lm-eval's rule for dict metrics)
+      hib.update({t: hib['rouge'] for t in metrics_lib.ROUGE_TYPES})
+    out['higher_is_better'][task.name] = hib
     shots = task.num_fewshot if num_fewshot is None else num_fewshot
     out['configs'][task.name] = {**task.config_summary(), 'num_fewshot': shots}
     out['n-samples'][task.name] = {'original': len(task.docs), 'effective': len(samples)}
