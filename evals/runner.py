@@ -13,6 +13,7 @@ aggregations with their standard errors. The results dict has lm-eval's shape:
 
 import collections
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,7 +123,7 @@ def process_results(task: task_config.Task, doc: dict, results: list) -> dict:
   if task.output_type == 'loglikelihood_rolling':
     (ll,) = results
     text = task.doc_to_target(doc)
-    words, n_bytes = len(__import__('re').split(r'\s+', text)), len(text.encode('utf-8'))
+    words, n_bytes = len(re.split(r'\s+', text)), len(text.encode('utf-8'))
     return {**({'word_perplexity': (ll, words)} if 'word_perplexity' in names else {}),
             **({'byte_perplexity': (ll, n_bytes)} if 'byte_perplexity' in names else {}),
             **({'bits_per_byte': (ll, n_bytes)} if 'bits_per_byte' in names else {})}

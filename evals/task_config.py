@@ -28,12 +28,14 @@ names the file and the field.
 """
 
 import ast
+import collections
 import csv
 import dataclasses
 import importlib.util
 import json
 import math
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,8 @@ _TEMPLATE_FIELDS = ('doc_to_text', 'doc_to_target', 'doc_to_choice', 'descriptio
 
 # lm-eval's jinja environment: undefined names are errors, trailing newlines kept.
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-_ENV.filters['regex_replace'] = lambda s, pattern, repl, count=0: __import__('re').sub(
-    pattern, repl, s, count=count)
+_ENV.filters['regex_replace'] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s,
+                                                                         count=count)
 
 
 # --- YAML with !function ---------------------------------------------------------------
@@ -481,7 +483,6 @@ class Task:
 
 
 def _regex(resps, regex_pattern=r'#### (\-?[0-9\.\,]+)', group_select=0, fallback='[invalid]'):
-  import re
   pattern = re.compile(regex_pattern)
   out = []
   for r in resps:
@@ -497,8 +498,7 @@ def _regex(resps, regex_pattern=r'#### (\-?[0-9\.\,]+)', group_select=0, fallbac
 
 
 def _majority(resps):
-  from collections import Counter
-  return [Counter(resps).most_common(1)[0][0]]
+  return [collections.Counter(resps).most_common(1)[0][0]]
 
 
 FILTERS: dict[str, Callable[..., Any]] = {

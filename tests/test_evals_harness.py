@@ -355,6 +355,38 @@ def test_include_function_and_first_n(tmp_path):
   assert task.contexts(task.docs[:1], 2, 0) == ['Q0 a0|Q1 a1|Q0']
 
 
+def test_filters_groups_and_custom_functions(tmp_path):
+  """A group of two tasks: regex and take_first filters scored separately; a
+  process_results and an aggregation given as !function. Expected values by hand."""
+  _write_jsonl(tmp_path / 'd.jsonl', [{'q': 'x=1', 'a': '1'}, {'q': 'y=2', 'a': '3'}])
+  (tmp_path / 'fns.py').write_text(
+      'def lengths(doc, results):\n  return {"chars": len(results[0])}\n'
+      'def total(items):\n  return sum(items)\n')
+  base = ('dataset_path: json\ndataset_kwargs: {data_files: {test: d.jsonl}}\n'
+          'test_split: test\ndoc_to_text: q\ndoc_to_target: a\n')
+  (tmp_path / 'em.yaml').write_text(
+      base + 'task: em\nfilter_list:\n  - name: raw\n    filter: [{function: take_first}]\n'
+      '  - name: strict\n    filter:\n      - {function: regex, regex_pattern: "#### (\\\\d)"}\n'
+      '      - {function: take_first}\n')
+  (tmp_path / 'custom.yaml').write_text(
+      base + 'task: custom\nprocess_results: !function fns.lengths\n'
+      'metric_list: [{metric: chars, aggregation: !function fns.total, '
+      'higher_is_better: false}]\n')
+  (tmp_path / 'g.yaml').write_text('group: g\ntask: [em.yaml, custom.yaml]\n')
+
+  class Echo:
+    def generate_until(self, requests):
+      assert [r[1]['until'] for r in requests] == [['\n\n']] * len(requests)
+      return [f'so #### {context[-1]}' for context, _ in requests]
+
+  out = runner.evaluate(Echo(), [str(tmp_path / 'g.yaml')])
+  assert out['results']['em'] == {'exact_match,raw': 0.0, 'exact_match_stderr,raw': 0.0,
+                                  'exact_match,strict': 0.5,
+                                  'exact_match_stderr,strict': pytest.approx(0.5)}
+  assert out['results']['custom'] == {'chars': 18, 'chars_stderr': None}  # 2 x len('so #### 1')
+  assert out['higher_is_better']['custom'] == {'chars': False}
+
+
 # --- the command line ---------------------------------------------------------------------
 
 
