@@ -5,7 +5,7 @@ A user's lm-eval task file for local data runs unchanged:
   task: my_mc
   dataset_path: json                  # json (also JSON lines) or csv
   dataset_kwargs:
-    data_files: {test: docs.jsonl}    # relative to the YAML's directory
+    data_files: {test: docs.jsonl}    # beside the YAML (else the working directory)
   test_split: test
   output_type: multiple_choice
   doc_to_text: "{{question}}"         # a field name, a jinja template or !function file.fn
@@ -191,7 +191,11 @@ def _load_dataset(cfg: dict, path: Path) -> dict[str, list[dict]]:
   for split, names in files.items():
     out[split] = []
     for name in names if isinstance(names, list) else [names]:
-      file = Path(name) if Path(name).is_absolute() else path.parent / name
+      # Beside the YAML; lm-eval's own rule (the working directory) is the fallback, so
+      # its users' files run unchanged.
+      file = Path(name)
+      if not file.is_absolute() and ((path.parent / name).exists() or not file.exists()):
+        file = path.parent / name
       out[split] += _read_records(file, kind, kwargs.get('field'),
                                   f'{path}: dataset_kwargs.data_files.{split}')
   return out
