@@ -390,6 +390,29 @@ def test_filters_groups_and_custom_functions(tmp_path):
 # --- the command line ---------------------------------------------------------------------
 
 
+def test_results_json_merges_and_tensorboard_has_each_metric(tmp_path):
+  from test_run import scalars
+
+  from evals import results
+
+  first = {'results': {'a': {'acc': 0.25, 'acc_stderr': 0.1}}, 'configs': {'a': {}}}
+  second = {'results': {'b': {'bits_per_byte': 1.5, 'bits_per_byte_stderr': None}},
+            'configs': {'b': {}}, 'higher_is_better': {'b': {'bits_per_byte': False}}}
+  path = results.results_path(str(tmp_path), 7)
+  results.write_json(first, path)
+  results.write_json(second, path)
+  merged = results.read_results(str(tmp_path))  # the run directory's newest file
+  assert merged['results'] == {**first['results'], **second['results']}
+  results.write_tensorboard(merged, str(tmp_path), 7)
+  assert scalars(tmp_path, 'evals/a/acc') == {7: 0.25}
+  assert scalars(tmp_path, 'evals/b/bits_per_byte') == {7: 1.5}
+  table = results.table(merged).splitlines()
+  assert [c.strip() for c in table[2].split('|')[1:7]] == ['a', 'acc', '', '0.2500', '±',
+                                                          '0.1000']
+  assert [c.strip() for c in table[3].split('|')[1:7]] == ['b', 'bits_per_byte', '↓',
+                                                          '1.5000', '±', 'N/A']
+
+
 def _cli(*args):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '1'}
   return subprocess.run([sys.executable, '-m', 'evals', *args], env=env, capture_output=True,
