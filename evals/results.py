@@ -9,36 +9,35 @@ a run directory).
 import json
 import math
 import re
-from pathlib import Path
 
+from etils import epath
+
+from data import storage
 from data.errors import ConfigError
 
 RESULTS_DIR = 'evals'
 
 
-def results_path(workdir: str, step: int | None) -> Path:
-  return Path(workdir) / RESULTS_DIR / f'results-step{step if step is not None else 0}.json'
+def results_path(workdir: str, step: int | None) -> epath.Path:
+  return epath.Path(workdir) / RESULTS_DIR / f'results-step{step if step is not None else 0}.json'
 
 
-def write_json(results: dict, path: Path, merge: bool = True) -> dict:
+def write_json(results: dict, path, merge: bool = True) -> dict:
   """Writes `results` to `path`; with `merge`, tasks already in the file that this run did
   not evaluate are kept. Returns what was written."""
-  path = Path(path)
+  path = epath.Path(path)
   if merge and path.exists():
     old = json.loads(path.read_text())
     for key in ('results', 'higher_is_better', 'configs', 'n-samples', 'samples'):
       if key in results or key in old:
         results[key] = {**old.get(key, {}), **results.get(key, {})}
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(results, indent=2, default=str))
-  tmp.replace(path)
+  storage.write_atomic(path, json.dumps(results, indent=2, default=str).encode())
   return results
 
 
 def read_results(source: str) -> dict:
   """A results JSON, or the newest `evals/results-step*.json` of a run directory."""
-  path = Path(source)
+  path = epath.Path(source)
   if path.is_dir():
     found = sorted(path.glob(f'{RESULTS_DIR}/results-step*.json'),
                    key=lambda p: int(re.search(r'step(\d+)', p.name).group(1)))

@@ -282,8 +282,9 @@ class Task:
 
   def _require(self, field: str):
     if self.cfg.get(field) is None:
-      raise ConfigError(f'{self.path}: {field}: missing (required for output_type '
-                        f'{self.cfg.get("output_type", "generate_until")}).')
+      why = ('the task\'s name' if field == 'task' else 'required for output_type '
+             + self.cfg.get('output_type', 'generate_until'))
+      raise ConfigError(f'{self.path}: {field}: missing ({why}).')
     return self.cfg[field]
 
   def _metrics(self) -> list[MetricSpec]:
