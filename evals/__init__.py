@@ -1,1 +1,1 @@
-"""Evaluation harness: lm-evaluation-harness tasks on Kiln runs (python -m evals)."""
+"""Evaluation: offline task harness (python -m evals) and human side-by-side comparison."""
