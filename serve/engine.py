@@ -725,15 +725,26 @@ class Engine:
 QUANT_MODES = ('none', 'int8', 'int4')
 
 
-def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
-  """(Engine, tokenizer) for a Kiln LM run or an HF import (`train.convert import`), from its
-  newest checkpoint. max_seq_len defaults to the run's `data.seq_len`.
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A run's inference model, as `load_model` reads it: what the engine, the evaluation
+  harness (evals/backend.py) and scoring tools build on."""
+  graphdef: object
+  params: object
+  model_cfg: object
+  tokenizer: object
+  step: int
+  config: object  # the run's resolved ml_collections config
 
-  The engine serves the run's inference model (`task.inference_params`: a LoRA run's
-  adapters merged into its weights). `quant` 'int8' (per output channel) or 'int4'
-  (groups of 128 along the contraction axis) stores its projection weights quantized,
-  converted here at load (model/quant.py); activations, embeddings and the KV cache stay in
-  the model's dtypes.
+
+def load_model(workdir: str, *, quant: str = 'none') -> LoadedModel:
+  """The inference model of a Kiln LM run or an HF import (`train.convert import`), from its
+  newest checkpoint.
+
+  It is the run's inference model (`task.inference_params`: a LoRA run's adapters merged
+  into its weights). `quant` 'int8' (per output channel) or 'int4' (groups of 128 along the
+  contraction axis) stores its projection weights quantized, converted here at load
+  (model/quant.py); activations, embeddings and the KV cache stay in the model's dtypes.
   """
   from train import runs  # serve sits above train: loading a run is train's business
   from train.tasks import get_task
@@ -748,10 +759,17 @@ def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
   task.setup_inference(workdir)
   if quant != 'none':
     task.set_inference_quant(quant)  # checked on shapes, before the checkpoint is read
-  state, _ = runs.restore_latest(task, config, workdir)
+  state, step = runs.restore_latest(task, config, workdir)
   params = task.inference_params(state)
   del state  # the float weights go once converted
-  engine_kwargs.setdefault('max_seq_len', int(config.data.seq_len))
-  engine = Engine(task.inference_graphdef, params, task.inference_model_cfg, task.tokenizer,
-                  **engine_kwargs)
-  return engine, task.tokenizer
+  return LoadedModel(task.inference_graphdef, params, task.inference_model_cfg, task.tokenizer,
+                     int(step), config)
+
+
+def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
+  """(Engine, tokenizer) for a Kiln LM run or an HF import, from its newest checkpoint
+  (`load_model`). max_seq_len defaults to the run's `data.seq_len`."""
+  m = load_model(workdir, quant=quant)
+  engine_kwargs.setdefault('max_seq_len', int(m.config.data.seq_len))
+  engine = Engine(m.graphdef, m.params, m.model_cfg, m.tokenizer, **engine_kwargs)
+  return engine, m.tokenizer
