@@ -751,10 +751,12 @@ def load_model(workdir: str, *, quant: str = 'none') -> LoadedModel:
   if quant not in QUANT_MODES:
     raise ConfigError(f'quant={quant!r} is not available; choose one of '
                       f'{", ".join(QUANT_MODES)}.')
-  from train.tasks.lm import LMTask
   config = runs.load_run_config(workdir)
   task = get_task(config)
-  if not isinstance(task, LMTask):  # SFT, DPO and distillation runs hold the LM's model
+  # Every LM-family task (lm, SFT, DPO, distillation) has an inference graph, image tasks
+  # none. Asked by attribute, not isinstance(LMTask): importing train.tasks.lm here would
+  # close an import cycle with its training-time evaluation (evals/training.py).
+  if not hasattr(task, 'inference_graphdef'):
     raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task.setup_inference(workdir)
   if quant != 'none':
