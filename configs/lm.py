@@ -79,6 +79,12 @@ def base() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(z_loss=0.0))
 
+  # Evaluation tasks (evals/, lm-eval's YAML format) run at each evaluation on the current
+  # parameters and logged as eval/<task>/<metric>: comma-separated built-in names
+  # (evals/tasks/<name>.yaml, e.g. 'stdlib_ppl,stdlib_completion') or YAML paths.
+  # task_limit: documents per task (0: all the task has).
+  c.eval = ml_collections.ConfigDict(dict(tasks='', task_limit=0))
+
   c.sample = ml_collections.ConfigDict(dict(
       prompt='',
       max_new_tokens=200,

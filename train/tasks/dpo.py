@@ -249,11 +249,11 @@ class DPOTask(lm.LMTask):
             'pairs': jnp.asarray(losses_B.shape[0], jnp.float32)}
 
   def eval_summary(self, sums, state):
-    del state
-    if not sums:
-      return {}
-    n = max(sums['pairs'], 1.0)
-    return {f'eval/{k}': sums[k] / n for k in ('loss', *PAIR_METRICS)}
+    out = {}
+    if sums:
+      n = max(sums['pairs'], 1.0)
+      out = {f'eval/{k}': sums[k] / n for k in ('loss', *PAIR_METRICS)}
+    return {**out, **self.task_evals(state)}
 
   # --- accounting ------------------------------------------------------------
 

@@ -46,6 +46,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'tfds':
     require(bool(config.data.name), "data.source='tfds' needs data.name, e.g. "
             '--config.data.name=tiny_shakespeare.')
+  if eval_task_names(config):
+    check_positive(config, 'eval.task_limit', allow_zero=True)
+    from evals import training  # the names are checked before anything compiles
+    training.check_tasks(eval_task_names(config))
 
 
 # The model keys that fix the parameters' shapes and meaning; `init_from` takes them
@@ -293,11 +297,21 @@ class LMTask(tasks.Task):
     return {'nll_sum': jnp.sum(nll_BxL), 'tokens': jnp.asarray(nll_BxL.size, jnp.float32)}
 
   def eval_summary(self, sums: Mapping[str, float], state) -> dict[str, float]:
-    del state  # perplexity needs only the sums
-    if not sums:  # no evaluation data
+    out = {}
+    if sums:  # else no evaluation data
+      loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
+      out = {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 80.0)))}
+    return {**out, **self.task_evals(state)}
+
+  def task_evals(self, state) -> dict[str, float]:
+    """`eval/<task>/<metric>` of the evaluation tasks in `eval.tasks` (evals/), scored on
+    `inference_params(state)` in memory (no checkpoint round trip); {} when there are none.
+    Subclasses that replace `eval_summary` add these to theirs."""
+    names = eval_task_names(self.config)
+    if not names:
       return {}
-    loss = sums['nll_sum'] / max(sums['tokens'], 1.0)
-    return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 80.0)))}
+    from evals import training  # evals sits beside train; only runs with eval.tasks need it
+    return training.task_scalars(self, state, names, limit=self.config.eval.task_limit or None)
 
   # --- accounting ------------------------------------------------------------
 
@@ -399,6 +413,12 @@ class LMTask(tasks.Task):
                              seeds_B=seeds_B, stop_ids=stop_ids,
                              vocab_limit=self.tokenizer.vocab_size)
     return jax.jit(run)
+
+
+def eval_task_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The evaluation tasks `eval.tasks` names (comma-separated), [] when the key is absent."""
+  spec = config.get('eval', {}).get('tasks', '')
+  return [name.strip() for name in spec.split(',') if name.strip()]
 
 
 def unencodable(tokenizer: tokenizers.Tokenizer, text: str) -> list[str]:
