@@ -6,35 +6,28 @@ harness scores `task.inference_params(state)` (a LoRA run's adapters merged) thr
 as the scalar `eval/<task>/<metric>` that the trainer logs with `eval/loss`.
 """
 
-import pathlib
-
 from data.errors import ConfigError
-from evals import backend, runner
-
-BUILTIN_DIR = pathlib.Path(__file__).resolve().parent / 'tasks'
+from evals import backend, runner, task_config
 
 
 def check_tasks(names: list[str]) -> None:
-  """ConfigError naming `eval.tasks` for a name that is neither a built-in task
-  (evals/tasks/<name>.yaml) nor an existing YAML file; called before anything compiles."""
+  """ConfigError naming `eval.tasks` for a name that is neither a built-in task, group or
+  tag (evals/tasks/) nor an existing YAML file; called before anything compiles."""
   for name in names:
-    if (BUILTIN_DIR / f'{name}.yaml').is_file():
-      continue
-    if name.endswith(('.yaml', '.yml')) and pathlib.Path(name).expanduser().is_file():
-      continue
-    builtin = sorted(p.stem for p in BUILTIN_DIR.glob('*.yaml'))
-    raise ConfigError(f'eval.tasks names {name!r}, which is neither a built-in task '
-                      f'({", ".join(builtin)}) nor an existing .yaml file.')
+    try:
+      task_config.resolve(name)
+    except ConfigError as e:
+      raise ConfigError(f'eval.tasks: {str(e).removeprefix("--tasks: ")}') from None
 
 
 def scalars(results: dict) -> dict[str, float]:
-  """`eval/<task>/<metric>` for each metric of `evaluate`'s results (standard errors left
-  out; lm-eval's ',none' filter suffix dropped)."""
+  """`eval/<task>/<metric>` for each metric of `evaluate`'s results, standard errors left
+  out (`eval/<task>/<metric>/<filter>` for a filter other than lm-eval's 'none')."""
   out = {}
   for task, metrics in results['results'].items():
     for key, value in metrics.items():
-      metric = key.split(',')[0]
-      if metric.endswith('_stderr') or isinstance(value, bool):
+      metric = key.removesuffix(',none').replace(',', '/')
+      if metric.split('/')[0].endswith('_stderr') or isinstance(value, bool):
         continue
       if isinstance(value, int | float):
         out[f'eval/{task}/{metric}'] = float(value)
@@ -50,4 +43,5 @@ def task_scalars(task, state, names: list[str], *, limit: int | None = None
   model = backend.KilnLM(task.inference_graphdef, task.inference_params(state),
                          task.inference_model_cfg, task.tokenizer,
                          max_seq_len=int(task.config.data.seq_len), step=int(state.step))
-  return scalars(runner.evaluate(model, names, limit=limit))
+  # Standard errors are not logged: no bootstrap (BLEU's would resample 100k times).
+  return scalars(runner.evaluate(model, names, limit=limit, bootstrap_iters=0))
