@@ -56,7 +56,7 @@ def test_completion_and_docstring_docs_are_held_out_functions():
   completion = shipped_data.stdlib_completion(max_docs=8)['test']
   docstring = shipped_data.stdlib_docstring(max_docs=8)['test']
   for doc in completion:
-    assert sources.held_out(doc['module'], 0.1)
+    assert sources.held_out(doc['module'], 0.1) and not doc['module'].startswith('test/')
     assert doc['context'].lstrip().startswith(('def ', 'async def '))
     assert doc['target'] and doc['target'] == doc['target'].strip()
     assert doc['target'] in _stdlib_text(doc['module'])

@@ -93,16 +93,23 @@ def stdlib_ppl(max_docs: int = 40, max_chars: int = 4000,
   return {'test': docs}
 
 
+def _is_test_code(rel: str) -> bool:
+  return any(part in ('test', 'tests', 'idle_test') for part in rel.split('/')[:-1])
+
+
 def _functions(val_fraction: float, per_module: int = 5) -> Iterator[dict]:
-  """stdlib_functions' examples of the held-out modules, module by module in their fixed
-  shuffled order, at most `per_module` from each (a fixed sample of its functions), so a
-  few hundred documents span dozens of modules and only those modules are parsed."""
+  """stdlib_functions' examples of the held-out library modules (the test suite left out),
+  module by module in their fixed shuffled order, at most `per_module` from each (a fixed
+  sample of its functions), so a hundred documents span twenty-odd modules and only those
+  modules are parsed."""
   for rel in _held_out_modules(val_fraction):
+    if _is_test_code(rel):
+      continue
     examples = list(stdlib_functions.stdlib_examples('validation', val_fraction, modules=[rel]))
     yield from _shuffled(examples)[:per_module]
 
 
-def stdlib_completion(max_docs: int = 200, val_fraction: float = STDLIB_VAL_FRACTION,
+def stdlib_completion(max_docs: int = 100, val_fraction: float = STDLIB_VAL_FRACTION,
                       **unused) -> dict[str, Docs]:
   """Next-line completion: {'context', 'target', 'name', 'module'} per documented held-out
   function. The context is the function's `def` line(s) and docstring (and any blank lines
@@ -137,7 +144,7 @@ def summary(docstring: str) -> str:
   return ' '.join(first.split())
 
 
-def stdlib_docstring(max_docs: int = 200, max_code_chars: int = 1500,
+def stdlib_docstring(max_docs: int = 100, max_code_chars: int = 1500,
                      val_fraction: float = STDLIB_VAL_FRACTION, **unused) -> dict[str, Docs]:
   """Docstring generation: {'code', 'target', 'name', 'module'} per documented held-out
   function of at most `max_code_chars` characters without its docstring. `code` is the
