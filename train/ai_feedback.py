@@ -359,12 +359,16 @@ def check_flags(f) -> None:
 def load_model_judge(run_dir: str, principles: Sequence[str]) -> ModelJudge:
   """The judge run's inference model (LoRA merged) on its mesh, as `train.sample` loads it."""
   from train import runs
+  from train.tasks import get_task
   from train.tasks.lm import LMTask
 
-  task, state, _ = runs.load_latest(run_dir)
+  config = runs.load_run_config(run_dir)
+  task = get_task(config)
   if not (isinstance(task, LMTask) and task.makes_text):
-    raise ConfigError(f'--judge={run_dir} is a {task.config.task!r} run; a judge answers A or '
-                      'B, so it must be a language model (lm, sft, dpo, distill, an import).')
+    raise ConfigError(f'--judge={run_dir} is a {config.task!r} run; a judge answers A or B, '
+                      'so it must be a language model (lm, sft, dpo, distill, an import).')
+  task.setup_inference(run_dir)
+  state, _ = runs.restore_latest(task, config, run_dir)
   cfg = task.inference_model_cfg
   return ModelJudge(run_dir, task.inference_graphdef, task.inference_params(state),
                     task.tokenizer, principles,
