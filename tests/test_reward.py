@@ -88,6 +88,7 @@ def test_bradley_terry_loss_and_metrics_match_numpy():
   np.testing.assert_allclose(metrics['accuracy'], (chosen > rejected).astype(np.float32))
   np.testing.assert_allclose(metrics['rewards/margins'], chosen - rejected, rtol=1e-6)
   np.testing.assert_allclose(metrics['rewards/chosen'], chosen, rtol=1e-6)
+  np.testing.assert_allclose(metrics['mean_reward'], (chosen + rejected) / 2, atol=1e-6)
 
 
 def test_margins_are_read_and_bad_ones_counted(tmp_path):

@@ -204,7 +204,8 @@ class ModelJudge:
     bos = tokenizer.bos_id
     self._bos = [bos] if bos >= 0 else []
     self._answers = [list(tokenizer.encode(a)) for a in ANSWERS]
-    self._score = jax.jit(lambda p, t, n: decode.score(self.graphdef, p, t, n)[0])
+    self._score = jax.jit(lambda p, t, n: decode.score(self.graphdef, p, t, n,
+                                                       vocab_limit=tokenizer.vocab_size)[0])
 
   def preferences(self, prompts: Sequence[str],
                   candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:

@@ -11,7 +11,8 @@ without one) and the reward-centring coefficient c (`reward.center_coefficient`,
 and the loss is its mean over pairs. The centring term pins the rewards' mean near 0, so
 that a PPO run reading them needs no whitening. Logged like TRL: `accuracy` (the share of
 pairs with r_w > r_l), `rewards/chosen`, `rewards/rejected`, `rewards/margins`; the trainer
-prefixes them with `train/`, evaluation logs the same over held-out pairs as `eval/...`.
+prefixes them with `train/`, evaluation logs the same over held-out pairs as `eval/...`;
+`mean_reward` (TRL's name) is the mean of both, what centring holds near 0.
 
 The data are DPO's (data/preference_data.py: the embedded rule set or preference jsonl, a
 string or chat-message pair per line); the model, tokenizer and `init_from` warm start are
@@ -32,13 +33,14 @@ from flax import nnx
 
 from data import tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import lora, run_params
+from model import lora, run_params, transformer
 from model import reward_model as reward_lib
 from train import mesh as mesh_lib
 from train import runs, tasks
 from train.tasks import dpo, kit, lm
 
-PAIR_METRICS = ('accuracy', 'rewards/chosen', 'rewards/rejected', 'rewards/margins')
+PAIR_METRICS = ('accuracy', 'rewards/chosen', 'rewards/rejected', 'rewards/margins',
+                'mean_reward')
 # With LoRA: everything frozen but the adapters and the scalar head.
 FREEZE_BASE = r'(?!head$|head_bias$)' + lora.FREEZE_BASE
 
@@ -53,7 +55,7 @@ def bradley_terry_loss(chosen_B: jax.Array, rejected_B: jax.Array, margin_B: jax
   metrics = {
       'accuracy': (chosen_B > rejected_B).astype(jnp.float32),
       'rewards/chosen': chosen_B, 'rewards/rejected': rejected_B,
-      'rewards/margins': chosen_B - rejected_B,
+      'rewards/margins': chosen_B - rejected_B, 'mean_reward': (chosen_B + rejected_B) / 2,
   }
   return losses_B, metrics
 
@@ -186,7 +188,7 @@ class RewardTask(lm.LMTask):
 
   def flops_per_step(self) -> float:
     tokens = 2 * self.config.batch_size * self.config.data.seq_len  # two rows per pair
-    return lm.transformer.train_flops_per_token(self.model_cfg, self.config.data.seq_len) * tokens
+    return transformer.train_flops_per_token(self.model_cfg, self.config.data.seq_len) * tokens
 
   # --- what tools read -------------------------------------------------------
 
@@ -199,7 +201,7 @@ class RewardTask(lm.LMTask):
                         "sample.completions (a list of strings) in the run's config.json.")
     rows = [encode_pair(self.tokenizer, s.prompt, c) for c in s.completions]
     tokens_BxL, lengths_B = pad_rows(rows, self.model_cfg.max_positions or None)
-    rewards = np.asarray(jax.device_get(jax.jit(score, static_argnums=0)(
+    rewards = np.asarray(jax.device_get(_jitted_score(
         self.inference_graphdef, self.inference_params(state), tokens_BxL, lengths_B)))
     order = np.argsort(-rewards, kind='stable')
     lines = [f'{rewards[i]:+.4f}  {s.completions[i]!r}' for i in order]
@@ -226,21 +228,29 @@ def load_reward_model(run_dir: str, mesh: jax.sharding.Mesh | None = None, rules
                       "(train one with configs/reward.py: task='reward').")
   task = RewardTask(config)
   task.setup_inference(run_dir)
-  with nnx.use_eager_sharding(False):
-    abstract = kit.pure_state(nnx.eval_shape(lambda: task._new_model(jax.random.key(0))),
-                              nnx.Param)
-  if mesh is None:
-    abstract = run_params.on_one_device(abstract)
-  else:
-    shardings = mesh_lib.shardings(abstract, task._param_specs, mesh,
-                                   rules or task.logical_rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-  params, _ = kit.load_run_params(run_dir, abstract)
-  if task.model_cfg != task.inference_model_cfg:  # LoRA: merged, in the same placement
+  rules = rules or task.logical_rules
+  stored = _placed_abstract(task.model_cfg, mesh, rules)
+  params, _ = kit.load_run_params(run_dir, stored)
+  if task.model_cfg != task.inference_model_cfg:  # LoRA: adapters merged into float weights
+    merged = _placed_abstract(task.inference_model_cfg, mesh, rules)
     params = jax.jit(task._inference_fn(task.inference_model_cfg),
-                     out_shardings=jax.tree.map(lambda a: a.sharding, params))(params)
+                     out_shardings=jax.tree.map(lambda a: a.sharding, merged))(params)
   return task.inference_graphdef, params, task.tokenizer
+
+
+def _placed_abstract(cfg: transformer.TransformerConfig, mesh: jax.sharding.Mesh | None, rules):
+  """ShapeDtypeStructs of a RewardModel(cfg)'s parameters with their shardings on `mesh`
+  (whole on the first local device without one)."""
+  def make():
+    return reward_lib.RewardModel(cfg, rngs=nnx.Rngs(0))
+  _, (specs,) = kit.abstract_split(make, nnx.Param)
+  with nnx.use_eager_sharding(False):
+    abstract = kit.pure_state(nnx.eval_shape(make), nnx.Param)
+  if mesh is None:
+    return run_params.on_one_device(abstract)
+  shardings = mesh_lib.shardings(abstract, specs, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
 
 
 def score(graphdef: nnx.GraphDef, params, tokens_BxL: jax.Array,
@@ -251,6 +261,9 @@ def score(graphdef: nnx.GraphDef, params, tokens_BxL: jax.Array,
   `graphdef` static."""
   values_BxL = nnx.merge(graphdef, params)(tokens_BxL)
   return reward_lib.sequence_values(values_BxL, lengths_B)
+
+
+_jitted_score = jax.jit(score, static_argnums=0)
 
 
 def encode_pair(tokenizer: tokenizers.Tokenizer, prompt: str, completion: str) -> list[int]:
