@@ -255,10 +255,12 @@ def test_model_judge_is_order_invariant_and_matches_a_log_softmax():
   prompt, x, y, z = 'sort: b a\n', 'a b', 'zz yy xx', 'b b a'
   forward, backward = judge.preferences([prompt] * 2, [[x, y], [y, x]])
 
+  forward_pass = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+
   def log_odds(a, b):  # lp('A') - lp('B') after the judge prompt, by a plain forward pass
     head = [tok.bos_id] + list(tok.encode(ai_feedback.judge_prompt(('Be brief.',), prompt, a,
                                                                    b)))
-    logits = np.asarray(nnx.merge(graphdef, params)(np.asarray([head], np.int32)))[0, -1]
+    logits = np.asarray(forward_pass(params, np.asarray([head], np.int32)))[0, -1]
     lp = logits - np.logaddexp.reduce(logits)
     return lp[ord('A')] - lp[ord('B')]
 

@@ -183,14 +183,14 @@ class LMTask(tasks.Task):
     init = self.config.get('init_from')
     if not init:
       return state
-    params = self._warm_transformer_params(init, state.params)
+    params = self._warm_params(init, state.params)
     opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
     opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
     return state.replace(params=params, opt_state=opt_state)
 
-  def _warm_transformer_params(self, init: str, current):
+  def _warm_params(self, init: str, current):
     """The Transformer parameters of `init`'s newest checkpoint, in the tree and shardings of
-    `current` (placed; warm_start's docstring). A reward model warm-starts its trunk so."""
+    `current` (placed; warm_start's docstring). A reward model overrides it for its trunk."""
     init_cfg = self._init_run_model_cfg(init)
     if init_cfg == self.model_cfg:
       abstract = jax.tree.map(

@@ -116,16 +116,10 @@ class RewardTask(lm.LMTask):
     opt_cfg.freeze = f'(?:{user})|{FREEZE_BASE}' if user else FREEZE_BASE
     return opt_cfg
 
-  def warm_start(self, state):
+  def _warm_params(self, init: str, current):
     """The trunk from `init_from`'s newest checkpoint (an LM, SFT or DPO run, or an import);
-    the head stays at zero; a fresh optimizer."""
-    init = self.config.get('init_from')
-    if not init:
-      return state
-    params = dict(state.params, trunk=self._warm_transformer_params(init, state.params['trunk']))
-    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
-    opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
-    return state.replace(params=params, opt_state=opt_state)
+    the head keeps its zeros."""
+    return dict(current, trunk=super()._warm_params(init, current['trunk']))
 
   def set_inference_quant(self, mode: str, group: int = 0) -> None:
     del group
