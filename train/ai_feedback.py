@@ -3,7 +3,7 @@
   python -m train.ai_feedback --policy=RUN --prompts=prompts.jsonl --output=prefs.jsonl \
       --judge=rule:sorted            # or --judge=JUDGE_RUN [--principles=principles.txt]
       [--samples=2] [--max_tokens=64] [--temperature=1.0] [--top_p=1.0] [--stop='\\n']
-      [--seed=0] [--overwrite]
+      [--seed=0] [--tie_margin=0] [--overwrite]
 
 The policy (any LM-family run: lm, sft, dpo, distill, or an import) samples `--samples`
 completions of every prompt, all submitted at once to the continuous-batching engine
