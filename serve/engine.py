@@ -753,10 +753,11 @@ def load_model(workdir: str, *, quant: str = 'none') -> LoadedModel:
                       f'{", ".join(QUANT_MODES)}.')
   config = runs.load_run_config(workdir)
   task = get_task(config)
-  # Every LM-family task (lm, SFT, DPO, distillation) has an inference graph, image tasks
-  # none. Asked by attribute, not isinstance(LMTask): importing train.tasks.lm here would
-  # close an import cycle with its training-time evaluation (evals/training.py).
-  if not hasattr(task, 'inference_graphdef'):
+  # Every LM-family task (lm, SFT, DPO, distillation) has an inference graph and makes text;
+  # image tasks have none, and a reward model's scalar head makes no text. Asked by
+  # attribute, not isinstance(LMTask): importing train.tasks.lm here would close an import
+  # cycle with its training-time evaluation (evals/training.py).
+  if not (hasattr(task, 'inference_graphdef') and getattr(task, 'makes_text', False)):
     raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task.setup_inference(workdir)
   if quant != 'none':
