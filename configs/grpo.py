@@ -36,7 +36,7 @@ def get_config(preset: str = 'addition') -> ml_collections.ConfigDict:
       source='addition',  # addition (embedded, data/verifiable.py) | jsonl (data.path)
       path='',  # jsonl: a file, glob or URL of problems
       val_fraction=0.1,  # held-out share, by a hash of the prompt (addition) or line (jsonl)
-      seq_len=32,  # unused by GRPO (prompts and completions have their own lengths below)
+      seq_len=32,  # context of the run when served: >= grpo.max_prompt_len + max_new_tokens
       tokenizer=ml_collections.ConfigDict(dict(  # init_from's when given
           kind='byte', vocab_size=4096, model_type='bpe', train_chars=20_000_000)),
   ))
@@ -66,5 +66,6 @@ def get_config(preset: str = 'addition') -> ml_collections.ConfigDict:
   # The model of configs/sft.py:addition (init_from overrides the architecture keys).
   c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, dtype='float32',
                  scan_unroll=-1)
+  # The schedule counts optimizer updates: steps * grpo.num_iterations.
   c.optimizer.update(lr=1e-4, warmup_steps=5, end_lr=1e-4, weight_decay=0.0, b2=0.99)
   return c

@@ -21,6 +21,8 @@ from data.errors import ConfigError
 from model import lora, sampling
 from serve import engine as engine_lib
 from train import checkpoint, rewards, rl, tasks, trainer
+from train import mesh as mesh_lib
+from train.state import setup_state
 
 STEPS = 4
 MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
@@ -36,7 +38,9 @@ def config(**overrides):
                 reward='format:.*[0-9].*', beta=0.04)
   c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2)
   c.model.lora.update(rank=4, alpha=8.0)
-  c.optimizer.update(lr=1e-2, warmup_steps=1, end_lr=1e-2)
+  # A schedule that does not depend on `steps`, so the first half of the resumed run
+  # compiles the straight run's program (the persistent compilation cache serves it).
+  c.optimizer.update(lr=1e-2, warmup_steps=1, end_lr=1e-2, decay_steps=2 * STEPS)
   c.checkpoint.update(every=2, async_save=False)
   c.update_from_flattened_dict({**MESH, **overrides})
   return c
@@ -125,7 +129,8 @@ def test_run_logs_trl_metrics_and_keeps_the_lora_base(straight):
   assert 1 <= t['train/completions/min_length'] <= t['train/completions/mean_length'] <= 4
   # Two iterations per batch: the second sees a moved policy (ratio != 1, KL > 0).
   assert t['train/policy/approxkl'] > 0 and t['train/kl'] > 0
-  assert 0 <= result.eval['eval/accuracy'] <= 1 and 'eval/completions/mean_length' in result.eval
+  assert 0 <= result.eval['eval/accuracy'] <= 1 and 0 <= result.eval['eval/reward'] <= 1
+  assert 'eval/completions/mean_length' in result.eval
   assert sorted(result.losses) == list(range(1, STEPS + 1))
   first, last = restore(workdir, 2), restore(workdir, STEPS)
   moved = jax.tree_util.tree_map_with_path(
@@ -163,7 +168,7 @@ def test_rollout_equals_the_engine_for_the_same_seeds(straight):
   prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in ('12+07=', '03+40=', '99+01=')]
   seeds = [11, 2**31 - 5, 7]
   m = 6
-  padded = np.zeros((3, 6), np.int32)
+  padded = np.zeros((3, 8), np.int32)
   for i, p in enumerate(prompts):
     padded[i, :len(p)] = p
   ro = jax.jit(lambda params: rl.rollout(
@@ -182,3 +187,18 @@ def test_rollout_equals_the_engine_for_the_same_seeds(straight):
     p, n = len(prompts[i]), int(ro.length_B[i])
     assert got == [int(t) for t in ro.tokens_BxL[i, p:n]], i
     np.testing.assert_allclose([e.logprob for e in events], ro.logprobs_BxL[i, p:n], atol=1e-4)
+
+
+def test_reference_is_the_starting_model(tmp_path):
+  """Without LoRA the reference is a frozen copy of the starting parameters (here the seed's
+  initialisation, as the policy's); with LoRA there is none: the policy with adapters off."""
+  assert tasks.get_task(config()).load_frozen(None) == {}
+  cfg = config(**{'model.lora.rank': 0})
+  task = tasks.get_task(cfg)
+  task.setup_inference(str(tmp_path))
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  reference = task.load_frozen(mesh)['ref']
+  _, _, _, init = setup_state(task, cfg, mesh)
+  start = init(jax.random.key(cfg.seed)).params
+  for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(start), strict=True):
+    np.testing.assert_array_equal(x, y)

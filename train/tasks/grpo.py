@@ -32,8 +32,8 @@ deviation), `frac_reward_zero_std`, `completions/mean_length`, `completions/min_
 `completions/max_length`, `completions/clipped_ratio` (completions that hit max_new_tokens
 without a stop token), `kl`, `entropy`, `clip_ratio/low_mean`, `clip_ratio/high_mean`,
 `clip_ratio/region_mean`, and `rewards/<name>/mean`. Evaluation: `eval/accuracy`, the mean
-of `grpo.eval_reward` (exact match) of greedy completions of held-out prompts, and
-`eval/completions/mean_length`.
+of `grpo.eval_reward` (exact match) of greedy completions of held-out prompts, `eval/reward`,
+the same of completions sampled as in training, and `eval/completions/mean_length`.
 
 `batch_size` counts prompts; a step trains on batch_size * G completions (TRL counts
 completions in its batch size).
@@ -50,8 +50,8 @@ from absl import logging
 from data import chat, lm_pipeline, tokenizers, verifiable
 from data.errors import ConfigError, check_choice, check_positive, require
 from model import lora, sampling
-from train import mesh as mesh_lib
 from train import optim, rewards, rl, tasks
+from train.state import setup_state
 from train.tasks import lm
 
 Batch = dict[str, np.ndarray]
@@ -64,12 +64,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'grpo.loss_aggregation', rl.AGGREGATIONS)
   check_positive(config, 'grpo.num_generations', 'grpo.max_new_tokens', 'grpo.num_iterations',
                  'grpo.max_prompt_len', 'grpo.eval_prompts')
-  check_positive(config, 'grpo.beta', 'grpo.temperature', 'grpo.top_k', allow_zero=True)
+  check_positive(config, 'grpo.temperature')  # greedy groups would have no spread
+  check_positive(config, 'grpo.beta', 'grpo.top_k', allow_zero=True)
   require(g.num_generations >= 2, f'grpo.num_generations={g.num_generations} must be >= 2: '
           'advantages compare the samples of a prompt with each other.')
   require(0 < g.clip_low < 1 and g.clip_high > 0, f'grpo.clip_low={g.clip_low} must be in '
           f'(0, 1) and grpo.clip_high={g.clip_high} > 0.')
   require(0.0 < g.top_p <= 1.0, f'grpo.top_p={g.top_p} must be in (0, 1].')
+  # data.seq_len is the context a served GRPO run gets (serve/engine.py's max_seq_len).
+  require(config.data.seq_len >= g.max_prompt_len + g.max_new_tokens,
+          f'data.seq_len={config.data.seq_len} must hold grpo.max_prompt_len + '
+          f'grpo.max_new_tokens = {g.max_prompt_len + g.max_new_tokens} positions.')
   require(0.0 < config.data.val_fraction < 1.0,
           f'data.val_fraction={config.data.val_fraction!r} must be in (0, 1).')
   if config.data.source == 'jsonl':
@@ -81,6 +86,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   require(config.grad_accum == 1 or g.loss_aggregation != 'token_mean',
           "grpo.loss_aggregation='token_mean' divides by the tokens of the whole batch, which "
           'microbatches (grad_accum > 1) do not see; use grad_accum=1.')
+
+
+def repeat_rows(x: jax.Array, n: int) -> jax.Array:
+  """Each row `n` times in a row: row i*n + j of the result is row i (sharded like `x`)."""
+  b = x.shape[0]
+  return jnp.broadcast_to(x[:, None], (b, n, *x.shape[1:])).reshape(b * n, *x.shape[1:])
 
 
 class Prompts:
@@ -190,19 +201,15 @@ class GRPOTask(lm.LMTask):
     return 'lora_base' if self.model_cfg.lora_rank else 'model'
 
   def load_frozen(self, mesh):
+    """The reference: the policy's starting parameters, made again as `warm_start` makes
+    them (from `init_from`, a LoRA run's merged; else the seed's initialisation), on every
+    start, resume included."""
     if self._reference() != 'model':
       return {}
-    rng = jax.random.key(self.config.seed)
-    abstract = jax.eval_shape(lambda: self.init_state(rng).params)
-    shardings = mesh_lib.shardings(abstract, self._param_specs, mesh, self.logical_rules)
-    source = self.config.get('init_from')
-    if not source:  # the seed's initialisation, as the policy starts
-      return {'ref': jax.jit(lambda: self.init_state(rng).params, out_shardings=shardings)()}
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    params, step = self._load_init_params(source, target)
-    logging.info('GRPO reference: step %d of %s.', step, source)
-    return {'ref': params}
+    rng, _, _, init = setup_state(self, self.config, mesh)
+    logging.info('GRPO reference: the starting model (%s).',
+                 self.config.get('init_from') or f'seed {self.config.seed}')
+    return {'ref': self.warm_start(init(rng)).params}
 
   # --- collect ---------------------------------------------------------------
 
@@ -242,17 +249,13 @@ class GRPOTask(lm.LMTask):
   def collect(self, state, batch, frozen):
     g = self.config.grpo
     n = g.num_generations
-    b, p = batch['prompt'].shape
-    r = b * n
+    r = batch['prompt'].shape[0] * n
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     seed_key, reward_key = jax.random.split(key)
 
-    def repeat(x):  # row i*G + j is sample j of prompt i
-      return jnp.broadcast_to(x[:, None], (b, n, *x.shape[1:])).reshape(r, *x.shape[1:])
-
-    index_R = repeat(batch['index'])
-    ro = rl.rollout(self.graphdef, state.params, repeat(batch['prompt']),
-                    repeat(batch['prompt_len']), max_new_tokens=g.max_new_tokens,
+    index_R = repeat_rows(batch['index'], n)
+    ro = rl.rollout(self.graphdef, state.params, repeat_rows(batch['prompt'], n),
+                    repeat_rows(batch['prompt_len'], n), max_new_tokens=g.max_new_tokens,
                     sampling_params=self._sampling_params(r), seeds_B=rl.rollout_seeds(seed_key, r),
                     stop_ids=self.stop_ids, vocab_limit=self.tokenizer.vocab_size)
     if self.reward_fn is None:  # the control: a fair coin per completion
@@ -345,44 +348,53 @@ class GRPOTask(lm.LMTask):
   def eval_batches(self):
     return iter(())  # evaluation generates; see eval_summary
 
-  def greedy_rollouts(self, params, prompts: Prompts, count: int) -> rl.Rollout:
-    """Greedy completions of the first `count` prompts, gathered to host, in chunks of
+  def eval_rollouts(self, params, prompts: Prompts, count: int,
+                    greedy: bool = True) -> rl.Rollout:
+    """Completions of the first `count` prompts, greedy or sampled as in training (seeds
+    0, 1, ...: the same draws at every evaluation), gathered to host, in chunks of
     batch_size * G rows (one compiled program for any count)."""
-    g = self.config.grpo
-    chunk = self.config.batch_size * g.num_generations
-    fn = self._greedy_fn(chunk)
+    chunk = self.config.batch_size * self.config.grpo.num_generations
+    fn = self._eval_fn(chunk, greedy)
     outs = []
     for start in range(0, count, chunk):
       rows = [prompts[i % len(prompts)] for i in range(start, start + chunk)]
       stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
-      outs.append(jax.device_get(fn(params, stacked['prompt'], stacked['prompt_len'])))
+      seeds = np.arange(start, start + chunk, dtype=np.int32)
+      outs.append(jax.device_get(fn(params, stacked['prompt'], stacked['prompt_len'], seeds)))
     return jax.tree.map(lambda *x: np.concatenate(x)[:count], *outs)
 
-  @functools.cache  # noqa: B019  (one compiled program per chunk size)
-  def _greedy_fn(self, rows: int):
+  @functools.cache  # noqa: B019  (one compiled program per chunk size and mode)
+  def _eval_fn(self, rows: int, greedy: bool):
     g = self.config.grpo
 
-    def run(params, prompt_BxP, prompt_len_B):
+    def run(params, prompt_BxP, prompt_len_B, seeds_B):
       return rl.rollout(self.graphdef, params, prompt_BxP, prompt_len_B,
                         max_new_tokens=g.max_new_tokens,
-                        sampling_params=self._sampling_params(rows, greedy=True),
-                        seeds_B=jnp.zeros((rows,), jnp.int32), stop_ids=self.stop_ids,
+                        sampling_params=self._sampling_params(rows, greedy=greedy),
+                        seeds_B=seeds_B, stop_ids=self.stop_ids,
                         vocab_limit=self.tokenizer.vocab_size)
     return jax.jit(run)
 
   def eval_summary(self, sums, state):
+    """`eval/accuracy`: the mean `grpo.eval_reward` of greedy completions of the held-out
+    prompts; `eval/reward`: the same of completions sampled as in training (TRL's eval
+    reward, pass@1 at the training temperature)."""
     del sums
     count = min(self.config.grpo.eval_prompts, len(self.eval_prompts))
-    ro = self.greedy_rollouts(state.params, self.eval_prompts, count)
-    scores = self._score_on_host(self.eval_reward_fn, 'validation', np.arange(count),
-                                 ro.tokens_BxL, ro.prompt_len_B, ro.length_B, ro.stopped_B)
-    return {'eval/accuracy': float(np.mean(scores)),
-            'eval/completions/mean_length': float(np.mean(ro.length_B - ro.prompt_len_B))}
+    out = {}
+    for name, greedy in (('accuracy', True), ('reward', False)):
+      ro = self.eval_rollouts(state.params, self.eval_prompts, count, greedy)
+      scores = self._score_on_host(self.eval_reward_fn, 'validation', np.arange(count),
+                                   ro.tokens_BxL, ro.prompt_len_B, ro.length_B, ro.stopped_B)
+      out[f'eval/{name}'] = float(np.mean(scores))
+      if greedy:
+        out['eval/completions/mean_length'] = float(np.mean(ro.length_B - ro.prompt_len_B))
+    return out
 
   def samples(self, state, seed: int) -> dict[str, str]:
     """Greedy completions of the first held-out prompts, one per line."""
     del seed
-    ro = self.greedy_rollouts(state.params, self.eval_prompts, min(8, len(self.eval_prompts)))
+    ro = self.eval_rollouts(state.params, self.eval_prompts, min(8, len(self.eval_prompts)))
     lines = []
     for i, (row, p, n, stop) in enumerate(zip(ro.tokens_BxL, ro.prompt_len_B, ro.length_B,
                                               ro.stopped_B, strict=True)):
