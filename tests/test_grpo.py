@@ -92,7 +92,7 @@ def test_unit_test_reward_runs_the_program_in_the_sandbox():
   prompt = 'def add(a, b):\n  """The sum."""\n'
   example = {'tests': 'assert add(2, 3) == 5\nassert add(-1, 1) == 0'}
   scores = rewards.batch_rewards(rewards.get('unit_tests'), [prompt] * 3,
-                                 ['  return a + b\n', '  return a - b\n', '  while True: pass\n'],
+                                 ['  return a + b\n', '  return a - b\n', '  return a +\n'],
                                  [example] * 3)
   assert scores == [1.0, 0.0, 0.0]
 

@@ -354,23 +354,24 @@ class GRPOTask(lm.LMTask):
     0, 1, ...: the same draws at every evaluation), gathered to host, in chunks of
     batch_size * G rows (one compiled program for any count)."""
     chunk = self.config.batch_size * self.config.grpo.num_generations
-    fn = self._eval_fn(chunk, greedy)
+    fn = self._eval_fn(chunk)
+    settings = jax.device_get(self._sampling_params(chunk, greedy=greedy))
     outs = []
     for start in range(0, count, chunk):
       rows = [prompts[i % len(prompts)] for i in range(start, start + chunk)]
       stacked = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
       seeds = np.arange(start, start + chunk, dtype=np.int32)
-      outs.append(jax.device_get(fn(params, stacked['prompt'], stacked['prompt_len'], seeds)))
+      outs.append(jax.device_get(fn(params, stacked['prompt'], stacked['prompt_len'], seeds,
+                                    settings)))
     return jax.tree.map(lambda *x: np.concatenate(x)[:count], *outs)
 
-  @functools.cache  # noqa: B019  (one compiled program per chunk size and mode)
-  def _eval_fn(self, rows: int, greedy: bool):
+  @functools.cache  # noqa: B019  (one compiled program per chunk size, greedy or not)
+  def _eval_fn(self, rows: int):
     g = self.config.grpo
 
-    def run(params, prompt_BxP, prompt_len_B, seeds_B):
+    def run(params, prompt_BxP, prompt_len_B, seeds_B, settings):
       return rl.rollout(self.graphdef, params, prompt_BxP, prompt_len_B,
-                        max_new_tokens=g.max_new_tokens,
-                        sampling_params=self._sampling_params(rows, greedy=greedy),
+                        max_new_tokens=g.max_new_tokens, sampling_params=settings,
                         seeds_B=seeds_B, stop_ids=self.stop_ids,
                         vocab_limit=self.tokenizer.vocab_size)
     return jax.jit(run)
