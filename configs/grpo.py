@@ -41,7 +41,7 @@ def get_config(preset: str = 'addition') -> ml_collections.ConfigDict:
           kind='byte', vocab_size=4096, model_type='bpe', train_chars=20_000_000)),
   ))
   c.grpo = ml_collections.ConfigDict(dict(
-      num_generations=8,  # G: completions per prompt
+      num_generations=16,  # G: completions per prompt
       max_new_tokens=8,  # completion length limit (and Dr. GRPO's constant)
       max_prompt_len=16,  # prompt tokens (BOS included); longer prompts are a config error
       temperature=1.0,  # sampling temperature, also applied to the logits of the loss
