@@ -4,10 +4,11 @@ One tiny trainer run, sharded on a 2x2x2 mesh, with LoRA (the reference is the p
 its adapters off), two optimisation iterations per rollout batch and the k3 KL, is checked
 several ways: TRL's metrics present and finite; its LoRA base unchanged; the run cut back
 to its step-2 checkpoint and resumed equal to the straight run, parameter for parameter
-(the rollouts, the host rewards and the prompt iterator resume exactly); a rollout from the jitted generate
-equal to the serving engine's output for the same prompts and seeds (both draw from
-model/sampling.request_keys). The loss math is tested in tests/test_rl.py; the rewards here
-on hand-made cases, the sandboxed unit tests against a passing and a failing body.
+(the rollouts, the host rewards and the prompt iterator resume exactly); a rollout from
+the jitted generate equal to the serving engine's output for the same prompts and seeds
+(both draw from model/sampling.request_keys). The loss math is tested in tests/test_rl.py;
+the rewards here on hand-made cases, the sandboxed unit tests against a passing and a
+failing body.
 """
 
 import shutil
