@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: (prompt, chosen, rejected) -> two token rows with completion masks.
+"""Preference pairs for DPO and reward models: (prompt, chosen, rejected) -> two token rows
+with completion masks.
 
 Sources (`config.data.source`):
 
@@ -12,17 +13,22 @@ Sources (`config.data.source`):
           chat template (data/chat.py) as TRL does: the prompt with the generation prompt,
           each completion as the rest of the rendered conversation. `data.path` is a file,
           a glob or a URL (gs://...), read through etils.epath. Held out by a hash of the line.
+          An optional number `margin` says by how much chosen is preferred (TRL's
+          RewardTrainer: the reward model's loss subtracts it); DPO ignores it, and any other
+          field (a judge's metadata, train/ai_feedback.py) is ignored too.
 
 Each example becomes two rows of `seq_len + 1` tokens, chosen first: the prompt then the
 completion, zero-padded. String fields get BOS before the prompt and EOS after each
 completion when the tokenizer has them; message lists get what the template writes. Prompt
 and completion are tokenized separately and joined (as TRL does), so the boundary is exact.
-The mask covers the targets that are completion tokens; DPO sums log-probs over them.
+The mask covers the targets that are completion tokens; DPO sums log-probs over them. A
+reward model reads its score at each row's last real token, `lengths` - 1.
 
 Bad rows are counted by reason, skipped and summarised in one warning per split: malformed
 JSON, a missing or mistyped field, a message without a role or content, an empty
 completion, a prompt longer than `data.max_prompt_len` (-1: half of seq_len), chosen equal
-to rejected. Completions cut to fit `seq_len` are kept and counted as truncated.
+to rejected, a `margin` that is not a finite number. Completions cut to fit `seq_len` are
+kept and counted as truncated.
 
 The examples are tokenized at every start and held in memory (ragged, unpadded); the
 batches come from the same grain pipeline as the LM's (data/lm_pipeline.py): one global
@@ -35,6 +41,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -81,13 +88,17 @@ class PreferencePairs:
   """Tokenized pairs of one split; pairs[i] is one example's rows, padded to seq_len.
 
   Element i: inputs, targets, positions, segment_ids int32 [2, L] and mask float32 [2, L]
-  (row 0 chosen, row 1 rejected), and index int32 [] (= offset + i).
+  (row 0 chosen, row 1 rejected), lengths int32 [2] (each row's real tokens in `inputs`:
+  prompt + completion, at most L), margin float32 [] (the row's `margin`, 0 without one)
+  and index int32 [] (= offset + i).
   """
 
   def __init__(self, prompts: Sequence[np.ndarray], completions: Sequence[tuple],
-               seq_len: int, offset: int = 0):
+               seq_len: int, offset: int = 0, margins: Sequence[float] | None = None):
     self.prompts, self.completions = list(prompts), list(completions)
     self.seq_len, self.offset = seq_len, offset
+    self.margins = np.zeros(len(self.prompts), np.float32) if margins is None else (
+        np.asarray(margins, np.float32))
 
   def __len__(self) -> int:
     return len(self.prompts)
@@ -98,17 +109,19 @@ class PreferencePairs:
     tokens_2xW = np.zeros((2, L + 1), np.int32)
     mask_2xL = np.zeros((2, L), np.float32)
     segments_2xL = np.full((2, L), 2, np.int32)  # padding is its own segment
+    lengths_2 = np.zeros((2,), np.int32)
     prompt = self.prompts[i]
     for row, completion in enumerate(self.completions[i]):
       n = len(prompt) + len(completion)
       tokens_2xW[row, :n] = np.concatenate([prompt, completion])
       mask_2xL[row, len(prompt) - 1:n - 1] = 1.0  # targets that are completion tokens
       segments_2xL[row, :n] = 1
+      lengths_2[row] = min(n, L)
     return {
         'inputs': tokens_2xW[:, :-1], 'targets': tokens_2xW[:, 1:], 'mask': mask_2xL,
         'segment_ids': segments_2xL,
         'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (2, L)).copy(),
-        'index': np.int32(self.offset + i),
+        'lengths': lengths_2, 'margin': self.margins[i], 'index': np.int32(self.offset + i),
     }
 
   def swap_labels(self, seed: int) -> None:
@@ -326,13 +339,18 @@ def tokenize_pairs(records: Iterable[object], render: Callable, data_cfg: ml_col
   dtype = np.uint16 if vocab_size <= 2**16 else np.int32
   skipped: collections.Counter = collections.Counter()
   truncated = 0
-  prompts, completions = [], []
+  prompts, completions, margins = [], [], []
   for record in records:
     ids = render(record)
     if isinstance(ids, str):
       skipped[ids] += 1
       continue
     prompt, chosen, rejected = ids
+    margin = record.get('margin', 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(
+        margin):
+      skipped["a 'margin' that is not a finite number"] += 1
+      continue
     if not chosen or not rejected:
       skipped['an empty completion'] += 1
       continue
@@ -344,6 +362,7 @@ def tokenize_pairs(records: Iterable[object], render: Callable, data_cfg: ml_col
     truncated += len(chosen) > room or len(rejected) > room
     prompts.append(np.asarray(prompt, dtype))
     completions.append((np.asarray(chosen[:room], dtype), np.asarray(rejected[:room], dtype)))
+    margins.append(margin)
   if skipped or truncated:
     logging.warning('Preference data, %s split: %d pairs kept; %d truncated to data.seq_len=%d; '
                     'skipped %s.', split, len(prompts), truncated, seq_len,
@@ -353,6 +372,6 @@ def tokenize_pairs(records: Iterable[object], render: Callable, data_cfg: ml_col
     where = f' at data.path={data_cfg.path!r}' if data_cfg.source == 'jsonl' else ''
     raise DataError(f'The {split} split of data.source={data_cfg.source!r}{where} has no '
                     f'usable preference pair (skipped: {dict(skipped)}).')
-  pairs = PreferencePairs(prompts, completions, seq_len, offset)
+  pairs = PreferencePairs(prompts, completions, seq_len, offset, margins)
   pairs.skipped, pairs.truncated = skipped, truncated
   return pairs

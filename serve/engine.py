@@ -743,7 +743,7 @@ def load_engine(workdir: str, *, quant: str = 'none', **engine_kwargs):
   from train.tasks.lm import LMTask
   config = runs.load_run_config(workdir)
   task = get_task(config)
-  if not isinstance(task, LMTask):  # SFT, DPO and distillation runs hold the LM's model
+  if not (isinstance(task, LMTask) and task.makes_text):  # SFT, DPO, distillation: the LM's
     raise ConfigError(f'{workdir} is a {config.task!r} run; the engine serves language models.')
   task.setup_inference(workdir)
   if quant != 'none':

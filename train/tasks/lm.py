@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,9 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
 class LMTask(tasks.Task):
   items_name = 'tokens'
   logical_rules = transformer.LOGICAL_AXIS_RULES
+  # Whether the run's model is a language model the engine can serve (a reward model, whose
+  # trunk is one, is not).
+  makes_text: ClassVar[bool] = True
 
   def __init__(self, config: ml_collections.ConfigDict):
     if config.get('init_from'):
@@ -179,13 +183,21 @@ class LMTask(tasks.Task):
     init = self.config.get('init_from')
     if not init:
       return state
+    params = self._warm_transformer_params(init, state.params)
+    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+    opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
+    return state.replace(params=params, opt_state=opt_state)
+
+  def _warm_transformer_params(self, init: str, current):
+    """The Transformer parameters of `init`'s newest checkpoint, in the tree and shardings of
+    `current` (placed; warm_start's docstring). A reward model warm-starts its trunk so."""
     init_cfg = self._init_run_model_cfg(init)
     if init_cfg == self.model_cfg:
       abstract = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state.params)
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
       params, step = self._load_init_params(init, abstract)
     else:
-      mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+      mesh = jax.tree.leaves(current)[0].sharding.mesh
       make = lambda: transformer.Transformer(init_cfg, rngs=nnx.Rngs(0))  # noqa: E731
       _, (specs,) = kit.abstract_split(make, nnx.Param)
       with nnx.use_eager_sharding(False):
@@ -195,12 +207,10 @@ class LMTask(tasks.Task):
                               abstract, shardings)
       loaded, step = self._load_init_params(init, abstract)
       params = jax.jit(functools.partial(self._fill_base, init_cfg),
-                       out_shardings=jax.tree.map(lambda x: x.sharding, state.params))(
-                           loaded, state.params)
+                       out_shardings=jax.tree.map(lambda x: x.sharding, current))(
+                           loaded, current)
     logging.info('Parameters from step %d of %s; fresh optimizer.', step, init)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
-    opt_state = jax.jit(self.opt.init, out_shardings=opt_shardings)(params)
-    return state.replace(params=params, opt_state=opt_state)
+    return params
 
   @staticmethod
   def _load_init_params(init: str, abstract):
