@@ -23,9 +23,10 @@ Each trainer step is one jitted program:
 The value head (`ppo.critic`):
   shared    a scalar head on the policy's final hidden states (`features=True`): the value
             loss also trains the trunk;
-  separate  a critic of its own, a transformer trunk with a scalar head, started from
-            `ppo.critic_from` (a reward-model run, TRL's default choice; '' = `ppo.reward_model`
-            when set, else `init_from`'s trunk and a zero head).
+  separate  a critic of its own, a `RewardModel` (model/reward_model.py: a transformer
+            trunk with a scalar head), started from `ppo.critic_from` ('' =
+            `ppo.reward_model` when set, TRL's choice, else `init_from`): a reward run
+            whole, an LM run as the trunk with a zero head.
 The value parameters and their optimizer state live in `state.extras`, so `state.params`
 stays the LM: sampling, serving, export and a later `init_from` read a PPO run as any LM run.
 
@@ -49,23 +50,27 @@ it one past it when there is room) and values and entropies are averaged over co
 tokens only.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from data import chat, prompt_data
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import lora, sampling, transformer
+from model import lora, reward_model, sampling, transformer
 from train import mesh as mesh_lib
 from train import optim, ppo_losses, rl, tasks
-from train.tasks import kit, lm
+from train.tasks import kit, lm, reward
 
 CRITICS = ('shared', 'separate')
-HEAD_SPECS = {'w': P('embed'), 'b': P()}
+# The shared critic's head on the policy's hidden states, named as RewardModel's.
+HEAD_SPECS = {'head': P('embed'), 'head_bias': P()}
 # What `collect` hands `train_step` per row, for the updates.
 ROLLOUT_KEYS = ('sequences', 'prompt_len', 'responses', 'mask', 'logprobs', 'values',
                 'advantages', 'returns')
@@ -117,8 +122,14 @@ def _per_update(opt_cfg: ml_collections.ConfigDict, updates: int) -> ml_collecti
 
 
 def value_head(head, x_BxMxD: jax.Array) -> jax.Array:
-  """A scalar per position: x . w + b in float32 [B, M]."""
-  return jnp.einsum('bmd,d->bm', x_BxMxD.astype(jnp.float32), head['w']) + head['b']
+  """A scalar per position: x . head + head_bias in float32 [B, M] (as RewardModel's)."""
+  return (jnp.einsum('bmd,d->bm', x_BxMxD.astype(jnp.float32), head['head'].astype(jnp.float32))
+          + head['head_bias'].astype(jnp.float32))
+
+
+def is_reward_run(run_dir: str) -> bool:
+  path = epath.Path(run_dir) / 'config.json'
+  return path.exists() and json.loads(path.read_text()).get('task') == 'reward'
 
 
 @tasks.register('ppo')
@@ -147,18 +158,34 @@ class PPOTask(lm.LMTask):
     c, k = self.config, self.updates_per_step
     self.opt = optim.make_optimizer(_per_update(self._optimizer_config(), k), c.steps * k,
                                     c.max_nonfinite_steps * k, self._param_specs)
-    self.critic_cfg = self.model_cfg.base()  # a separate critic trains whole, in float
     if c.ppo.critic == 'separate':
-      self.critic_graphdef, (trunk_specs,) = kit.abstract_split(
-          lambda: transformer.Transformer(self.critic_cfg, rngs=nnx.Rngs(0)), nnx.Param,
+      self.critic_cfg = self._critic_cfg(tokenizer_vocab_size)
+      self.critic_graphdef, (self._value_specs,) = kit.abstract_split(
+          lambda: reward_model.RewardModel(self.critic_cfg, rngs=nnx.Rngs(0)), nnx.Param,
           what='The critic')
-      self._value_specs = {'trunk': trunk_specs, 'head': HEAD_SPECS}
     else:
-      self._value_specs = {'head': HEAD_SPECS}
+      self._value_specs = HEAD_SPECS
     value_cfg = _per_update(c.optimizer, k)
     value_cfg.freeze = ''  # optimizer.freeze names policy paths
     self.value_opt = optim.make_optimizer(value_cfg, c.steps * k, c.max_nonfinite_steps * k,
                                           self._value_specs)
+
+  def _critic_source(self) -> str:
+    p = self.config.ppo
+    return p.critic_from or p.reward_model or self.config.get('init_from') or ''
+
+  def _critic_cfg(self, tokenizer_vocab_size: int) -> transformer.TransformerConfig:
+    """A separate critic's model: a reward run's architecture when it starts from one, else
+    the policy's; without adapters and in float either way (the critic trains whole)."""
+    source = self._critic_source()
+    if not (source and is_reward_run(source)):
+      return self.model_cfg.base()
+    model = ml_collections.ConfigDict(
+        json.loads((epath.Path(source) / 'config.json').read_text())['model'])
+    try:
+      return transformer.TransformerConfig.from_config(model, tokenizer_vocab_size).base()
+    except ValueError as e:
+      raise ConfigError(f'The critic from {source!r}: {e}') from None
 
   def setup_data(self, workdir: str, process_index: int, process_count: int):
     c = self.config
@@ -180,12 +207,11 @@ class PPOTask(lm.LMTask):
   # --- state -----------------------------------------------------------------
 
   def _init_value(self, key: jax.Array):
-    d = self.critic_cfg.d_model
-    value = {'head': {'w': jnp.zeros((d,), jnp.float32), 'b': jnp.zeros((), jnp.float32)}}
     if self.config.ppo.critic == 'separate':
-      value['trunk'] = kit.pure_state(kit.build(lambda: transformer.Transformer(
+      return kit.pure_state(kit.build(lambda: reward_model.RewardModel(
           self.critic_cfg, rngs=nnx.Rngs(params=key))), nnx.Param)
-    return value
+    d = self.model_cfg.d_model
+    return {'head': jnp.zeros((d,), jnp.float32), 'head_bias': jnp.zeros((), jnp.float32)}
 
   def init_state(self, rng: jax.Array):
     state = super().init_state(rng)
@@ -205,27 +231,29 @@ class PPOTask(lm.LMTask):
     return specs.replace(extras=extras)
 
   def warm_start(self, state):
-    """The policy from `init_from` (LMTask's), and a separate critic's trunk from
-    `ppo.critic_from` (else the reward model's run, else `init_from`)."""
+    """The policy from `init_from` (LMTask's), and a separate critic from its source
+    (`_critic_source`): a reward run whole, or an LM run's parameters as its trunk (head 0)."""
     state = super().warm_start(state)
-    p = self.config.ppo
-    source = p.critic_from or p.reward_model or self.config.get('init_from')
-    if p.critic != 'separate' or not source:
+    source = self._critic_source()
+    if self.config.ppo.critic != 'separate' or not source:
       return state
-    value = dict(state.extras['value'])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), value)
-    try:
-      if source == p.critic_from or source == p.reward_model:
-        loaded, step = kit.load_run_params(source, abstract)  # a reward-model run: trunk + head
-      else:
-        loaded, step = kit.load_run_params(source, abstract['trunk'])
-        loaded = {**value, 'trunk': loaded}
-    except ConfigError as e:
-      key = 'ppo.critic_from' if p.critic_from else (
-          'ppo.reward_model' if p.reward_model else 'init_from')
-      raise ConfigError(f'{key} (the critic) = {e}') from None
-    logging.info('Critic from step %d of %s.', step, source)
+    value = state.extras['value']
+    shardings = jax.tree.map(lambda x: x.sharding, value)
+    if is_reward_run(source):
+      mesh = jax.tree.leaves(value)[0].sharding.mesh
+      _, loaded, tokenizer = reward.load_reward_model(source, mesh=mesh,
+                                                      rules=self.logical_rules)
+      self._check_tokenizer(tokenizer, source)
+      loaded = jax.jit(lambda x: x, out_shardings=shardings)(loaded)
+    else:
+      abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              value['trunk'], shardings['trunk'])
+      try:
+        trunk, _ = kit.load_run_params(source, abstract)
+      except ConfigError as e:
+        raise ConfigError(f'The critic from {e}') from None
+      loaded = {**value, 'trunk': trunk}
+    logging.info('Critic from %s.', source)
     opt_shardings = jax.tree.map(lambda x: x.sharding, state.extras['value_opt'])
     value_opt = jax.jit(self.value_opt.init, out_shardings=opt_shardings)(loaded)
     return state.replace(extras={**state.extras, 'value': loaded, 'value_opt': value_opt})
@@ -258,18 +286,20 @@ class PPOTask(lm.LMTask):
 
   def _load_reward_model(self, mesh):
     """The frozen reward model's parameters (its graph kept on the task)."""
-    from train.tasks import reward  # the reward-model task, a sibling module
     graphdef, params, tokenizer = reward.load_reward_model(
         self.config.ppo.reward_model, mesh=mesh, rules=self.logical_rules)
+    self._check_tokenizer(tokenizer, self.config.ppo.reward_model)
+    self.reward_graphdef = graphdef
+    return params
+
+  def _check_tokenizer(self, tokenizer, run_dir: str) -> None:
+    """A reward model or critic reads the policy's token ids: their tokenizers must agree."""
     if (type(tokenizer) is not type(self.tokenizer)
         or tokenizer.vocab_size != self.tokenizer.vocab_size):
       raise ConfigError(
-          f'ppo.reward_model={self.config.ppo.reward_model!r} uses another tokenizer '
-          f'({type(tokenizer).__name__}, {tokenizer.vocab_size} ids) than the policy '
-          f'({type(self.tokenizer).__name__}, {self.tokenizer.vocab_size} ids); the reward '
-          "model reads the policy's token ids, so train it from the same tokenizer.")
-    self.reward_graphdef = graphdef
-    return params
+          f'{run_dir!r} uses another tokenizer ({type(tokenizer).__name__}, '
+          f'{tokenizer.vocab_size} ids) than the policy ({type(self.tokenizer).__name__}, '
+          f'{self.tokenizer.vocab_size} ids); train it with the same tokenizer.')
 
   # --- rollouts --------------------------------------------------------------
 
@@ -291,18 +321,15 @@ class PPOTask(lm.LMTask):
     logprobs_BxM = jnp.take_along_axis(logp_BxMxV, responses_BxM[..., None], axis=-1)[..., 0]
     entropy_BxM = -jnp.sum(jnp.exp(logp_BxMxV) * logp_BxMxV, axis=-1)
     if self.config.ppo.critic == 'shared':
-      values_BxM = value_head(value['head'], x_BxMxD)
+      values_BxM = value_head(value, x_BxMxD)
     else:
-      critic = nnx.merge(self.critic_graphdef, value['trunk'])
-      c_BxTxD = critic(sequences_BxT, features=True)
-      values_BxM = value_head(value['head'],
-                              jnp.take_along_axis(c_BxTxD, cols_BxM[..., None], axis=1))
+      values_BxT = nnx.merge(self.critic_graphdef, value)(sequences_BxT)
+      values_BxM = jnp.take_along_axis(values_BxT, cols_BxM, axis=1)
     return logprobs_BxM, entropy_BxM, values_BxM
 
   def _scores(self, frozen, rollout: rl.Rollout) -> jax.Array:
     """The score of each completion [B]."""
     if self.config.ppo.reward_model:
-      from train.tasks import reward
       return reward.score(self.reward_graphdef, frozen['reward'], rollout.tokens_BxL,
                           rollout.length_B)
     from train import rewards
