@@ -3,16 +3,33 @@
 Oracles: GAE against numbers derived by hand and against TRL's reverse loop in numpy; the
 KL-penalised per-token rewards against a hand computation (k1 and k3); the clipped value
 loss and the full PPO loss against numpy transcriptions of TRL's PPOTrainer; whitening
-against numpy's moments. Trainer runs: ...
+against numpy's moments. Trainer runs (tiny: width 32, bytes, 8 prompts, 8 new tokens, 2
+epochs of 2 minibatches) against a 2-step reward model: one sharded run (data, fsdp and
+tensor axes of 2) checked for TRL's metrics, a first step at the reference (KL exactly 0),
+its rlhf_reward identity, and resumed from its step-2 checkpoint (what a kill after it
+leaves) against itself; it is a LoRA run, whose reference is its own base (no second copy)
+and whose base never moves. Without LoRA: a separate critic that starts as the reward model
+and a reference that is the starting policy.
 """
 
 import math
+import shutil
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train import ppo_losses
+from configs import ppo as ppo_config
+from configs import reward as reward_config
+from data.errors import ConfigError
+from model import lora
+from train import mesh as mesh_lib
+from train import ppo_losses, runs, tasks, trainer
+from train.state import setup_state
+from train.tasks import reward
 
 # --- GAE -----------------------------------------------------------------------------
 
@@ -199,3 +216,144 @@ def test_adaptive_kl_controller_matches_ziegler():
   down = ppo_losses.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(1.9), target=2.0,
                                      horizon=640, n_steps=64)
   np.testing.assert_allclose([up, down], [0.102, 0.0995], rtol=1e-6)
+
+
+# --- trainer runs --------------------------------------------------------------------
+
+TRL_METRICS = ('objective/kl', 'objective/entropy', 'objective/non_score_reward',
+               'objective/rlhf_reward', 'objective/scores', 'policy/approxkl_avg',
+               'policy/clipfrac_avg', 'loss/policy_avg', 'loss/value_avg', 'val/clipfrac_avg',
+               'policy/entropy_avg', 'val/ratio', 'val/ratio_var', 'val/num_eos_tokens',
+               'loss', 'grad_norm', 'lr', 'skipped')
+TINY = dict(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2)
+
+
+@pytest.fixture(scope='module')
+def reward_run(tmp_path_factory):
+  """A reward model of 2 steps on the rule set: a fixed, non-trivial scorer."""
+  c = reward_config.get_config('rules')
+  c.update(steps=2, batch_size=8, eval_every=0, log_every=1)
+  c.checkpoint.update(every=2, async_save=False)
+  c.model.update(**TINY)
+  workdir = tmp_path_factory.mktemp('ppo_reward')
+  trainer.train_and_evaluate(c, str(workdir))
+  return str(workdir)
+
+
+def config(reward_dir: str, **overrides) -> ml_collections.ConfigDict:
+  c = ppo_config.get_config('rules')
+  c.update(steps=4, batch_size=8, log_every=1, eval_every=4, eval_steps=1)
+  c.checkpoint.update(every=2, async_save=False)
+  c.model.update(**TINY)
+  c.data.update(max_prompt_len=40, seq_len=48)
+  c.ppo.update(reward_model=reward_dir, response_length=8, num_ppo_epochs=2,
+               num_mini_batches=2)
+  c.optimizer.update(lr=1e-3, end_lr=1e-3)  # constant: the schedule ignores `steps`
+  c.sample.update(max_new_tokens=2)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def scalars(workdir) -> dict[str, dict[int, float]]:
+  acc = EventAccumulator(str(workdir), size_guidance={'scalars': 0})
+  acc.Reload()
+  return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()['scalars']}
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in leaves}
+
+
+@pytest.fixture(scope='module')
+def sharded_run(reward_run, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('ppo_sharded')
+  c = config(reward_run, **{'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2,
+                            'model.lora.rank': 4})
+  return c, workdir, trainer.train_and_evaluate(c, str(workdir))
+
+
+def test_run_logs_trls_metrics_and_starts_at_the_reference(sharded_run):
+  _, workdir, result = sharded_run
+  logged = scalars(workdir)
+  for key in TRL_METRICS:
+    steps = logged[f'train/{key}']
+    assert sorted(steps) == [1, 2, 3, 4], key
+    assert all(np.isfinite(v) for v in steps.values()), (key, steps)
+  kl, scores = logged['train/objective/kl'], logged['train/objective/scores']
+  assert kl[1] == 0.0  # the policy is its reference until the first update (LoRA B = 0)
+  assert logged['train/objective/non_score_reward'][1] == 0.0
+  assert abs(kl[4]) > 0.0  # and it moved after
+  for step in range(1, 5):
+    np.testing.assert_allclose(logged['train/objective/rlhf_reward'][step],
+                               scores[step] + logged['train/objective/non_score_reward'][step],
+                               rtol=1e-5, atol=1e-6)
+  assert len(set(scores.values())) == 4  # the reward model scores each step's new samples
+  assert logged['train/val/num_eos_tokens'][1] <= 8
+  assert np.isfinite(result.eval['eval/scores']) and np.isfinite(result.eval['eval/kl'])
+
+
+def test_resume_from_a_checkpoint_equals_the_straight_run(reward_run, sharded_run, tmp_path):
+  """What a kill after step 2 leaves (its config, tokenizer and step-2 checkpoint), rerun,
+  reaches the straight run's step 4 bit for bit: rollouts draw from the state's key."""
+  c, straight, _ = sharded_run
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(straight, resumed, ignore=shutil.ignore_patterns('4', 'events.*'))
+  assert sorted(p.name for p in (resumed / 'checkpoints').iterdir()) == ['2']
+  trainer.train_and_evaluate(c, str(resumed))
+  logged, again = scalars(straight), scalars(resumed)
+  assert sorted(again['train/loss']) == [3, 4]
+  for step in (3, 4):
+    assert again['train/loss'][step] == logged['train/loss'][step]
+    assert again['train/objective/scores'][step] == logged['train/objective/scores'][step]
+  _, a, _ = runs.load_latest(str(straight))
+  _, b, _ = runs.load_latest(str(resumed))
+  fa, fb = flat((a.params, a.extras, a.opt_state)), flat((b.params, b.extras, b.opt_state))
+  assert fa.keys() == fb.keys()
+  for key in fa:
+    np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+def test_lora_policy_and_reference_share_one_frozen_base(sharded_run):
+  """The run's reference is its own policy with the adapters off: no reference parameters
+  are loaded, KL is exactly 0 before the first update, and the base never moves."""
+  _, workdir, _ = sharded_run
+  task, state, _ = runs.load_latest(str(workdir))
+  mesh = mesh_lib.make_mesh(task.config.mesh)
+  assert set(task.load_frozen(mesh)) == {'reward'}  # no reference copy: lora.disabled(params)
+  rng, _, _, init = setup_state(task, task.config, mesh)
+  start, end = flat(init(rng).params), flat(state.params)
+  adapters = [k for k in end if k.endswith((f"{lora.A}']", f"{lora.B}']"))]
+  assert adapters and any(not np.array_equal(start[k], end[k]) for k in adapters)
+  for key in end.keys() - set(adapters):
+    np.testing.assert_array_equal(start[key], end[key], err_msg=key)
+
+
+def test_separate_critic_starts_as_the_reward_model(reward_run, tmp_path):
+  c = config(reward_run, **{'ppo.critic': 'separate'})
+  task = tasks.get_task(c)
+  task.setup_data(str(tmp_path), 0, 1)
+  mesh = mesh_lib.make_mesh(c.mesh)
+  rng, _, _, init = setup_state(task, c, mesh)
+  value = task.warm_start(init(rng)).extras['value']
+  _, rm_params, _ = reward.load_reward_model(reward_run, mesh=mesh)
+  got, want = flat(value), flat(rm_params)
+  assert got.keys() == want.keys() and any(v.any() for k, v in want.items() if 'head' in k)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  # Without LoRA the reference is a frozen copy of the starting policy (here the seed's).
+  ref, start = flat(task.load_frozen(mesh)['ref']), flat(init(rng).params)
+  assert ref.keys() == start.keys()
+  for key in ref:
+    np.testing.assert_array_equal(ref[key], start[key], err_msg=key)
+
+
+def test_config_errors_name_the_key(reward_run):
+  with pytest.raises(ConfigError, match='ppo.reward_fn'):
+    tasks.get_task(config(''))
+  with pytest.raises(ConfigError, match='ppo.critic'):
+    tasks.get_task(config(reward_run, **{'ppo.critic': 'twin'}))
+  with pytest.raises(ConfigError, match='ppo.num_mini_batches'):
+    tasks.get_task(config(reward_run, **{'ppo.num_mini_batches': 3}))
+  with pytest.raises(ConfigError, match='data.seq_len'):
+    tasks.get_task(config(reward_run, **{'data.seq_len': 40}))
