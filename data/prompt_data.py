@@ -13,8 +13,10 @@ A string prompt gets BOS first when the tokenizer has one. Prompts longer than
 `data.max_prompt_len` tokens, empty ones and malformed rows are skipped, counted, and
 reported in one warning per split.
 
-Element i: `prompt` int32 [P] (P = max_prompt_len, zero-padded after the prompt) and
-`prompt_len` int32 []. Batches come from the LM's grain pipeline (data/lm_pipeline.py): a
+Element i: `prompt` int32 [P] (P = max_prompt_len, zero-padded after the prompt),
+`prompt_len` int32 [] and `index` int32 [] (train then validation order), which finds the
+prompt's record (`PromptData.record`) for a reward function that reads its other fields.
+Batches come from the LM's grain pipeline (data/lm_pipeline.py): a
 global shuffle per epoch, process p of P takes elements p, p+P, ..., and the iterator's
 position is saved in checkpoints.
 """
@@ -42,12 +44,20 @@ class PromptData:
   train_prompts: 'Prompts'
   validation_prompts: 'Prompts'
 
+  def record(self, index: int) -> dict:
+    """The JSON record (or rule-set pair) of the element with this `index`."""
+    train = self.train_prompts
+    if index < len(train):
+      return train.records[index]
+    return self.validation_prompts.records[index - len(train)]
+
 
 class Prompts:
-  """Tokenized prompts of one split; prompts[i] is one padded element (module docstring)."""
+  """Tokenized prompts of one split; prompts[i] is one padded element (module docstring),
+  with `index` = offset + i, the key of its record (`records`) for reward functions."""
 
-  def __init__(self, ids: list[np.ndarray], max_len: int):
-    self.ids, self.max_len = ids, max_len
+  def __init__(self, ids: list[np.ndarray], records: list[dict], max_len: int, offset: int = 0):
+    self.ids, self.records, self.max_len, self.offset = ids, records, max_len, offset
 
   def __len__(self) -> int:
     return len(self.ids)
@@ -56,7 +66,8 @@ class Prompts:
     ids = self.ids[int(i)]
     prompt = np.zeros((self.max_len,), np.int32)
     prompt[:len(ids)] = ids
-    return {'prompt': prompt, 'prompt_len': np.int32(len(ids))}
+    return {'prompt': prompt, 'prompt_len': np.int32(len(ids)),
+            'index': np.int32(self.offset + int(i))}
 
 
 def build_prompt_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batch_size: int,
@@ -101,8 +112,8 @@ def build_prompt_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_
       return f'no {data_cfg.prompt_field!r}'
     return f'{data_cfg.prompt_field!r} neither a string nor a list of messages'
 
-  splits = {split: _tokenize(data_cfg, split, render) for split in ('train', 'validation')}
-  train, val = splits['train'], splits['validation']
+  train = _tokenize(data_cfg, 'train', render)
+  val = _tokenize(data_cfg, 'validation', render, offset=len(train))
   if len(train) < global_batch_size:
     raise DataError(f'The training split has {len(train)} usable prompts, fewer than one global '
                     f'batch (batch_size={global_batch_size}); add data or lower batch_size.')
@@ -140,10 +151,11 @@ def _texts(data_cfg: ml_collections.ConfigDict) -> Iterator[str]:
           yield record[key]
 
 
-def _tokenize(data_cfg: ml_collections.ConfigDict, split: str, render) -> Prompts:
+def _tokenize(data_cfg: ml_collections.ConfigDict, split: str, render, offset: int = 0
+              ) -> Prompts:
   max_len = data_cfg.max_prompt_len
   skipped: collections.Counter = collections.Counter()
-  ids_list = []
+  ids_list, records = [], []
   for record in _records(data_cfg, split):
     ids = render(record)
     if isinstance(ids, str):
@@ -154,6 +166,7 @@ def _tokenize(data_cfg: ml_collections.ConfigDict, split: str, render) -> Prompt
       skipped[f'a prompt over data.max_prompt_len={max_len} tokens'] += 1
     else:
       ids_list.append(np.asarray(ids, np.int32))
+      records.append(record)
   if skipped:
     logging.warning('Prompt data, %s split: %d prompts kept; skipped %s.', split, len(ids_list),
                     ', '.join(f'{n} with {reason}' for reason, n in sorted(skipped.items())))
@@ -161,6 +174,6 @@ def _tokenize(data_cfg: ml_collections.ConfigDict, split: str, render) -> Prompt
     where = f' at data.path={data_cfg.path!r}' if data_cfg.source == 'jsonl' else ''
     raise DataError(f'The {split} split of data.source={data_cfg.source!r}{where} has no '
                     f'usable prompt (skipped: {dict(skipped)}).')
-  prompts = Prompts(ids_list, max_len)
+  prompts = Prompts(ids_list, records, max_len, offset)
   prompts.skipped = skipped
   return prompts

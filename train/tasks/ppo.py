@@ -55,6 +55,7 @@ import json
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -132,6 +133,16 @@ def is_reward_run(run_dir: str) -> bool:
   return path.exists() and json.loads(path.read_text()).get('task') == 'reward'
 
 
+def _reward_function(name: str):
+  """The Python reward `name` of train/rewards.py (GRPO's registry)."""
+  try:
+    from train import rewards
+  except ImportError:
+    raise ConfigError(f'ppo.reward_fn={name!r} needs train/rewards.py, the reward registry, '
+                      'which this checkout lacks; use ppo.reward_model.') from None
+  return rewards.get(name, 'ppo.reward_fn')
+
+
 @tasks.register('ppo')
 class PPOTask(lm.LMTask):
   """PPO of an LM against a frozen reward model or a reward function (module docstring)."""
@@ -145,6 +156,7 @@ class PPOTask(lm.LMTask):
     self.config = config
     self.tokenizer = None
     self.data = None
+    self.reward_fn = _reward_function(config.ppo.reward_fn) if config.ppo.reward_fn else None
     self._setup_model(1)
 
   @property
@@ -327,13 +339,36 @@ class PPOTask(lm.LMTask):
       values_BxM = jnp.take_along_axis(values_BxT, cols_BxM, axis=1)
     return logprobs_BxM, entropy_BxM, values_BxM
 
-  def _scores(self, frozen, rollout: rl.Rollout) -> jax.Array:
-    """The score of each completion [B]."""
+  def _scores(self, frozen, rollout: rl.Rollout, index_B: jax.Array) -> jax.Array:
+    """The score of each completion [B]: the reward model's at its last token, or the
+    Python reward function's of the decoded prompt and completion (a host callback)."""
     if self.config.ppo.reward_model:
       return reward.score(self.reward_graphdef, frozen['reward'], rollout.tokens_BxL,
                           rollout.length_B)
+    return jax.pure_callback(
+        self._python_scores, jax.ShapeDtypeStruct(rollout.length_B.shape, jnp.float32),
+        rollout.tokens_BxL, rollout.prompt_len_B, rollout.length_B, index_B)
+
+  def _python_scores(self, tokens_BxL, prompt_len_B, length_B, index_B) -> np.ndarray:
+    """`ppo.reward_fn` of each row's prompt and completion text (BOS and an EOS stop token
+    left out) and the prompt's record (its jsonl row, for fields such as `answer`)."""
     from train import rewards
-    return rewards.score_rollout(self.config.ppo.reward_fn, self.tokenizer, rollout)
+    tok = self.tokenizer
+    eos = getattr(tok, 'eos_id', -1)
+    prompts, completions, records = [], [], []
+    for row, p, n, i in zip(np.asarray(tokens_BxL), np.asarray(prompt_len_B),
+                            np.asarray(length_B), np.asarray(index_B), strict=True):
+      prompt = [int(t) for t in row[:p]]
+      completion = [int(t) for t in row[p:n]]
+      if prompt and prompt[0] == tok.bos_id:
+        prompt = prompt[1:]
+      if completion and completion[-1] == eos:
+        completion = completion[:-1]
+      prompts.append(tok.decode(prompt))
+      completions.append(tok.decode(completion))
+      records.append(self.data.record(int(i)))
+    return np.asarray(rewards.batch_rewards(self.reward_fn, prompts, completions, records),
+                      np.float32)
 
   def _rollout(self, params, value, batch, frozen, seeds_B, kl_coef):
     """Completions of the batch's prompts and everything PPO computes from them before
@@ -359,7 +394,7 @@ class PPOTask(lm.LMTask):
     ref_params = frozen['ref'] if 'ref' in frozen else lora.disabled(params)
     ref_logprobs_BxM, _, _ = self._forward(ref_params, value, sequences_BxT, prompt_len_B,
                                            responses_BxM)
-    scores_B = self._scores(frozen, out).astype(jnp.float32)
+    scores_B = self._scores(frozen, out, batch['index']).astype(jnp.float32)
     if p.missing_eos_penalty and self._stop_ids():
       scores_B = scores_B - p.missing_eos_penalty * (~out.stopped_B).astype(jnp.float32)
     rewards_BxM, kl_BxM, non_score_BxM = ppo_losses.kl_penalized_rewards(
