@@ -1,21 +1,31 @@
 """PPO of a language model against a reward model or a reward function (train/tasks/ppo.py),
 with TRL's PPOConfig names and defaults where it has them.
 
-The demo (preset `rules`, embedded data, no downloads; each run a few minutes on 2 CPU
-cores): a policy that already writes word lists (SFT-style, from the rule set's chosen
-completions), a reward model trained on the rule-based preference pairs (sorted lists
-preferred), then PPO of the policy against it:
+The demo (preset `rules`, embedded data, no downloads; docs/benchmarks.md has the numbers):
+a byte-level policy that writes the prompt's words back as a list, half of its training
+lists sorted and half reversed (SFT on a jsonl made from the rule set); a reward model
+trained on the rule-based preference pairs (sorted lists preferred); then PPO of the
+policy against it, whose `train/objective/scores` rises while `train/objective/kl` stays
+bounded:
 
-  python -m train --config=configs/ppo.py:policy --workdir=/tmp/kiln_ppo_policy
-  python -m train --config=configs/reward.py:rules --workdir=/tmp/kiln_rm
-  python -m train --config=configs/ppo.py --workdir=/tmp/kiln_ppo \\
+  python -c "import json; from data import preference_data as p; [print(json.dumps(
+    {'prompt': r['prompt'], 'completion': r['chosen' if i % 2 else 'rejected']}))
+    for i, r in enumerate(p.rule_pairs('train', 0.1))]" > /tmp/rules_sft.jsonl
+  python -m train --config=configs/sft.py --workdir=/tmp/kiln_ppo_policy \
+    --config.data.source=jsonl --config.data.path=/tmp/rules_sft.jsonl \
+    --config.data.tokenizer.kind=byte --config.data.seq_len=80 --config.model.d_model=64 \
+    --config.model.n_layers=2 --config.model.n_heads=4 --config.model.n_kv_heads=4 \
+    --config.steps=800 --config.batch_size=32 --config.optimizer.lr=3e-3 \
+    --config.optimizer.end_lr=3e-4
+  python -m train --config=configs/reward.py --workdir=/tmp/kiln_rm
+  python -m train --config=configs/ppo.py --workdir=/tmp/kiln_ppo \
     --config.init_from=/tmp/kiln_ppo_policy --config.ppo.reward_model=/tmp/kiln_rm
 
-`train/objective/scores` rises while `train/objective/kl` stays bounded (docs/benchmarks.md).
 With a Python reward instead of a model: `--config.ppo.reward_model= --config.ppo.reward_fn=NAME`
-(train/rewards.py). LoRA: `--config.model.lora.rank=8` (the reference is then the policy with
-its adapters off). A separate critic: `--config.ppo.critic=separate` (started from the reward
-model's run, as TRL does).
+(train/rewards.py; prompts from a jsonl whose other fields the reward reads). LoRA:
+`--config.model.lora.rank=8` (the reference is then the policy with its adapters off). A
+separate critic: `--config.ppo.critic=separate` (started from the reward model, as TRL's).
+`python docs/baselines/ppo_step.py --workdir=/tmp/kiln_ppo` times one step's parts.
 """
 
 import ml_collections
@@ -74,7 +84,7 @@ def get_config(preset: str = 'rules') -> ml_collections.ConfigDict:
   c.checkpoint.update(every=60)
   c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, dtype='float32',
                  scan_unroll=-1)
-  c.optimizer.update(lr=1e-4, warmup_steps=0, end_lr=1e-4, weight_decay=0.0)
+  c.optimizer.update(lr=3e-4, warmup_steps=0, end_lr=3e-4, weight_decay=0.0)
   c.ppo.update(stop_token_id=ord('\n'), response_length=32)
   c.sample.update(prompt='sort: pear fig apple\n', max_new_tokens=24, temperature=0.0)
   return c
