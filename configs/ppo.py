@@ -76,12 +76,12 @@ def get_config(preset: str = 'rules') -> ml_collections.ConfigDict:
       num_ppo_epochs=4,  # passes over each rollout batch
       num_mini_batches=1,  # minibatches per pass; each is one optimizer update
   ))
-  c.steps = 60
+  c.steps = 100
   c.batch_size = 32
   c.log_every = 5
-  c.eval_every = 20
+  c.eval_every = 25
   c.eval_steps = 2
-  c.checkpoint.update(every=60)
+  c.checkpoint.update(every=100)
   c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, dtype='float32',
                  scan_unroll=-1)
   c.optimizer.update(lr=3e-4, warmup_steps=0, end_lr=3e-4, weight_decay=0.0)

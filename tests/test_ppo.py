@@ -355,5 +355,7 @@ def test_config_errors_name_the_key(reward_run):
     tasks.get_task(config(reward_run, **{'ppo.critic': 'twin'}))
   with pytest.raises(ConfigError, match='ppo.num_mini_batches'):
     tasks.get_task(config(reward_run, **{'ppo.num_mini_batches': 3}))
+  with pytest.raises(ConfigError, match='ppo.num_mini_batches instead'):
+    tasks.get_task(config(reward_run, grad_accum=2))
   with pytest.raises(ConfigError, match='data.seq_len'):
     tasks.get_task(config(reward_run, **{'data.seq_len': 40}))

@@ -96,6 +96,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
           'PPO needs exactly one source of rewards: ppo.reward_model (the --workdir of a '
           "task='reward' run) or ppo.reward_fn (a name in train/rewards.py); got "
           f'reward_model={p.reward_model!r}, reward_fn={p.reward_fn!r}.')
+  require(config.grad_accum == 1,
+          f'grad_accum={config.grad_accum}: PPO cuts its rollout batch into updates with '
+          'ppo.num_mini_batches instead; set grad_accum=1.')
   require(config.batch_size % p.num_mini_batches == 0,
           f'batch_size={config.batch_size} must divide into ppo.num_mini_batches='
           f'{p.num_mini_batches} minibatches.')
