@@ -15,7 +15,7 @@ bounded:
     --config.data.source=jsonl --config.data.path=/tmp/rules_sft.jsonl \
     --config.data.tokenizer.kind=byte --config.data.seq_len=80 --config.model.d_model=64 \
     --config.model.n_layers=2 --config.model.n_heads=4 --config.model.n_kv_heads=4 \
-    --config.steps=800 --config.batch_size=32 --config.optimizer.lr=3e-3 \
+    --config.steps=2000 --config.batch_size=32 --config.optimizer.lr=3e-3 \
     --config.optimizer.end_lr=3e-4
   python -m train --config=configs/reward.py --workdir=/tmp/kiln_rm
   python -m train --config=configs/ppo.py --workdir=/tmp/kiln_ppo \
