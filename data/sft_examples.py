@@ -8,9 +8,11 @@ one of
                      of messages (the conversational form TRL reads too).
 
 (The field names are config keys.) `data.source='stdlib'` reads the embedded demo instead
-(data/stdlib_functions.py). A row that cannot be an example is skipped and counted under
-its reason (`RowCounts`): malformed JSON, neither format, a message without a role or a
-string content, a chat with no assistant turn, an empty completion. The counts are logged
+(data/stdlib_functions.py), `data.source='addition'` the embedded sums of data/verifiable.py
+(completion = the answer; GRPO's verifiable task, split as GRPO splits it). A row that
+cannot be an example is skipped and counted under its reason (`RowCounts`): malformed JSON,
+neither format, a message without a role or a string content, a chat with no assistant
+turn, an empty completion. The counts are logged
 as one summary per split; the tokenizer stage (data/sft_pipeline.py) adds its own reasons.
 
 Validation is `data.val_path` when given, else the rows whose hash falls in
@@ -26,7 +28,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from data import sources, stdlib_functions
+from data import sources, stdlib_functions, verifiable
 from data.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -62,8 +64,11 @@ def read_examples(data_cfg: ml_collections.ConfigDict, split: str,
   Raises:
     DataError: no files match the path.
   """
-  if data_cfg.source == 'stdlib':
-    examples = stdlib_functions.stdlib_examples(split, data_cfg.val_fraction)
+  if data_cfg.source in ('stdlib', 'addition'):
+    examples = (stdlib_functions.stdlib_examples(split, data_cfg.val_fraction)
+                if data_cfg.source == 'stdlib' else
+                ({'prompt': p['prompt'], 'completion': p['answer']}
+                 for p in verifiable.addition_problems(split, data_cfg.val_fraction)))
     for i, row in enumerate(examples):
       if data_cfg.max_examples and i >= data_cfg.max_examples:
         break

@@ -23,11 +23,14 @@ from train import optim, tasks
 from train.state import TrainState
 from train.tasks import kit
 
+DATA_SOURCES = ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic', 'arrayrecord')
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """LM-specific checks; `model.*` is checked by TransformerConfig.from_config."""
-  check_choice(config, 'data.source',
-               ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic', 'arrayrecord'))
+
+def check_config(config: ml_collections.ConfigDict,
+                 data_sources: tuple[str, ...] = DATA_SOURCES) -> None:
+  """LM-specific checks; `model.*` is checked by TransformerConfig.from_config. Subclasses
+  that read other data (SFT) name their own `data_sources`."""
+  check_choice(config, 'data.source', data_sources)
   check_choice(config, 'data.tokenizer.kind', ('sentencepiece', 'byte', 'char'))
   check_choice(config, 'data.tokenizer.model_type', ('bpe', 'unigram'))
   check_positive(config, 'data.seq_len')
@@ -89,11 +92,12 @@ class LMTask(tasks.Task):
   # Whether the run's model is a language model the engine can serve (a reward model, whose
   # trunk is one, is not).
   makes_text: ClassVar[bool] = True
+  data_sources = DATA_SOURCES  # the allowed `data.source` values
 
   def __init__(self, config: ml_collections.ConfigDict):
     if config.get('init_from'):
       adopt_init_run(config)
-    check_config(config)
+    check_config(config, self.data_sources)
     self.config = config
     self.tokenizer = None
     self.data = None

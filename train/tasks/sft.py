@@ -18,7 +18,6 @@ from train.tasks.lm import LMTask
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  check_choice(config, 'data.source', ('stdlib', 'jsonl'))
   check_choice(config, 'data.loss_on', ('completion', 'all'))
   check_positive(config, 'data.max_examples', allow_zero=True)
   for key in ('messages_field', 'prompt_field', 'completion_field'):
@@ -27,6 +26,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 @tasks.register('sft')
 class SFTTask(LMTask):
+  data_sources = ('stdlib', 'addition', 'jsonl')
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
