@@ -12,6 +12,7 @@ and whose base never moves. Without LoRA: a separate critic that starts as the r
 and a reference that is the starting policy.
 """
 
+import json
 import math
 import shutil
 
@@ -359,3 +360,32 @@ def test_config_errors_name_the_key(reward_run):
     tasks.get_task(config(reward_run, grad_accum=2))
   with pytest.raises(ConfigError, match='data.seq_len'):
     tasks.get_task(config(reward_run, **{'data.seq_len': 40}))
+
+
+def test_reward_function_reads_the_decoded_completion_and_the_prompts_record(tmp_path):
+  """ppo.reward_fn: exact_match of train/rewards.py against each prompt's jsonl `answer`,
+  on the text between the prompt and the stop token (BOS and the stop left out)."""
+  rows = [{'prompt': f'{a}+{b}=', 'answer': str(a + b)} for a in range(10) for b in range(3)]
+  path = tmp_path / 'sums.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  c = config('', **{'ppo.reward_fn': 'exact_match', 'data.source': 'jsonl',
+                    'data.path': str(path), 'data.val_fraction': 0.3, 'eval_steps': 0})
+  task = tasks.get_task(c)
+  task.setup_data(str(tmp_path / 'run'), 0, 1)
+  tok = task.tokenizer
+  picked = [0, 1, 2]
+  tokens, plens, lengths, wants = [], [], [], []
+  for i, completion in zip(picked, ('{}', 'x{}', '{}\n'), strict=True):
+    record = task.data.record(i)
+    prompt = [tok.bos_id, *tok.encode(record['prompt'])]
+    body = list(tok.encode(completion.format(record['answer'])))
+    row = prompt + body
+    tokens.append(row + [0] * (24 - len(row)))
+    plens.append(len(prompt))
+    lengths.append(len(row))
+    wants.append(1.0 if completion != 'x{}' else 0.0)  # exact_match strips the newline
+  scores = task._python_scores(np.asarray(tokens, np.int32), np.asarray(plens, np.int32),
+                               np.asarray(lengths, np.int32), np.asarray(picked, np.int32))
+  np.testing.assert_array_equal(scores, wants)
+  with pytest.raises(ConfigError, match='ppo.reward_fn'):
+    tasks.get_task(config('', **{'ppo.reward_fn': 'no_such_reward'}))
