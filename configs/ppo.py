@@ -84,8 +84,10 @@ def get_config(preset: str = 'rules') -> ml_collections.ConfigDict:
   c.checkpoint.update(every=100)
   c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, dtype='float32',
                  scan_unroll=-1)
-  c.optimizer.update(lr=3e-4, warmup_steps=0, end_lr=3e-4, weight_decay=0.0)
-  c.ppo.update(stop_token_id=ord('\n'), response_length=32)
+  # kl_coef 0.05 with lr 3e-4 (TRL's kl_coef) hacked the tiny reward model within 100 steps
+  # (samples such as 'apf fig zzzz zz', KL 50 nats): 0.1 and 1e-4 keep lists (docs/benchmarks.md).
+  c.optimizer.update(lr=1e-4, warmup_steps=0, end_lr=1e-4, weight_decay=0.0)
+  c.ppo.update(stop_token_id=ord('\n'), response_length=32, kl_coef=0.1)
   c.sample.update(prompt='sort: pear fig apple\n', max_new_tokens=24, temperature=0.0)
   return c
 
