@@ -118,17 +118,15 @@ class GRPOTask(lm.LMTask):
   items_name = 'examples'  # completions
 
   def __init__(self, config: ml_collections.ConfigDict):
-    if config.get('init_from'):
-      lm.adopt_init_run(config)
-    check_config(config)
-    self.config = config
-    self.tokenizer = None
-    self.data = None
+    super().__init__(config)
     self.problems = {'train': [], 'validation': []}
     self.stop_ids: tuple[int, ...] = ()
+
+  def _check_config(self, config: ml_collections.ConfigDict) -> None:
+    check_config(config)
+    # Unknown reward names stop the run here, before any model is built.
     self.reward_fn = None if config.grpo.reward == 'random' else rewards.get(config.grpo.reward)
     self.eval_reward_fn = rewards.get(config.grpo.eval_reward, 'grpo.eval_reward')
-    self._setup_model(1)
 
   def _setup_model(self, tokenizer_vocab_size: int) -> None:
     super()._setup_model(tokenizer_vocab_size)

@@ -101,7 +101,7 @@ class LMTask(tasks.Task):
   def __init__(self, config: ml_collections.ConfigDict):
     if config.get('init_from'):
       adopt_init_run(config)
-    check_config(config, self.data_sources)
+    self._check_config(config)
     self.config = config
     self.tokenizer = None
     self.data = None
@@ -109,6 +109,11 @@ class LMTask(tasks.Task):
     # of the same rounding lets every model check and sharding check run before
     # any data is read.
     self._setup_model(1)
+
+  def _check_config(self, config: ml_collections.ConfigDict) -> None:
+    """The task's config checks, after `init_from`'s model and tokenizer are adopted and
+    before anything is built. Subclasses with other data or keys replace it."""
+    check_config(config, self.data_sources)
 
   # --- setup -----------------------------------------------------------------
 

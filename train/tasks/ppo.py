@@ -152,15 +152,9 @@ class PPOTask(lm.LMTask):
 
   items_name = 'examples'  # completions
 
-  def __init__(self, config: ml_collections.ConfigDict):
-    if config.get('init_from'):
-      lm.adopt_init_run(config)
+  def _check_config(self, config: ml_collections.ConfigDict) -> None:
     check_config(config)
-    self.config = config
-    self.tokenizer = None
-    self.data = None
     self.reward_fn = _reward_function(config.ppo.reward_fn) if config.ppo.reward_fn else None
-    self._setup_model(1)
 
   @property
   def updates_per_step(self) -> int:

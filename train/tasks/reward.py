@@ -87,14 +87,11 @@ class RewardTask(lm.LMTask):
   makes_text = False  # a scalar head: nothing to serve or generate
 
   def __init__(self, config: ml_collections.ConfigDict):
-    if config.get('init_from'):
-      lm.adopt_init_run(config)
-    check_config(config)
-    self.config = config
-    self.tokenizer = None
-    self.data = None
+    super().__init__(config)
     self.workdir = None
-    self._setup_model(1)
+
+  def _check_config(self, config: ml_collections.ConfigDict) -> None:
+    check_config(config)
 
   # --- setup -----------------------------------------------------------------
 
