@@ -381,7 +381,8 @@ def test_resume_is_exact(straight, tmp_path):
 
 def test_meshes_match_one_device(straight, tmp_path):
   results = {(2, 2, 2): straight[1]}
-  for shape in [(1, 8, 1), (1, 1, 8)]:
+  # FSDP over all 8 devices is tests/test_train.py's; here tensor parallelism over all 8.
+  for shape in [(1, 1, 8)]:
     mesh = {'mesh.data': shape[0], 'mesh.fsdp': shape[1], 'mesh.tensor': shape[2]}
     results[shape] = run_in_process(tmp_path / str(shape), **mesh).losses
 
