@@ -272,3 +272,14 @@ def test_bad_eval_tasks_fail_before_compiling(corpus):
     LMTask(_run_config(corpus, **{'eval.tasks': 'stdlib_ppl,no_such_task'}))
   with pytest.raises(ConfigError, match='eval.task_limit=-1'):
     LMTask(_run_config(corpus, **{'eval.task_limit': -1}))
+  # Every LM-family task checks them the same way; a reward model has no text to evaluate.
+  from configs import grpo, reward
+  from train.tasks import get_task
+  config = grpo.get_config('')
+  config.eval.tasks = 'no_such_task'
+  with pytest.raises(ConfigError, match=r"eval.tasks: unknown task 'no_such_task'"):
+    get_task(config)
+  config = reward.get_config('')
+  config.eval.tasks = 'stdlib_ppl'
+  with pytest.raises(ConfigError, match=r"a 'reward' run makes no text"):
+    get_task(config)

@@ -388,7 +388,7 @@ class GRPOTask(lm.LMTask):
       out[f'eval/{name}'] = float(np.mean(scores))
       if greedy:
         out['eval/completions/mean_length'] = float(np.mean(ro.length_B - ro.prompt_len_B))
-    return out
+    return {**out, **self.task_evals(state)}
 
   def samples(self, state, seed: int) -> dict[str, str]:
     """Greedy completions of the first held-out prompts, one per line."""

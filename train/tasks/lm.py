@@ -50,10 +50,6 @@ def check_config(config: ml_collections.ConfigDict,
   if config.data.source == 'tfds':
     require(bool(config.data.name), "data.source='tfds' needs data.name, e.g. "
             '--config.data.name=tiny_shakespeare.')
-  if eval_task_names(config):
-    check_positive(config, 'eval.task_limit', allow_zero=True)
-    from evals import training  # the names are checked before anything compiles
-    training.check_tasks(eval_task_names(config))
 
 
 # The model keys that fix the parameters' shapes and meaning; `init_from` takes them
@@ -102,6 +98,7 @@ class LMTask(tasks.Task):
     if config.get('init_from'):
       adopt_init_run(config)
     self._check_config(config)
+    self._check_eval_tasks(config)
     self.config = config
     self.tokenizer = None
     self.data = None
@@ -114,6 +111,17 @@ class LMTask(tasks.Task):
     """The task's config checks, after `init_from`'s model and tokenizer are adopted and
     before anything is built. Subclasses with other data or keys replace it."""
     check_config(config, self.data_sources)
+
+  def _check_eval_tasks(self, config: ml_collections.ConfigDict) -> None:
+    """`eval.tasks` names known tasks, before anything compiles, for every LM-family task."""
+    names = eval_task_names(config)
+    if not names:
+      return
+    require(self.makes_text, f'eval.tasks={config.eval.tasks!r}: a {config.task!r} run makes '
+            'no text to evaluate; leave eval.tasks empty.')
+    check_positive(config, 'eval.task_limit', allow_zero=True)
+    from evals import training  # evals sits beside train; only runs with eval.tasks need it
+    training.check_tasks(names)
 
   # --- setup -----------------------------------------------------------------
 

@@ -500,11 +500,11 @@ class PPOTask(lm.LMTask):
             'rows': jnp.asarray(b, jnp.float32)}
 
   def eval_summary(self, sums, state):
-    del state
-    if not sums:
-      return {}
-    n = max(sums['rows'], 1.0)
-    return {'eval/scores': sums['scores'] / n, 'eval/kl': sums['kl'] / n}
+    out = {}
+    if sums:
+      n = max(sums['rows'], 1.0)
+      out = {'eval/scores': sums['scores'] / n, 'eval/kl': sums['kl'] / n}
+    return {**out, **self.task_evals(state)}
 
   # --- accounting ------------------------------------------------------------
 
