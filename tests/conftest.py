@@ -51,17 +51,37 @@ SLOW_FIRST = (  # 20, 16, 15 and 11 s alone on a quiet machine (2026-12-01)
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(items):
-  """Tests that use the same module-scoped fixtures of their file (a trained run, an
-  import) run on one worker, so each fixture is built once (`--dist loadgroup`, which
-  starts the largest groups first); all other tests are spread one by one. Known slow
-  tests go first among those."""
+  """Tests that share a module-scoped fixture of their file (a trained run, an import),
+  directly or through another test's fixtures, run on one worker, so each fixture is built
+  once (`--dist loadgroup`, which starts the largest groups first): a file's fixtures are
+  joined into connected sets (tests using {a, b} and {b, c} make one group a, b, c). All
+  other tests are spread one by one; known slow tests go first among those."""
+  shared = {}
   for item in items:
     path = item.nodeid.split('::')[0]
     info = getattr(item, '_fixtureinfo', None)
-    shared = sorted({d.argname for defs in (info.name2fixturedefs.values() if info else ())
-                     for d in defs if d.scope in ('module', 'package') and d.baseid == path})
-    if shared:
-      item.add_marker(pytest.mark.xdist_group(f'{path}:{",".join(shared)}'))
+    names = {d.argname for defs in (info.name2fixturedefs.values() if info else ())
+             for d in defs if d.scope in ('module', 'package') and d.baseid == path}
+    if names:
+      shared[item] = (path, names)
+  parent = {}  # union-find over (file, fixture name)
+
+  def root(key):
+    while parent.setdefault(key, key) != key:
+      key = parent[key]
+    return key
+
+  for path, names in shared.values():
+    first, *rest = sorted(names)
+    root((path, first))
+    for name in rest:
+      parent[root((path, name))] = root((path, first))
+  members = {}
+  for key in list(parent):
+    members.setdefault(root(key), []).append(key[1])
+  for item, (path, names) in shared.items():
+    group = sorted(members[root((path, min(names)))])
+    item.add_marker(pytest.mark.xdist_group(f'{path}:{",".join(group)}'))
   rank = lambda item: next(  # noqa: E731
       (i for i, key in enumerate(SLOW_FIRST) if key in item.nodeid), len(SLOW_FIRST))
   items.sort(key=rank)
