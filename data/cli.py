@@ -1,19 +1,21 @@
 """Argument checks shared by the command lines (train, train.convert, data.curate,
-data.tokenize), made before any work starts.
+data.tokenize, serve, evals), made before any work starts.
 
 Each failure is one line that names the argument and says what to do, in the
 language of data/errors.py: flag values and config keys are ConfigErrors, paths
 and what they hold DataErrors.
 """
 
+import errno
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
 from absl import flags
 from etils import epath
 
-from data.errors import DataError
+from data.errors import ConfigError, DataError
 
 
 def parse_flags(argv: Sequence[str], *, known_only: bool = False,
@@ -121,3 +123,20 @@ def check_input(path: str, flag: str, *, directory: bool | None = None) -> None:
     raise DataError(f'{flag}={path} is not a directory.')
   if directory is False and p.is_dir():
     raise DataError(f'{flag}={path} is a directory; give a file.')
+
+
+def check_port_free(host: str, port: int) -> None:
+  """ConfigError unless a server could listen on (--host, --port): checked before any model
+  loads (python -m serve, python -m evals.human)."""
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except socket.gaierror as e:
+    raise ConfigError(f'--host={host!r} does not resolve: {e.strerror}.') from None
+  family, _, _, _, address = infos[0]
+  with socket.socket(family, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(address)
+    except OSError as e:
+      why = 'is in use' if e.errno == errno.EADDRINUSE else f'cannot be bound ({e.strerror})'
+      raise ConfigError(f'--host={host} --port={port} {why}; choose another --port.') from None

@@ -85,15 +85,23 @@ def build_lm_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batc
     if eval_steps > 0:
       val = TokenWindows(*token_stream(data_cfg, 'validation', tokenizer, cache_dir), seq_len)
 
+  train_iter, eval_batches = iterators(
+      train, val, seed=seed, global_batch_size=global_batch_size, eval_steps=eval_steps,
+      process_index=process_index, process_count=process_count)
+  return LMData(tokenizer=tokenizer, train=train_iter, eval_batches=eval_batches)
+
+
+def iterators(train, val, *, seed: int, global_batch_size: int, eval_steps: int,
+              process_index: int, process_count: int):
+  """(this process's checkpointable train iterator, a function giving a fresh pass over its
+  share of the evaluation batches) over two random-access sequences of examples, as every
+  text task's data reads them (LM windows, preference pairs, RL prompts)."""
   shard = dict(global_batch_size=global_batch_size, process_index=process_index,
                process_count=process_count)
   train_ds = train_dataset(train, seed=seed, **shard)
   eval_ds = eval_dataset(val, eval_steps=eval_steps, **shard) if eval_steps > 0 else None
-  return LMData(
-      tokenizer=tokenizer,
-      train=iter(train_ds.to_iter_dataset(_READ_OPTIONS)),
-      eval_batches=lambda: iter(eval_ds.to_iter_dataset(_READ_OPTIONS)) if eval_ds else iter(()),
-  )
+  return (iter(train_ds.to_iter_dataset(_READ_OPTIONS)),
+          lambda: iter(eval_ds.to_iter_dataset(_READ_OPTIONS)) if eval_ds else iter(()))
 
 
 # --- windows -------------------------------------------------------------------

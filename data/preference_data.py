@@ -178,16 +178,11 @@ def build_preference_data(data_cfg: ml_collections.ConfigDict, *, seed: int,
     raise DataError(f'The validation split has {len(val)} usable pairs, fewer than one global '
                     f'batch (batch_size={global_batch_size}); raise data.val_fraction, add '
                     'data, or set eval_steps=0.')
-  shard = dict(global_batch_size=global_batch_size, process_index=process_index,
-               process_count=process_count)
-  train_ds = lm_pipeline.train_dataset(train, seed=seed, **shard)
-  eval_ds = (lm_pipeline.eval_dataset(val, eval_steps=eval_steps, **shard)
-             if eval_steps > 0 else None)
-  options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-  return PreferenceData(
-      tokenizer=tokenizer, train=iter(train_ds.to_iter_dataset(options)),
-      eval_batches=lambda: iter(eval_ds.to_iter_dataset(options)) if eval_ds else iter(()),
-      train_pairs=train, validation_pairs=val)
+  train_iter, eval_batches = lm_pipeline.iterators(
+      train, val, seed=seed, global_batch_size=global_batch_size, eval_steps=eval_steps,
+      process_index=process_index, process_count=process_count)
+  return PreferenceData(tokenizer=tokenizer, train=train_iter, eval_batches=eval_batches,
+                        train_pairs=train, validation_pairs=val)
 
 
 # --- reading -------------------------------------------------------------------

@@ -8,12 +8,11 @@ flag is checked, and the port tried, before the model loads. SIGTERM or Ctrl-C s
 accepting connections, lets the requests in flight finish, then exits.
 """
 
-import errno
 import os
-import socket
 
 from absl import app, flags, logging
 
+from data import cli
 from data.errors import ConfigError, exit_on_user_error
 
 _QUANT = ('none', 'int8', 'int4')
@@ -45,22 +44,7 @@ def check_flags(f) -> None:
       raise ConfigError(f'--{name}={value} must be >= 1.')
   if f.max_n < 1:
     raise ConfigError(f'--max_n={f.max_n} must be >= 1.')
-  _check_port_free(f.host, f.port)
-
-
-def _check_port_free(host: str, port: int) -> None:
-  try:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-  except socket.gaierror as e:
-    raise ConfigError(f'--host={host!r} does not resolve: {e.strerror}.') from None
-  family, _, _, _, address = infos[0]
-  with socket.socket(family, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind(address)
-    except OSError as e:
-      why = 'is in use' if e.errno == errno.EADDRINUSE else f'cannot be bound ({e.strerror})'
-      raise ConfigError(f'--host={host} --port={port} {why}; choose another --port.') from None
+  cli.check_port_free(f.host, f.port)
 
 
 def _serve() -> None:

@@ -340,3 +340,16 @@ def test_launch_flag_checks(capsys, args, message):
   err = capsys.readouterr().err
   assert err.startswith(f'Config error: {message}') and err.count('\n') == 1, err
 
+
+
+def test_a_port_in_use_is_one_config_error():
+  """python -m serve and python -m evals.human check their port before any model loads."""
+  import socket
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf'--port={port} is in use; choose another --port'):
+      cli.check_port_free('127.0.0.1', port)
+  with pytest.raises(ConfigError, match=r"--host='no.such.host.invalid' does not resolve"):
+    cli.check_port_free('no.such.host.invalid', 8000)

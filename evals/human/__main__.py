@@ -11,13 +11,12 @@ Ctrl-C; the summary is at /summary. Every flag, the runs, the prompts file and t
 are checked before a model loads; a mistake is one line on stderr and exit status 2.
 """
 
-import errno
 import json
 import pathlib
-import socket
 
 from absl import app, flags, logging
 
+from data import cli
 from data.errors import ConfigError, DataError, exit_on_user_error
 from evals.human import completions, stats
 from evals.human.store import Store
@@ -85,23 +84,8 @@ def check_flags(f) -> tuple[tuple[list, list] | None, dict | None]:
       prompts = made_by = None
   else:
     completions.load(f.output)  # hand-made completions: checked now, not after a model loads
-  _check_port_free(f.host, f.port)
+  cli.check_port_free(f.host, f.port)
   return prompts, made_by
-
-
-def _check_port_free(host: str, port: int) -> None:
-  try:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-  except socket.gaierror as e:
-    raise ConfigError(f'--host={host!r} does not resolve: {e.strerror}.') from None
-  family, _, _, _, address = infos[0]
-  with socket.socket(family, socket.SOCK_STREAM) as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind(address)
-    except OSError as e:
-      why = 'is in use' if e.errno == errno.EADDRINUSE else f'cannot be bound ({e.strerror})'
-      raise ConfigError(f'--host={host} --port={port} {why}; choose another --port.') from None
 
 
 def build(f) -> Store:
