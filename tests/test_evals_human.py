@@ -20,8 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import uvicorn
 from sklearn.metrics import cohen_kappa_score
+from test_server import ServerThread
 
 from data import chat, preference_data, tokenizers
 from data.errors import ConfigError, DataError
@@ -215,27 +213,6 @@ def test_each_annotator_has_an_own_order_and_sides(tmp_path):
 
 
 # --- the HTTP server ------------------------------------------------------------------------
-
-
-class ServerThread:
-  """uvicorn serving `app` on a free local port from a daemon thread."""
-
-  def __init__(self, app):
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    self.url = f'http://127.0.0.1:{sock.getsockname()[1]}'
-    self.server = uvicorn.Server(uvicorn.Config(app, log_level='warning', lifespan='off'))
-    self.thread = threading.Thread(target=self.server.run, kwargs={'sockets': [sock]},
-                                   daemon=True)
-    self.thread.start()
-    deadline = time.time() + 60
-    while not self.server.started:
-      assert time.time() < deadline and self.thread.is_alive(), 'uvicorn did not start'
-      time.sleep(0.02)
-
-  def stop(self):
-    self.server.should_exit = True
-    self.thread.join(60)
 
 
 @pytest.fixture
