@@ -20,7 +20,7 @@ def trainer_defaults() -> ml_collections.ConfigDict:
   # while it is set, every rerun goes back to that step.
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True,
                                                 resume_step=-1))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, stage=1, fsdp=1, expert=1, context=1, tensor=1))
   c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))  # -1: off
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -31,7 +31,7 @@ IMPLEMENTATIONS = ('xla', 'cudnn', 'pallas', 'auto')
 AUTO_PALLAS_MIN_LENGTH = 1024
 # The mesh axes that split activations' batch and heads (the transformer's
 # LOGICAL_AXIS_RULES map 'batch' and 'heads'/'kv_heads' to these).
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp', 'expert')
 HEAD_AXIS = 'tensor'
 
 

@@ -47,7 +47,7 @@ import ml_collections
 from flax import nnx
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),
     ('conv_in', 'fsdp'),
     ('conv_out', 'tensor'),
     ('height', None),

@@ -48,7 +48,7 @@ from model import lora as lora_lib
 from model import quant as quant_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),
     ('length', None),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),

@@ -31,7 +31,7 @@ from flax import nnx
 from model import attention as attention_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', ('data', 'fsdp', 'expert')),
     ('conv_in', 'fsdp'),  # FSDP: weights gathered where they are used
     ('channels', 'tensor'),
     ('embed', 'tensor'),

@@ -375,7 +375,7 @@ def test_too_many_nonfinite_steps_stop_the_run(corpus, tmp_path, monkeypatch):
     ({'mesh.data': 3}, r'mesh \(mesh.data=3, mesh.fsdp=1, mesh.tensor=1\) needs 3 devices'),
     ({'mesh.data': 3, 'mesh.fsdp': -1}, r'does not divide the 8 devices'),
     ({'mesh.data': 4, 'mesh.fsdp': 2, 'batch_size': 12},
-     r'batch_size=12 .* divisible by the data-parallel size mesh.data\*mesh.fsdp = 8'),
+     r'batch_size=12 .* divisible by the data-parallel size mesh.data\*mesh.fsdp\*mesh.expert = 8'),
     ({'mesh.data': 2, 'mesh.tensor': 4, 'model.n_kv_heads': 2},
      r"wk'\] has shape .* cannot be split over mesh axis 'tensor' of size 4"),
     ({'model.n_kv_heads': 3}, r'model.n_kv_heads=3 must divide model.n_heads=8'),

@@ -8,6 +8,7 @@ combinations, and says which key is wrong and what it may be.
 import ml_collections
 
 from data.errors import check_choice, check_positive, get, require
+from train import mesh as mesh_lib
 
 
 def check_common(config: ml_collections.ConfigDict) -> None:
@@ -23,8 +24,8 @@ def check_common(config: ml_collections.ConfigDict) -> None:
     require(0.0 <= value < 1.0, f'{key}={value!r} must be in [0, 1).')
   require(config.batch_size % config.grad_accum == 0,
           f'batch_size={config.batch_size} must be divisible by grad_accum={config.grad_accum}.')
-  for axis in ('data', 'fsdp', 'tensor'):
-    value = config.mesh[axis]
+  for axis in mesh_lib.AXES:
+    value = config.mesh.get(axis, 1)
     require(value == -1 or value >= 1, f'mesh.{axis}={value!r} must be -1 (fill) or >= 1.')
-  fills = [a for a in ('data', 'fsdp', 'tensor') if config.mesh[a] == -1]
+  fills = [a for a in mesh_lib.AXES if config.mesh.get(a, 1) == -1]
   require(len(fills) <= 1, f'Only one mesh axis may be -1 (fill); got {", ".join(fills)}.')

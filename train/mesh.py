@@ -2,8 +2,15 @@
 
 Parallelism is applied to a model here, in one place: layers name their axes
 ('embed', 'heads', ...), a model's rules table maps those names to the mesh
-axes `data`, `fsdp` and `tensor`, and the trainer jits the step with the
-resulting shardings.
+axes, and the trainer jits the step with the resulting shardings.
+
+Mesh axes, outermost first (`mesh.<axis>` config keys; every axis but one defaults to 1):
+  data     data parallelism (replicated parameters)
+  stage    pipeline stages (the 'layers' of a pipelined model)
+  fsdp     data parallelism with parameters and optimizer state sharded
+  expert   expert parallelism (MoE experts); also splits the batch outside the experts
+  context  context parallelism (splits the sequence of activations)
+  tensor   tensor parallelism (heads, MLP and vocab dimensions)
 
 The mesh uses Auto axis types rather than jax's Explicit default: with Auto
 the compiler inserts FSDP all-gathers and tensor-parallel reductions itself,
@@ -21,18 +28,21 @@ from jax.sharding import PartitionSpec as P
 
 from data.errors import ConfigError
 
-AXES = ('data', 'fsdp', 'tensor')
-# Examples are split over both data-parallel axes.
-BATCH_AXES = ('data', 'fsdp')
+AXES = ('data', 'stage', 'fsdp', 'expert', 'context', 'tensor')
+# Examples are split over the data-parallel axes (the expert axis is one outside the experts).
+BATCH_AXES = ('data', 'fsdp', 'expert')
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Resolves `mesh.{data,fsdp,tensor}` (-1 fills) against the device count."""
-  sizes = [int(mesh_cfg[a]) for a in AXES]
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves `mesh.<axis>` for each of AXES (-1 fills) against the device count. Axes a
+  config lacks (a run saved before they existed) are 1."""
+  sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
   known = int(np.prod([s for s in sizes if s != -1]))
-  desc = ', '.join(f'mesh.{a}={s}' for a, s in zip(AXES, sizes, strict=True))
+  # The new axes are named only when set: most runs use data, fsdp and tensor alone.
+  desc = ', '.join(f'mesh.{a}={s}' for a, s in zip(AXES, sizes, strict=True)
+                   if a in ('data', 'fsdp', 'tensor') or s != 1)
   if -1 in sizes:
     if num_devices % known:
       raise ConfigError(f'The mesh ({desc}) does not divide the {num_devices} devices: '
@@ -50,8 +60,10 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def data_parallel_size(mesh: Mesh | dict) -> int:
+  """How many ways the batch splits; `mesh` may be a Mesh or its {axis: size} shape."""
+  shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
 
 
 def logical_to_mesh(spec: P, rules: Rules) -> P:

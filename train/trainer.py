@@ -65,14 +65,15 @@ class _Preemption:
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> Task:
   """Every check that can fail on user input, before anything compiles."""
   check_common(config)
-  mesh_shape = mesh_lib.mesh_shape(config.mesh, num_devices)
-  dp = mesh_shape[0] * mesh_shape[1]
+  mesh_shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(config.mesh, num_devices),
+                        strict=True))
+  dp = mesh_lib.data_parallel_size(mesh_shape)
   micro = config.batch_size // config.grad_accum
   if micro % dp:
     raise ConfigError(
         f'batch_size={config.batch_size} (per microbatch {micro} with grad_accum='
-        f'{config.grad_accum}) must be divisible by the data-parallel size mesh.data*mesh.fsdp '
-        f'= {dp}.')
+        f'{config.grad_accum}) must be divisible by the data-parallel size '
+        f'mesh.data*mesh.fsdp*mesh.expert = {dp}.')
   if config.batch_size % process_count:
     raise ConfigError(f'batch_size={config.batch_size} must be divisible by the number of '
                       f'processes ({process_count}).')
