@@ -33,6 +33,18 @@ def base() -> ml_collections.ConfigDict:
       head_dim=-1,  # -1: d_model // n_heads.
       mlp_dim=-1,  # -1: 8/3 * d_model rounded up to a multiple of 64.
       rope_theta=10_000.0,
+      # Long context (model/rope.py): RoPE scaling with HF's rope_scaling semantics. type:
+      # none | linear | llama3 | yarn; original_max_positions is HF's
+      # original_max_position_embeddings (llama3, yarn); low/high_freq_factor: llama3;
+      # beta_fast, beta_slow, attention_factor (0: derived), mscale, mscale_all_dim,
+      # truncate: yarn.
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type='none', factor=1.0, original_max_positions=0, low_freq_factor=1.0,
+          high_freq_factor=4.0, beta_fast=32.0, beta_slow=1.0, attention_factor=0.0,
+          mscale=0.0, mscale_all_dim=0.0, truncate=True)),
+      # Sliding-window attention (Mistral): a token sees itself and the sliding_window - 1
+      # tokens before it, in training and in decoding; 0: every earlier token.
+      sliding_window=0,
       tie_embeddings=True,
       norm_eps=1e-5,
       dropout=0.0,

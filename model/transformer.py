@@ -46,6 +46,7 @@ from model import attention as attention_lib
 from model import kv_cache
 from model import lora as lora_lib
 from model import quant as quant_lib
+from model import rope as rope_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp', 'expert')),
@@ -84,6 +85,10 @@ class TransformerConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  rope_scaling: rope_lib.RopeScaling = rope_lib.RopeScaling()  # model/rope.py
+  # Sliding-window attention (Mistral): a token attends to itself and the sliding_window - 1
+  # tokens before it; 0: to every earlier token.
+  sliding_window: int = 0
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   dropout: float = 0.0
@@ -188,6 +193,14 @@ class TransformerConfig:
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f'model.dropout={dropout} must be in [0, 1).')
 
+    sliding_window = int(m.get('sliding_window', 0))
+    if sliding_window < 0:
+      raise ValueError(f'model.sliding_window={sliding_window} must be >= 0 (0: no window).')
+    rope_scaling = rope_lib.RopeScaling.from_config(m.get('rope_scaling'))
+    if rope_scaling.type != 'none' and position != 'rope':
+      raise ValueError(f'model.rope_scaling.type={rope_scaling.type!r} needs '
+                       "model.position='rope'.")
+
     scan_unroll = int(m.get('scan_unroll', 1))
     if scan_unroll == 0 or scan_unroll < -1:
       raise ValueError(
@@ -203,6 +216,8 @@ class TransformerConfig:
         head_dim=head_dim,
         mlp_dim=mlp_dim,
         rope_theta=float(m.rope_theta),
+        rope_scaling=rope_scaling,
+        sliding_window=sliding_window,
         tie_embeddings=bool(m.tie_embeddings),
         norm_eps=float(m.norm_eps),
         dropout=dropout,
@@ -313,14 +328,16 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   the d_model x vocab output head (counted whether or not it is tied). It
   leaves out the input and position embeddings (gathers, not matmuls), the norms
   and the biases.
-  The attention term is PaLM's, without halving for the causal mask.
+  The attention term is PaLM's, without halving for the causal mask; with a sliding
+  window w each query scores min(T, w) keys instead of T.
 
   Args:
     cfg: the model.
     seq_len: the training context length T.
   """
   n = cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
-  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  keys = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
   return float(6 * n + attn)
 
 
@@ -341,20 +358,6 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, half-split layout: feature i pairs with feature i + D/2."""
-  half = x_BxLxHxD.shape[-1] // 2
-  # Angles in float32: bf16 positions * frequencies lose whole positions past 256.
-  inv_freq_F = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_F
-  sin_BxLx1xF = jnp.sin(angles_BxLxF)[:, :, None, :]
-  cos_BxLx1xF = jnp.cos(angles_BxLxF)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate(
-      [x1 * cos_BxLx1xF - x2 * sin_BxLx1xF, x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
-  return out.astype(x_BxLxHxD.dtype)
 
 
 def _zeros(shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -496,7 +499,7 @@ class Attention(nnx.Module):
     new keys and values go into layer `layer` of the whole cache and the queries attend to
     it (model/kv_cache.py), and the result is (out, (k_pages, v_pages)). `lora_key` keys
     adapter dropout."""
-    theta = self.cfg.rope_theta
+    cfg = self.cfg
     key_q, key_k, key_v, key_o = _keys(lora_key, 4)
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
     k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=key_k)
@@ -504,17 +507,21 @@ class Attention(nnx.Module):
     q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
-    if self.cfg.position == 'rope':
-      q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
-      k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
+    if cfg.position == 'rope':
+      q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta,
+                                       cfg.rope_scaling)
+      k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta,
+                                       cfg.rope_scaling)
     if kv is None:
+      # The window in kernels/attention_reference.py's terms: keys in [pos - (w - 1), pos].
+      window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out_BxLxHxDh = attention_lib.attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
-          causal=True, implementation=self.cfg.attention)
+          causal=True, sliding_window=window, implementation=cfg.attention)
     else:
       out_BxLxHxDh, *pages = kv_cache.attend(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
-          implementation=self.cfg.attention)
+          implementation=cfg.attention, sliding_window=cfg.sliding_window)
     out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=key_o)
     out_BxLxD = _add_bias(out_BxLxD, self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))

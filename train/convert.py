@@ -84,17 +84,7 @@ def model_keys_from_hf(hf: dict) -> dict:
 def _llama_keys(hf: dict, model_type: str) -> dict:
   act = hf.get('hidden_act', 'silu')
   _require(act == 'silu', f'hidden_act={act!r}: only silu (SwiGLU) is supported.')
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  _require(rope_type == 'default', f'rope type {rope_type!r} (rope_scaling / rope_parameters): '
-           'only the default RoPE is supported.')
-  theta = rope.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  layer_types = hf.get('layer_types') or []
-  windowed = (model_type == 'mistral' and hf.get('sliding_window') is not None) or (
-      model_type == 'qwen2' and hf.get('use_sliding_window', False)) or any(
-          t != 'full_attention' for t in layer_types)
-  _require(not windowed, f'sliding_window={hf.get("sliding_window")!r}: sliding-window '
-           'attention is not supported.')
+  theta, rope_scaling = _rope_keys(hf)
   heads = int(hf['num_attention_heads'])
   d_model = int(hf['hidden_size'])
   if model_type == 'qwen2':  # Qwen2 always has q, k, v biases and no output bias
@@ -105,11 +95,78 @@ def _llama_keys(hf: dict, model_type: str) -> dict:
       vocab_size=int(hf['vocab_size']), d_model=d_model, n_layers=int(hf['num_hidden_layers']),
       n_heads=heads, n_kv_heads=int(hf.get('num_key_value_heads') or heads),
       head_dim=int(hf.get('head_dim') or d_model // heads),
-      mlp_dim=int(hf['intermediate_size']), rope_theta=float(theta),
+      mlp_dim=int(hf['intermediate_size']), rope_theta=theta, rope_scaling=rope_scaling,
+      sliding_window=_window_key(hf, model_type),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm='rmsnorm', mlp='swiglu',
       position='rope', max_positions=-1, qkv_bias=qkv_bias, attn_out_bias=out_bias,
       mlp_bias=bool(hf.get('mlp_bias', False)))
+
+
+# HF rope_parameters keys -> model.rope_scaling keys, per RoPE type (model/rope.py).
+ROPE_KEYS = {
+    'default': (),
+    'linear': ('factor',),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),
+    'yarn': ('factor', 'attention_factor', 'mscale', 'mscale_all_dim', 'beta_fast',
+             'beta_slow', 'truncate'),
+}
+
+
+def _rope_keys(hf: dict) -> tuple[float, dict]:
+  """(rope_theta, model.rope_scaling) from HF's rope_parameters (transformers 5) or
+  rope_scaling (before), with HF's defaults where a key is absent."""
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  _require(not any(isinstance(v, dict) for v in rope.values()),
+           'rope_parameters differ per layer type; Kiln has one RoPE for all layers.')
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  _require(rope_type in ROPE_KEYS, f'rope type {rope_type!r} (rope_scaling / rope_parameters): '
+           f'supported are {", ".join(ROPE_KEYS)}.')
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  _require(partial in (None, 1.0), f'partial_rotary_factor={partial}: Kiln rotates every '
+           'feature of a head.')
+  theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  if rope_type == 'default':
+    return theta, {'type': 'none'}
+  # HF's defaults (modeling_rope_utils.py): the original length falls back to
+  # max_position_embeddings (a top-level original_max_position_embeddings, as Phi-3 writes
+  # it, comes first); yarn's factor to their ratio; unset yarn options to the paper's.
+  original = int(hf.get('original_max_position_embeddings')
+                 or rope.get('original_max_position_embeddings')
+                 or hf.get('max_position_embeddings') or 0)
+  out = {'type': rope_type}
+  for key in ROPE_KEYS[rope_type]:
+    if rope.get(key) is not None:
+      out[key] = rope[key]
+  if rope_type == 'yarn' and 'factor' not in out and original:
+    out['factor'] = float(hf['max_position_embeddings']) / original
+  _require('factor' in out, f'rope type {rope_type!r} without a factor.')
+  if rope_type in ('llama3', 'yarn'):
+    _require(original > 0, f'rope type {rope_type!r} needs original_max_position_embeddings.')
+    out['original_max_positions'] = original
+  return theta, out
+
+
+def _window_key(hf: dict, model_type: str) -> int:
+  """model.sliding_window: Mistral's and Mixtral's window covers every layer; Qwen2's
+  (use_sliding_window) the layers from max_window_layers on, or those `layer_types` names,
+  which Kiln takes only when that is all of them or none."""
+  if model_type in ('mistral', 'mixtral'):
+    return int(hf.get('sliding_window') or 0)
+  window = hf.get('sliding_window') if hf.get('use_sliding_window', False) else None
+  n_layers = int(hf['num_hidden_layers'])
+  types = hf.get('layer_types') or [
+      'sliding_attention' if window and i >= int(hf.get('max_window_layers', 0)) else
+      'full_attention' for i in range(n_layers)]
+  unknown = sorted(set(types) - {'full_attention', 'sliding_attention'})
+  _require(not unknown, f'layer_types {unknown}: only full_attention and sliding_attention '
+           'layers are supported.')
+  sliding = [t == 'sliding_attention' for t in types] if window else [False] * n_layers
+  _require(all(sliding) or not any(sliding),
+           f'sliding-window attention on {sum(sliding)} of {n_layers} layers '
+           f'(max_window_layers={hf.get("max_window_layers")!r} / layer_types): Kiln has one '
+           'window for all layers or none.')
+  return int(window) if all(sliding) else 0
 
 
 def _gpt2_keys(hf: dict) -> dict:
@@ -143,19 +200,37 @@ def hf_family(cfg: transformer.TransformerConfig) -> str:
   """
   llama = (cfg.norm, cfg.mlp, cfg.position) == ('rmsnorm', 'swiglu', 'rope')
   gpt2 = (cfg.norm, cfg.mlp, cfg.position) == ('layernorm', 'gelu_tanh', 'learned')
-  if llama and cfg.qkv_bias == cfg.attn_out_bias:
+  biases = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias)
+  if llama and not cfg.sliding_window and cfg.qkv_bias == cfg.attn_out_bias:
     return 'llama'  # attention_bias covers q, k, v and o together
-  if llama and cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
+  if llama and cfg.sliding_window and not any(biases):
+    return 'mistral'
+  if llama and biases == (True, False, False):
     return 'qwen2'
-  if gpt2 and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias and (
+  if gpt2 and all(biases) and not cfg.sliding_window and cfg.rope_scaling.type == 'none' and (
       cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model):
     return 'gpt2'
   raise ConfigError(
       f'No Hugging Face architecture matches this model (norm={cfg.norm}, mlp={cfg.mlp}, '
       f'position={cfg.position}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, '
-      f'mlp_bias={cfg.mlp_bias}); export supports Llama (rmsnorm, swiglu, rope, q/k/v/o biases '
-      'both on or both off), Qwen2 (the same with q/k/v biases only) and GPT-2 (layernorm, '
-      'gelu_tanh, learned, all biases, no GQA).')
+      f'mlp_bias={cfg.mlp_bias}, sliding_window={cfg.sliding_window}); export supports Llama '
+      '(rmsnorm, swiglu, rope, q/k/v/o biases both on or both off, no window), Mistral (the '
+      'same with a window and no biases), Qwen2 (q/k/v biases only, with or without a window) '
+      'and GPT-2 (layernorm, gelu_tanh, learned, all biases, no GQA).')
+
+
+def hf_rope_parameters(cfg: transformer.TransformerConfig) -> dict:
+  """HF's rope_parameters dict for `cfg` (the inverse of `_rope_keys`)."""
+  s = cfg.rope_scaling
+  out = {'rope_type': 'default' if s.type == 'none' else s.type, 'rope_theta': cfg.rope_theta}
+  for key in ROPE_KEYS[out['rope_type']]:
+    value = getattr(s, key)
+    if key in ('attention_factor', 'mscale', 'mscale_all_dim') and not value:
+      continue  # 0: unset, HF derives it
+    out[key] = value
+  if s.type in ('llama3', 'yarn'):
+    out['original_max_position_embeddings'] = s.original_max_positions
+  return out
 
 
 def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
@@ -171,19 +246,27 @@ def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
                 n_positions=cfg.max_positions, activation_function='gelu_new',
                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0)
-  arch = 'Qwen2ForCausalLM' if family == 'qwen2' else 'LlamaForCausalLM'
+  arch = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+          'qwen2': 'Qwen2ForCausalLM'}[family]
+  rope = hf_rope_parameters(cfg)
   out = dict(common, architectures=[arch], hidden_size=cfg.d_model,
              intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers,
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
              head_dim=cfg.head_dim, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
              max_position_embeddings=seq_len, rope_theta=cfg.rope_theta,
-             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-             attention_dropout=0.0)
+             rope_parameters=rope, attention_dropout=0.0)
+  if rope['rope_type'] != 'default':
+    out['rope_scaling'] = rope  # the key transformers 4 reads
+  window = cfg.sliding_window or None
   if family == 'llama':
     out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif family == 'mistral':
+    out.update(sliding_window=window)
   else:
-    out.update(use_sliding_window=False, max_window_layers=cfg.n_layers,
-               layer_types=['full_attention'] * cfg.n_layers)
+    layer = 'sliding_attention' if window else 'full_attention'
+    out.update(use_sliding_window=bool(window), sliding_window=window,
+               max_window_layers=0 if window else cfg.n_layers,
+               layer_types=[layer] * cfg.n_layers)
   return out
 
 

@@ -58,6 +58,10 @@ ARCHITECTURE_KEYS = (
     'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
     'rope_theta', 'tie_embeddings', 'norm_eps', 'norm', 'mlp', 'position', 'max_positions',
     'qkv_bias', 'attn_out_bias', 'mlp_bias')
+# Long-context keys: taken from the run unless this config sets them (a fine-tune that
+# extends the context changes its RoPE scaling or window on purpose).
+LONG_CONTEXT_DEFAULTS = {'rope_scaling': lambda m: m.rope_scaling.type == 'none',
+                         'sliding_window': lambda m: m.sliding_window == 0}
 
 
 def adopt_init_run(config: ml_collections.ConfigDict) -> None:
@@ -75,6 +79,15 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
   for key in ARCHITECTURE_KEYS:
     if key in other.get('model', {}) and other['model'][key] != config.model[key]:
       changed[f'model.{key}'] = config.model[key] = type(config.model[key])(other['model'][key])
+  for key, unset in LONG_CONTEXT_DEFAULTS.items():
+    theirs, ours = other.get('model', {}).get(key), config.model[key]
+    if theirs is None or not unset(config.model):
+      continue
+    if isinstance(ours, ml_collections.ConfigDict) and theirs != ours.to_dict():
+      ours.update(theirs)
+      changed[f'model.{key}'] = theirs
+    elif not isinstance(ours, ml_collections.ConfigDict) and theirs != ours:
+      changed[f'model.{key}'] = config.model[key] = type(ours)(theirs)
   meta = epath.Path(config.init_from) / 'tokenizer' / tokenizers.META_FILE
   if meta.exists():
     spec = json.loads(meta.read_text())['config']
