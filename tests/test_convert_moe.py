@@ -2,8 +2,9 @@
 random HF models built offline.
 
 Oracles: HF's forward pass and greedy generation (import parity, for both routers and with
-and without the shared expert), HF's reload of the export (no missing or unexpected keys,
-the original logits), and the imported parameters themselves (export -> import round trip).
+and without the shared expert, from per-expert and fused files), HF's reload of the export
+(no missing or unexpected keys, the original logits), and the imported parameters
+themselves (export -> import round trip).
 """
 
 import json
@@ -38,11 +39,10 @@ def _hf_model(kind: str):
   torch.manual_seed(0)
   if kind == 'mixtral':
     config = transformers.MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4)
-  else:  # qwen2_moe: unrenormalised top-k, q/k/v biases; the fused one: renormalised, none
-    fused = kind == 'qwen2_moe_fused'
+  else:  # qwen2_moe: unrenormalised top-k (softmax_topk), q/k/v biases, a gated shared expert
     config = transformers.Qwen2MoeConfig(
         **COMMON, intermediate_size=40, moe_intermediate_size=24, num_experts=4,
-        shared_expert_intermediate_size=16, norm_topk_prob=fused, qkv_bias=not fused)
+        shared_expert_intermediate_size=16, norm_topk_prob=False, qkv_bias=True)
   model = transformers.AutoModelForCausalLM.from_config(config)
   with torch.no_grad():  # larger than HF's init, so that logits and routes are distinct
     for name, param in model.named_parameters():
@@ -50,19 +50,20 @@ def _hf_model(kind: str):
   return model.eval()
 
 
-KINDS = ('mixtral', 'qwen2_moe', 'qwen2_moe_fused')
+KINDS = ('mixtral', 'qwen2_moe')
 
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
-  """kind -> (HF model, HF dir, Kiln workdir). Mixtral is loaded into an expert x tensor
-  mesh (its experts' slices read per device); the fused Qwen2-MoE is saved from the state
-  dict, so its file holds transformers 5's fused [E, 2F, D] gate_up_proj."""
+  """kind -> (HF model, Kiln workdir, (task, state) loaded from it). Mixtral is saved as
+  transformers saves it (one matrix per expert) and loaded into an expert x tensor mesh
+  (each device reads its experts' slices); Qwen2-MoE is saved from the state dict, so its
+  file holds transformers 5's fused [E, 2F, D] gate_up_proj."""
   out = {}
   for kind in KINDS:
     root = tmp_path_factory.mktemp(kind)
     model = _hf_model(kind)
-    if kind == 'qwen2_moe_fused':
+    if kind == 'qwen2_moe':
       model.config.save_pretrained(root / 'hf')
       save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                 str(root / 'hf' / 'model.safetensors'), metadata={'format': 'pt'})
@@ -71,14 +72,13 @@ def imported(tmp_path_factory):
     sharded = kind == 'mixtral'
     convert.import_hf(str(root / 'hf'), str(root / 'kiln'), dtype='float32',
                       expert=2 if sharded else 1, tensor=2 if sharded else 1)
-    out[kind] = (model, root / 'hf', root / 'kiln')
+    out[kind] = (model, root / 'kiln', *convert.load_run(str(root / 'kiln'))[:2])
   return out
 
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_import_logits_match_hf(imported, kind):
-  model, _, workdir = imported[kind]
-  task, state, _ = convert.load_run(str(workdir))
+  model, _, task, state = imported[kind]
   cfg = task.model_cfg
   assert (cfg.n_experts, cfg.top_k, cfg.capacity_factor) == (4, 2, 0.0)
   assert cfg.router == ('softmax_topk' if kind == 'qwen2_moe' else 'topk_softmax')
@@ -91,8 +91,7 @@ def test_import_logits_match_hf(imported, kind):
 
 def test_greedy_decoding_matches_hf_generate(imported):
   """The KV-cache decode path (dropless MoE) against transformers' generate."""
-  model, _, workdir = imported['qwen2_moe']
-  task, state, _ = convert.load_run(str(workdir))
+  model, _, task, state = imported['qwen2_moe']
   prompt = _tokens((1, 5), seed=2)
   with torch.no_grad():
     want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
@@ -103,9 +102,10 @@ def test_greedy_decoding_matches_hf_generate(imported):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_export_reloads_in_transformers(imported, kind, tmp_path):
-  """And, for the fused checkpoint (read in one layout, written in the other), the export
-  imports back to the same parameters bit for bit."""
-  model, _, workdir = imported[kind]
+  """The export loads in transformers with HF's original logits; for the fused checkpoint
+  (read in one layout, written in transformers' per-expert one) it imports back to the
+  same parameters bit for bit."""
+  model, workdir, _, state = imported[kind]
   out = tmp_path / 'hf'
   convert.export_hf(str(workdir), str(out))
   reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -117,7 +117,7 @@ def test_export_reloads_in_transformers(imported, kind, tmp_path):
   tokens = _tokens((2, 24), seed=3)
   np.testing.assert_allclose(_hf_logits(reloaded.eval(), tokens), _hf_logits(model, tokens),
                              rtol=0, atol=1e-5)
-  if kind != 'qwen2_moe_fused':
+  if kind != 'qwen2_moe':
     return
   with safe_open(str(out / 'model.safetensors'), framework='np') as f:
     names = set(f.keys())
@@ -125,9 +125,8 @@ def test_export_reloads_in_transformers(imported, kind, tmp_path):
   assert not any('gate_up_proj' in n for n in names)
   again = tmp_path / 'kiln_again'
   convert.import_hf(str(out), str(again), dtype='float32')
-  _, first, _ = convert.load_run(str(workdir))
   _, second, _ = convert.load_run(str(again))
-  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params), strict=True):
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(second.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -142,6 +141,15 @@ def test_qwen2_moe_layouts_kiln_lacks_are_refused(edit, message):
         **edit}
   with pytest.raises(ConfigError, match=message):
     convert.model_keys_from_hf(hf)
+
+
+def test_qwen2_moe_norm_topk_prob_is_the_mixtral_router():
+  """Renormalising the top-k softmax probabilities is a softmax over the top-k logits."""
+  hf = {**COMMON, 'model_type': 'qwen2_moe', 'intermediate_size': 40,
+        'moe_intermediate_size': 24, 'num_experts': 4, 'shared_expert_intermediate_size': 16}
+  assert convert.model_keys_from_hf({**hf, 'norm_topk_prob': True})['moe']['router'] == (
+      'topk_softmax')
+  assert convert.model_keys_from_hf(hf)['moe']['router'] == 'softmax_topk'  # HF's default
 
 
 @pytest.mark.parametrize('moe, message', [

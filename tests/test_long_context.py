@@ -22,7 +22,7 @@ from data.errors import ConfigError
 from model import decode, rope
 from train import convert
 
-LENGTH = 40  # beyond the windows (8) and the original contexts (16)
+LENGTH = 34  # beyond the windows (8) and yarn's original context (16)
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               tie_word_embeddings=False)
@@ -30,12 +30,11 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden
 
 def _hf_model(kind: str):
   torch.manual_seed(0)
-  if kind == 'llama3':  # head_dim 8: wavelengths 6, 63, 628, 6283 fall in all three bands
-    config = transformers.LlamaConfig(**COMMON, rope_parameters=dict(
+  if kind == 'mistral_llama3_window':
+    # head_dim 8: wavelengths 6, 63, 628, 6283 fall in all three llama3 bands.
+    config = transformers.MistralConfig(**COMMON, sliding_window=8, rope_parameters=dict(
         rope_type='llama3', rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=64))
-  elif kind == 'mistral_window':
-    config = transformers.MistralConfig(**COMMON, sliding_window=8)
   else:  # qwen2_yarn_window: head_dim 16 (yarn's ramp spans dimensions 0..3), every layer
     # sliding (max_window_layers=0)
     config = transformers.Qwen2Config(
@@ -50,30 +49,29 @@ def _hf_model(kind: str):
   return model.eval()
 
 
-KINDS = ('llama3', 'mistral_window', 'qwen2_yarn_window')
-EXPECTED = {'llama3': ('llama3', 0), 'mistral_window': ('none', 8),
-            'qwen2_yarn_window': ('yarn', 8)}
+KINDS = ('mistral_llama3_window', 'qwen2_yarn_window')
 
 
 @pytest.fixture(scope='module')
 def imported(tmp_path_factory):
-  """kind -> (HF model, Kiln workdir)."""
+  """kind -> (HF model, Kiln workdir, (task, state) loaded from it)."""
   out = {}
   for kind in KINDS:
     root = tmp_path_factory.mktemp(kind)
     model = _hf_model(kind)
     model.save_pretrained(root / 'hf')
     convert.import_hf(str(root / 'hf'), str(root / 'kiln'), dtype='float32')
-    out[kind] = (model, root / 'kiln')
+    task, state, _ = convert.load_run(str(root / 'kiln'))
+    out[kind] = (model, root / 'kiln', task, state)
   return out
 
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_logits_match_transformers_beyond_window_and_original_length(imported, kind, tmp_path):
-  model, workdir = imported[kind]
-  task, state, _ = convert.load_run(str(workdir))
+  model, workdir, task, state = imported[kind]
   cfg = task.model_cfg
-  assert (cfg.rope_scaling.type, cfg.sliding_window) == EXPECTED[kind]
+  rope_type = kind.split('_')[1]
+  assert (cfg.rope_scaling.type, cfg.sliding_window) == (rope_type, 8)
   tokens = _tokens((2, LENGTH), seed=1)
   want = _hf_logits(model, tokens)
   _assert_logits_close(_kiln_logits(task, state.params, tokens), want)
@@ -84,22 +82,21 @@ def test_logits_match_transformers_beyond_window_and_original_length(imported, k
       tmp_path / 'hf', attn_implementation='eager').eval()
   assert type(reloaded) is type(model)
   written = json.loads((tmp_path / 'hf' / 'config.json').read_text())
-  assert written.get('sliding_window') == (cfg.sliding_window or None)
-  assert written['rope_parameters']['rope_type'] == EXPECTED[kind][0].replace('none', 'default')
+  assert written['sliding_window'] == 8
+  assert written['rope_parameters']['rope_type'] == rope_type
   np.testing.assert_allclose(_hf_logits(reloaded, tokens), want, rtol=0, atol=1e-5)
 
 
 def test_chunked_decode_matches_full_forward(imported):
   """A prompt, single steps and chunks over the KV cache give the full forward's logits:
   the window holds in decoding too (page size 4, so the window spans several pages)."""
-  _, workdir = imported['mistral_window']
-  task, state, _ = convert.load_run(str(workdir))
-  tokens = _tokens((2, LENGTH), seed=2)
+  _, _, task, state = imported['mistral_llama3_window']
+  tokens = _tokens((2, LENGTH), seed=1)  # the parity test's: its compiled forward is reused
   full = _kiln_logits(task, state.params, tokens)
   cache = decode.contiguous_cache(task.model_cfg, 2, LENGTH, page_size=4)
   step = jax.jit(decode.forward, static_argnums=0)
   pieces, start = [], 0
-  for end in (16, 17, 33, 34, LENGTH):  # three shapes: 16, 1 and 6 tokens
+  for end in (16, 17, 33, LENGTH):  # two shapes: 16 tokens and 1
     positions = np.broadcast_to(np.arange(start, end, dtype=np.int32), (2, end - start))
     logits, cache = step(task.graphdef, state.params, tokens[:, start:end], positions, cache)
     pieces.append(np.asarray(logits))
