@@ -10,6 +10,9 @@ Switches (config keys; defaults give the Llama block):
   position  rope (half-split layout, as HF's `rotate_half`) | learned (a [P, D] table, GPT-2)
   qkv_bias, attn_out_bias, mlp_bias: biases on the q/k/v projections (Qwen2), on the
   attention output projection and on the MLP projections (GPT-2 has all three).
+  rope_scaling  linear | llama3 | yarn frequencies for long context (model/rope.py)
+  sliding_window  w > 0: each token attends to itself and the w - 1 tokens before it
+                (Mistral), in training and over the KV cache
 GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
 train/convert.py splits and re-fuses it).
 
@@ -761,9 +764,9 @@ class Transformer(nnx.Module):
     """Runs T new tokens per row against a KV cache: (float32 logits_BxTxV, new cache).
 
     Each token's keys and values are written at its position, and it attends to every
-    cached position <= its own in its row (model/kv_cache.py has the layout; a
-    position < 0 marks padding). A prompt, a chunk of one, a single decode step and a
-    speculative block are all this call.
+    cached position <= its own in its row, the last `sliding_window` of them with a window
+    (model/kv_cache.py has the layout; a position < 0 marks padding). A prompt, a chunk
+    of one, a single decode step and a speculative block are all this call.
     """
     x_BxTxD = self._embed(tokens_BxT, jnp.maximum(positions_BxT, 0))
     x_BxTxD, (k, v) = _run_blocks(
