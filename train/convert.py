@@ -243,7 +243,7 @@ def hf_family(cfg: transformer.TransformerConfig) -> str:
     return 'mistral'
   if llama and biases == (True, False, False):
     return 'qwen2'
-  if gpt2 and all(biases) and not cfg.sliding_window and cfg.rope_scaling.type == 'none' and (
+  if gpt2 and all(biases) and not cfg.sliding_window and (
       cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model):
     return 'gpt2'
   raise ConfigError(
@@ -400,7 +400,7 @@ def tensor_map(cfg: transformer.TransformerConfig, family: str,
                (('attn', 'v_bias'), 'self_attn.v_proj.bias', (k * dh,), *head_bias(k))]
   if cfg.attn_out_bias:
     blocks.append((('attn', 'o_bias'), 'self_attn.o_proj.bias', (d,), _same, _same))
-  if cfg.mlp_bias:
+  if cfg.mlp_bias and not cfg.n_experts:  # the experts have no biases
     blocks += [(('mlp', f'{n}_bias'), f'mlp.{n}_proj.bias', (d if n == 'down' else f,), _same,
                 _same) for n in ('gate', 'up', 'down')]
   return out + [Tensor(('blocks',) + path, 'model.layers.{i}.' + name, shape, *fns)
@@ -853,7 +853,8 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   eos = tokenizer._sp.eos_id() if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) else -1
   builders = hf_tensors_from_kiln(jax.device_get(task.inference_params(state)), cfg, family)
   del state
-  nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
+  shapes = {n: t.hf_shape for t in tensor_map(cfg, family) for n, _ in _expand(t, cfg)}
+  nbytes = {n: int(np.prod(shapes[n])) * out_dtype.itemsize for n in builders}
   shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
 
   with _staging(hf_dir, overwrite) as tmp:
@@ -901,13 +902,6 @@ def load_run(workdir: str):
   if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
     task.setup_inference(workdir)
   return (task, *restore_latest(task, config, workdir))
-
-
-def _hf_shape(cfg, family, name):
-  for t in tensor_map(cfg, family):
-    if name in (n for n, _ in _expand(t, cfg)):
-      return t.hf_shape
-  raise KeyError(name)
 
 
 def _plan_shards(names: Sequence[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
