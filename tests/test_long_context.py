@@ -18,9 +18,11 @@ import transformers
 from test_convert import VOCAB, _assert_logits_close, _hf_logits, _kiln_logits, _tokens
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from configs import lm
 from data.errors import ConfigError
 from model import decode, rope
 from train import convert
+from train.tasks import lm as lm_task
 
 LENGTH = 34  # beyond the windows (8) and yarn's original context (16)
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -147,3 +149,20 @@ def test_hf_config_keys(edit, message):
     assert convert.model_keys_from_hf(hf)['rope_scaling'] == dict(
         type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_positions=64)
+
+
+def test_init_from_adopts_long_context_keys_unless_set(tmp_path):
+  """A fine-tune of an imported long-context model keeps its RoPE scaling and window; one
+  that sets its own scaling (to extend the context further) keeps that."""
+  run = lm.get_config('tiny')
+  run.model.rope_scaling.update(type='yarn', factor=4.0, original_max_positions=128)
+  run.model.sliding_window = 8
+  (tmp_path / 'config.json').write_text(json.dumps(run.to_dict()))
+  plain, extended = lm.get_config('tiny'), lm.get_config('tiny')
+  extended.model.rope_scaling.update(type='linear', factor=2.0)
+  for config in (plain, extended):
+    config.init_from = str(tmp_path)
+    lm_task.adopt_init_run(config)
+    assert config.model.sliding_window == 8
+  assert plain.model.rope_scaling.to_dict() == run.model.rope_scaling.to_dict()
+  assert (extended.model.rope_scaling.type, extended.model.rope_scaling.factor) == ('linear', 2.0)

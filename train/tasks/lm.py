@@ -58,10 +58,6 @@ ARCHITECTURE_KEYS = (
     'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
     'rope_theta', 'tie_embeddings', 'norm_eps', 'norm', 'mlp', 'position', 'max_positions',
     'qkv_bias', 'attn_out_bias', 'mlp_bias')
-# Long-context keys: taken from the run unless this config sets them (a fine-tune that
-# extends the context changes its RoPE scaling or window on purpose).
-LONG_CONTEXT_DEFAULTS = {'rope_scaling': lambda m: m.rope_scaling.type == 'none',
-                         'sliding_window': lambda m: m.sliding_window == 0}
 
 
 def adopt_init_run(config: ml_collections.ConfigDict) -> None:
@@ -79,21 +75,22 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
   for key in ARCHITECTURE_KEYS:
     if key in other.get('model', {}) and other['model'][key] != config.model[key]:
       changed[f'model.{key}'] = config.model[key] = type(config.model[key])(other['model'][key])
-  for key, unset in LONG_CONTEXT_DEFAULTS.items():
-    theirs, ours = other.get('model', {}).get(key), config.model[key]
-    if theirs is None or not unset(config.model):
-      continue
-    if isinstance(ours, ml_collections.ConfigDict) and theirs != ours.to_dict():
-      ours.update(theirs)
-      changed[f'model.{key}'] = theirs
-    elif not isinstance(ours, ml_collections.ConfigDict) and theirs != ours:
-      changed[f'model.{key}'] = config.model[key] = type(ours)(theirs)
   meta = epath.Path(config.init_from) / 'tokenizer' / tokenizers.META_FILE
   if meta.exists():
     spec = json.loads(meta.read_text())['config']
     for key, value in spec.items():
       if config.data.tokenizer[key] != value:
         changed[f'data.tokenizer.{key}'] = config.data.tokenizer[key] = value
+  # The long-context keys too, unless this config sets them: a fine-tune that extends the
+  # context changes its RoPE scaling or window on purpose.
+  theirs = other.get('model', {})
+  scaling = config.model.get('rope_scaling')
+  if theirs.get('rope_scaling') and scaling is not None and scaling.type == 'none' and (
+      theirs['rope_scaling'] != scaling.to_dict()):
+    scaling.update(theirs['rope_scaling'])
+    changed['model.rope_scaling'] = theirs['rope_scaling']
+  if theirs.get('sliding_window') and not config.model.get('sliding_window', 0):
+    changed['model.sliding_window'] = config.model.sliding_window = int(theirs['sliding_window'])
   if changed:
     logging.info('init_from=%s sets %s.', config.init_from, changed)
 
