@@ -395,16 +395,17 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   leaves out the input and position embeddings (gathers, not matmuls), the norms
   and the biases. For MoE, N is the ACTIVE count: each token's top_k experts, the router
   and the shared expert (not the E - top_k experts it skips), so MFU measures useful work.
-  The attention term is PaLM's, without halving for the causal mask; with a sliding
-  window w each query scores min(T, w) keys instead of T.
+  The attention term is PaLM's, without halving for the causal mask.
 
   Args:
     cfg: the model.
-    seq_len: the training context length T.
+    seq_len: the training context length T (with a sliding window w, the attention term
+      counts min(T, w) keys per query).
   """
   n = cfg.n_layers * _block_matmul_params(cfg, active=True) + cfg.d_model * cfg.vocab_size
-  keys = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
-  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  if cfg.sliding_window:  # each query scores min(T, w) keys, not T
+    attn = attn * min(seq_len, cfg.sliding_window) / seq_len
   return float(6 * n + attn)
 
 
@@ -566,7 +567,7 @@ class Attention(nnx.Module):
     new keys and values go into layer `layer` of the whole cache and the queries attend to
     it (model/kv_cache.py), and the result is (out, (k_pages, v_pages)). `lora_key` keys
     adapter dropout."""
-    cfg = self.cfg
+    theta = self.cfg.rope_theta
     key_q, key_k, key_v, key_o = _keys(lora_key, 4)
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
     k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=key_k)
@@ -574,24 +575,27 @@ class Attention(nnx.Module):
     q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
-    if cfg.position == 'rope':
-      q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, cfg.rope_theta,
-                                       cfg.rope_scaling)
-      k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, cfg.rope_theta,
-                                       cfg.rope_scaling)
+    if self.cfg.position == 'rope':
+      q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, theta, self.cfg.rope_scaling)
+      k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, theta, self.cfg.rope_scaling)
     if kv is None:
-      # The window in kernels/attention_reference.py's terms: keys in [pos - (w - 1), pos].
-      window = (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
       out_BxLxHxDh = attention_lib.attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
-          causal=True, sliding_window=window, implementation=cfg.attention)
+          causal=True, sliding_window=attention_window(self.cfg),
+          implementation=self.cfg.attention)
     else:
       out_BxLxHxDh, *pages = kv_cache.attend(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
-          implementation=cfg.attention, sliding_window=cfg.sliding_window)
+          implementation=self.cfg.attention, sliding_window=self.cfg.sliding_window)
     out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=key_o)
     out_BxLxD = _add_bias(out_BxLxD, self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
+
+
+def attention_window(cfg: TransformerConfig) -> tuple[int, int] | None:
+  """`cfg.sliding_window` in model/attention.py's terms, (left, right): a token sees the keys
+  at [pos - (w - 1), pos]; None without a window."""
+  return (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
 
 
 class Mlp(nnx.Module):
