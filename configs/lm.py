@@ -5,7 +5,8 @@ Run (default preset `tiny`, the embedded CPython standard library corpus):
   python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
 
 Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
-`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`, and the
+mixtures of experts `configs/lm.py:moe_cpu` and `configs/lm.py:mixtral_8x7b`. Any key can be
 overridden with `--config.a.b=value`. LoRA: `--config.model.lora.rank=16`; QLoRA adds
 `--config.model.lora.base_quant=nf4` (both usually with `--config.init_from=DIR`).
 """
@@ -33,6 +34,18 @@ def base() -> ml_collections.ConfigDict:
       head_dim=-1,  # -1: d_model // n_heads.
       mlp_dim=-1,  # -1: 8/3 * d_model rounded up to a multiple of 64.
       rope_theta=10_000.0,
+      # Long context (model/rope.py): RoPE scaling with HF's rope_scaling semantics. type:
+      # none | linear | llama3 | yarn; original_max_positions is HF's
+      # original_max_position_embeddings (llama3, yarn); low/high_freq_factor: llama3;
+      # beta_fast, beta_slow, attention_factor (0: derived), mscale, mscale_all_dim,
+      # truncate: yarn.
+      rope_scaling=ml_collections.ConfigDict(dict(
+          type='none', factor=1.0, original_max_positions=0, low_freq_factor=1.0,
+          high_freq_factor=4.0, beta_fast=32.0, beta_slow=1.0, attention_factor=0.0,
+          mscale=0.0, mscale_all_dim=0.0, truncate=True)),
+      # Sliding-window attention (Mistral): a token sees itself and the sliding_window - 1
+      # tokens before it, in training and in decoding; 0: every earlier token.
+      sliding_window=0,
       tie_embeddings=True,
       norm_eps=1e-5,
       dropout=0.0,
@@ -59,6 +72,16 @@ def base() -> ml_collections.ConfigDict:
       # model/quant.py), with the block scales in int8 when double_quant.
       lora=ml_collections.ConfigDict(dict(
           rank=0, alpha=16.0, dropout=0.0, targets='.*', base_quant='none', double_quant=True)),
+      # Mixture of experts (model/moe.py): with n_experts > 0 every block's MLP is E SwiGLU
+      # experts of width expert_mlp_dim (-1: mlp_dim), top_k of them per token. router:
+      # topk_softmax (Mixtral) | softmax_topk (Qwen2-MoE, unrenormalised). shared_mlp_dim > 0
+      # adds a dense shared expert, gated by sigmoid(x @ shared_gate) when shared_gate.
+      # capacity_factor 0 is dropless; cf > 0 caps each expert at ceil(cf * tokens * k / E).
+      # The load-balancing and router z-losses are added to the loss with these weights.
+      # Expert parallelism: mesh.expert > 1 splits the experts (and the batch outside them).
+      moe=ml_collections.ConfigDict(dict(
+          n_experts=0, top_k=2, expert_mlp_dim=-1, shared_mlp_dim=0, shared_gate=False,
+          router='topk_softmax', capacity_factor=0.0, balance_weight=0.01, z_weight=0.001)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -172,8 +195,32 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.update(seq_len=4096)
     c.data.tokenizer.update(vocab_size=32000)
     c.optimizer.update(lr=2e-5, warmup_steps=100, end_lr=2e-6, b2=0.95, weight_decay=0.0)
+  elif preset == 'moe_cpu':
+    # `tiny` with 8 experts, top 2, each half tiny's MLP width: the same active parameters
+    # per token as tiny (plus the router), 4x its MLP parameters. Trains on 2 CPU cores
+    # (docs/baselines/moe_step.py compares its step time with tiny's).
+    c = get_config('tiny')
+    c.model.moe.update(n_experts=8, top_k=2, expert_mlp_dim=192)
+  elif preset == 'mixtral_8x7b':
+    # Mixtral-8x7B's shape (46.7B parameters, 12.9B active): 8 experts of width 14336, top 2,
+    # experts split over the expert axis and everything else over fsdp.
+    c.steps = 10_000
+    c.batch_size = 256
+    c.log_every = 10
+    c.eval_every = 500
+    c.eval_steps = 20
+    c.checkpoint.every = 500
+    c.model.update(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                   mlp_dim=14336, vocab_size=32000, rope_theta=1_000_000.0,
+                   tie_embeddings=False, dtype='bfloat16', remat='full')
+    # router_aux_loss_coef=0.02 in Mixtral's HF config.
+    c.model.moe.update(n_experts=8, top_k=2, expert_mlp_dim=-1, balance_weight=0.02)
+    c.mesh.update(data=1, fsdp=-1, expert=8)
+    c.data.update(seq_len=4096)
+    c.data.tokenizer.update(vocab_size=32000)
+    c.optimizer.update(lr=3e-4, warmup_steps=2000, end_lr=3e-5, b2=0.95, weight_decay=0.1)
   else:
     raise ValueError(
         f'Unknown preset {preset!r} for configs/lm.py; choose one of '
-        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b.')
+        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b, moe_cpu, mixtral_8x7b.')
   return c

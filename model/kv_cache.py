@@ -18,7 +18,9 @@ shards over the batch axes like any batch dimension. The jittable `generate` in
 model/decode.py uses it.
 
 The visibility rule is positional: a query at position p sees every cached key at
-a position <= p of its row. Keys at later positions, left by a rejected
+a position <= p of its row (and, for a model with a sliding window w, > p - w: the
+paged kernels take no window, so such a model always takes the gather path below; its
+pages before the window stay allocated). Keys at later positions, left by a rejected
 speculative token or by an earlier request that owned the page, are never seen;
 the next write at that position replaces them, so nothing is ever rolled back.
 Rows padded with position -1 write nothing and see nothing (zero output).
@@ -169,17 +171,23 @@ def attend(
     page_table_BxP: jax.Array | None,
     layer: jax.Array,
     implementation: str = 'xla',
+    sliding_window: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Writes the new keys and values into layer `layer` of the cache, then attends every
-  query to that layer's cached keys at positions <= its own. Returns (out_BxTxHxD,
-  k_pages, v_pages), the pages of every layer (see `write`).
+  query to that layer's cached keys at positions <= its own (and, with a `sliding_window`
+  w > 0, > its own - w). Returns (out_BxTxHxD, k_pages, v_pages), the pages of every layer
+  (see `write`).
 
   `implementation` is the model's attention setting (model/attention.py IMPLEMENTATIONS);
-  the module docstring says which path each one takes.
+  the module docstring says which path each one takes. The paged kernels read every key
+  of a row from position 0, so a sliding window takes the gather path.
   """
   k_pages, v_pages = write(k_BxTxKxD, v_BxTxKxD, positions_BxT, k_pages_NxKxGxSxD,
                            v_pages_NxKxGxSxD, page_table_BxP, layer)
-  if uses_kernel(implementation, q_BxTxHxD.shape[1], k_pages.shape[-1], k_pages.dtype):
+  if sliding_window:
+    out = _gather_attend(q_BxTxHxD, k_pages, v_pages, positions_BxT, page_table_BxP, layer,
+                         sliding_window)
+  elif uses_kernel(implementation, q_BxTxHxD.shape[1], k_pages.shape[-1], k_pages.dtype):
     layer_pages = [jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
                    for x in (k_pages, v_pages)]
     out = _kernel_attend(q_BxTxHxD, *layer_pages, positions_BxT, page_table_BxP)
@@ -198,8 +206,9 @@ def gather_attend(q_BxTxHxD: jax.Array, k_pages_KxGxSxD: jax.Array,
 
 
 def _gather_attend(q_BxTxHxD, k_pages_NxKxGxSxD, v_pages_NxKxGxSxD, positions_BxT,
-                   page_table_BxP, layer):
-  """gather_attend over layer `layer` of the whole cache.
+                   page_table_BxP, layer, sliding_window=0):
+  """gather_attend over layer `layer` of the whole cache (with a sliding window w > 0,
+  only keys at positions > the query's - w).
 
   The same math as attention.masked_attention, written here in the cache's head-major
   order ([K, B, L, Dh] keys, batch dims leading): XLA:CPU then runs the two einsums on
@@ -216,6 +225,8 @@ def _gather_attend(q_BxTxHxD, k_pages_NxKxGxSxD, v_pages_NxKxGxSxD, positions_Bx
                                 preferred_element_type=jnp.float32) * (d ** -0.5)
   key_pos_L = jnp.arange(keys_KxBxLxD.shape[2])
   mask_BxTxL = key_pos_L[None, None, :] <= positions_BxT[:, :, None]
+  if sliding_window:
+    mask_BxTxL &= key_pos_L[None, None, :] > positions_BxT[:, :, None] - sliding_window
   # finfo.min rather than -inf keeps rows that see nothing (padding) finite; zeroed below.
   scores_KxBxGxTxL = jnp.where(mask_BxTxL[None, :, None], scores_KxBxGxTxL,
                                jnp.finfo(jnp.float32).min)

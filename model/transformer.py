@@ -10,6 +10,9 @@ Switches (config keys; defaults give the Llama block):
   position  rope (half-split layout, as HF's `rotate_half`) | learned (a [P, D] table, GPT-2)
   qkv_bias, attn_out_bias, mlp_bias: biases on the q/k/v projections (Qwen2), on the
   attention output projection and on the MLP projections (GPT-2 has all three).
+  rope_scaling  linear | llama3 | yarn frequencies for long context (model/rope.py)
+  sliding_window  w > 0: each token attends to itself and the w - 1 tokens before it
+                (Mistral), in training and over the KV cache
 GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
 train/convert.py splits and re-fuses it).
 
@@ -45,7 +48,9 @@ from flax import nnx
 from model import attention as attention_lib
 from model import kv_cache
 from model import lora as lora_lib
+from model import moe as moe_lib
 from model import quant as quant_lib
+from model import rope as rope_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp', 'expert')),
@@ -59,6 +64,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('norm', None),
     ('layers', None),
     ('positions', None),
+    ('expert', 'expert'),
+    ('expert_mlp', 'tensor'),
 )
 
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
@@ -84,6 +91,10 @@ class TransformerConfig:
   head_dim: int
   mlp_dim: int
   rope_theta: float = 10_000.0
+  rope_scaling: rope_lib.RopeScaling = rope_lib.RopeScaling()  # model/rope.py
+  # Sliding-window attention (Mistral): a token attends to itself and the sliding_window - 1
+  # tokens before it; 0: to every earlier token.
+  sliding_window: int = 0
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   dropout: float = 0.0
@@ -109,6 +120,16 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: str = '.*'
+  # Mixture of experts (model/moe.py); n_experts 0 = a dense MLP in every block.
+  n_experts: int = 0
+  top_k: int = 2
+  expert_mlp_dim: int = 0
+  shared_mlp_dim: int = 0
+  shared_gate: bool = False
+  router: str = 'topk_softmax'
+  capacity_factor: float = 0.0  # 0: dropless
+  balance_weight: float = 0.01
+  z_weight: float = 0.001
 
   @property
   def quant_scheme(self) -> quant_lib.Scheme:
@@ -188,6 +209,14 @@ class TransformerConfig:
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f'model.dropout={dropout} must be in [0, 1).')
 
+    sliding_window = int(m.get('sliding_window', 0))
+    if sliding_window < 0:
+      raise ValueError(f'model.sliding_window={sliding_window} must be >= 0 (0: no window).')
+    rope_scaling = rope_lib.RopeScaling.from_config(m.get('rope_scaling'))
+    if rope_scaling.type != 'none' and position != 'rope':
+      raise ValueError(f'model.rope_scaling.type={rope_scaling.type!r} needs '
+                       "model.position='rope'.")
+
     scan_unroll = int(m.get('scan_unroll', 1))
     if scan_unroll == 0 or scan_unroll < -1:
       raise ValueError(
@@ -203,6 +232,8 @@ class TransformerConfig:
         head_dim=head_dim,
         mlp_dim=mlp_dim,
         rope_theta=float(m.rope_theta),
+        rope_scaling=rope_scaling,
+        sliding_window=sliding_window,
         tie_embeddings=bool(m.tie_embeddings),
         norm_eps=float(m.norm_eps),
         dropout=dropout,
@@ -219,7 +250,52 @@ class TransformerConfig:
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
         **_parse_lora(m.get('lora'), mlp),
+        **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora'), bool(m.get('mlp_bias', False))),
     )
+
+
+def _parse_moe(moe: ml_collections.ConfigDict | None, mlp: str, mlp_dim: int,
+               lora: ml_collections.ConfigDict | None, mlp_bias: bool) -> dict[str, Any]:
+  """TransformerConfig's mixture-of-experts fields from `model.moe` (absent in runs saved
+  before it existed: a dense model)."""
+  if moe is None or int(moe.get('n_experts', 0)) == 0:
+    return {}
+  n, top_k = int(moe.n_experts), int(moe.top_k)
+  if n < 0:
+    raise ValueError(f'model.moe.n_experts={n} must be >= 0 (0 turns MoE off).')
+  if not 1 <= top_k <= n:
+    raise ValueError(f'model.moe.top_k={top_k} must be in [1, model.moe.n_experts={n}].')
+  if mlp != 'swiglu':
+    raise ValueError(f"model.moe.n_experts={n} needs model.mlp='swiglu' (the experts are "
+                     f'SwiGLU MLPs), got {mlp!r}.')
+  if mlp_bias:
+    raise ValueError(f'model.mlp_bias=True is not supported with model.moe.n_experts={n} (the '
+                     'experts have no biases); set model.mlp_bias=False.')
+  if lora is not None and (int(lora.rank) or lora.base_quant != 'none'):
+    raise ValueError('model.lora is not supported with model.moe.n_experts > 0 (the experts '
+                     'have no adapters or quantized storage); set model.lora.rank=0.')
+  expert_mlp_dim = int(moe.expert_mlp_dim)
+  expert_mlp_dim = mlp_dim if expert_mlp_dim == -1 else expert_mlp_dim
+  if expert_mlp_dim <= 0:
+    raise ValueError(f'model.moe.expert_mlp_dim={moe.expert_mlp_dim} must be positive or -1 '
+                     '(model.mlp_dim).')
+  shared = int(moe.shared_mlp_dim)
+  if shared < 0:
+    raise ValueError(f'model.moe.shared_mlp_dim={shared} must be >= 0 (0: no shared expert).')
+  if bool(moe.shared_gate) and not shared:
+    raise ValueError('model.moe.shared_gate=True needs model.moe.shared_mlp_dim > 0 (it gates '
+                     'the shared expert).')
+  cf = float(moe.capacity_factor)
+  if cf < 0:
+    raise ValueError(f'model.moe.capacity_factor={cf} must be >= 0 (0: dropless).')
+  for key in ('balance_weight', 'z_weight'):
+    if float(moe[key]) < 0:
+      raise ValueError(f'model.moe.{key}={moe[key]} must be >= 0.')
+  return dict(
+      n_experts=n, top_k=top_k, expert_mlp_dim=expert_mlp_dim, shared_mlp_dim=shared,
+      shared_gate=bool(moe.shared_gate),
+      router=_parse_key('model.moe.router', moe.router, moe_lib.ROUTERS), capacity_factor=cf,
+      balance_weight=float(moe.balance_weight), z_weight=float(moe.z_weight))
 
 
 def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
@@ -276,10 +352,17 @@ def _parse_choice(name: str, value: str, table: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _block_matmul_params(cfg: TransformerConfig) -> int:
+def _block_matmul_params(cfg: TransformerConfig, active: bool = False) -> int:
+  """Matmul weights of one block; with MoE, `active` counts only the top_k experts a token
+  takes (plus the router and the shared expert, which every token takes)."""
   d, dh = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2  # q, o and k, v
-  mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.mlp_dim
+  if cfg.n_experts:
+    experts = cfg.top_k if active else cfg.n_experts
+    mlp = (experts * 3 * d * cfg.expert_mlp_dim + d * cfg.n_experts
+           + 3 * d * cfg.shared_mlp_dim + (d if cfg.shared_gate else 0))
+  else:
+    mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.mlp_dim
   return attn + mlp
 
 
@@ -297,12 +380,13 @@ def _norm_params(cfg: TransformerConfig) -> int:
   return cfg.d_model * (2 if cfg.norm == 'layernorm' else 1)
 
 
-def count_params(cfg: TransformerConfig) -> int:
-  """Number of parameters the model creates (the tied matrix is counted once)."""
+def count_params(cfg: TransformerConfig, active: bool = False) -> int:
+  """Number of parameters the model creates (the tied matrix is counted once); with
+  `active`, those one token uses (an MoE model's top_k experts of each block, not all)."""
   embed = cfg.vocab_size * cfg.d_model
   head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
   positions = cfg.max_positions * cfg.d_model if cfg.position == 'learned' else 0
-  per_block = _block_matmul_params(cfg) + _block_vector_params(cfg)
+  per_block = _block_matmul_params(cfg, active) + _block_vector_params(cfg)
   return embed + head + positions + cfg.n_layers * per_block + _norm_params(cfg)
 
 
@@ -312,15 +396,19 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   N counts the weights that take part in a matmul: every block projection plus
   the d_model x vocab output head (counted whether or not it is tied). It
   leaves out the input and position embeddings (gathers, not matmuls), the norms
-  and the biases.
+  and the biases. For MoE, N is the ACTIVE count: each token's top_k experts, the router
+  and the shared expert (not the E - top_k experts it skips), so MFU measures useful work.
   The attention term is PaLM's, without halving for the causal mask.
 
   Args:
     cfg: the model.
-    seq_len: the training context length T.
+    seq_len: the training context length T (with a sliding window w, the attention term
+      counts min(T, w) keys per query).
   """
-  n = cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  n = cfg.n_layers * _block_matmul_params(cfg, active=True) + cfg.d_model * cfg.vocab_size
   attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  if cfg.sliding_window:  # each query scores min(T, w) keys, not T
+    attn = attn * min(seq_len, cfg.sliding_window) / seq_len
   return float(6 * n + attn)
 
 
@@ -341,20 +429,6 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, half-split layout: feature i pairs with feature i + D/2."""
-  half = x_BxLxHxD.shape[-1] // 2
-  # Angles in float32: bf16 positions * frequencies lose whole positions past 256.
-  inv_freq_F = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BxLxF = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_F
-  sin_BxLx1xF = jnp.sin(angles_BxLxF)[:, :, None, :]
-  cos_BxLx1xF = jnp.cos(angles_BxLxF)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate(
-      [x1 * cos_BxLx1xF - x2 * sin_BxLx1xF, x2 * cos_BxLx1xF + x1 * sin_BxLx1xF], axis=-1)
-  return out.astype(x_BxLxHxD.dtype)
 
 
 def _zeros(shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -505,19 +579,26 @@ class Attention(nnx.Module):
     k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
     v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
     if self.cfg.position == 'rope':
-      q_BxLxHxDh = apply_rope(q_BxLxHxDh, positions_BxL, theta)
-      k_BxLxKxDh = apply_rope(k_BxLxKxDh, positions_BxL, theta)
+      q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, theta, self.cfg.rope_scaling)
+      k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, theta, self.cfg.rope_scaling)
     if kv is None:
       out_BxLxHxDh = attention_lib.attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
-          causal=True, implementation=self.cfg.attention)
+          causal=True, sliding_window=attention_window(self.cfg),
+          implementation=self.cfg.attention)
     else:
       out_BxLxHxDh, *pages = kv_cache.attend(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
-          implementation=self.cfg.attention)
+          implementation=self.cfg.attention, sliding_window=self.cfg.sliding_window)
     out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=key_o)
     out_BxLxD = _add_bias(out_BxLxD, self, 'o_bias')
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
+
+
+def attention_window(cfg: TransformerConfig) -> tuple[int, int] | None:
+  """`cfg.sliding_window` in model/attention.py's terms, (left, right): a token sees the keys
+  at [pos - (w - 1), pos]; None without a window."""
+  return (cfg.sliding_window - 1, 0) if cfg.sliding_window else None
 
 
 class Mlp(nnx.Module):
@@ -560,7 +641,8 @@ class Block(nnx.Module):
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
-    self.mlp = Mlp(cfg, rngs=rngs)
+    self.moe = bool(cfg.n_experts)
+    self.mlp = moe_lib.MoeMlp(cfg, rngs=rngs) if self.moe else Mlp(cfg, rngs=rngs)
 
   def __call__(
       self,
@@ -570,7 +652,9 @@ class Block(nnx.Module):
       dropout_key: jax.Array | None,
       kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
   ):
-    """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
+    """(x after the block, aux_3: the MoE layer's float32 [balance, z, dropped], zeros for a
+    dense MLP); with a cache `kv` (see Attention), (x, (k_pages, v_pages)) and the MoE layer
+    dropless."""
     attn_key = mlp_key = attn_lora_key = mlp_lora_key = None
     if dropout_key is not None and self.lora_dropout > 0:
       attn_key, mlp_key, attn_lora_key, mlp_lora_key = jax.random.split(dropout_key, 4)
@@ -581,9 +665,13 @@ class Block(nnx.Module):
     if kv is not None:
       h_BxLxD, pages = h_BxLxD
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
+    if self.moe:
+      h_BxLxD, aux_3 = self.mlp(self.mlp_norm(x_BxLxD), dropless=kv is not None)
+    else:
+      h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
+      aux_3 = jnp.zeros((len(moe_lib.AUX_NAMES),), jnp.float32)
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
-    return x_BxLxD if kv is None else (x_BxLxD, pages)
+    return (x_BxLxD, aux_3) if kv is None else (x_BxLxD, pages)
 
 
 _LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
@@ -596,7 +684,9 @@ class Transformer(nnx.Module):
   positions; `blocks` (every leaf with a leading [N] 'layers' axis):
   `attn_norm.{scale,bias}`, `attn.{wq,wk,wv,wo}` [D, H|K, Dh] / [H, Dh, D],
   `attn.{q,k,v}_bias` [H|K, Dh], `attn.o_bias` [D], `mlp_norm.{scale,bias}`,
-  `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias`; `final_norm.{scale,bias}`;
+  `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias` (an MoE model's `mlp` is
+  model/moe.py's MoeMlp: `mlp.router`, `mlp.{w_gate,w_up,w_down}` [E, ...], `mlp.shared.*`,
+  `mlp.shared_gate`); `final_norm.{scale,bias}`;
   `lm_head` [D, V] only when the embeddings are untied. Norm biases exist only
   for LayerNorm, projection biases only when switched on, `w_gate` only for SwiGLU.
   A quantized model stores each projection `w` as `w` (int8 or packed uint8 codes) and
@@ -633,9 +723,13 @@ class Transformer(nnx.Module):
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
       features: bool = False,
-  ) -> jax.Array:
+      return_aux: bool = False,
+  ):
     """Returns float32 logits_BxLxV, or with `features=True` the final-normed hidden states
     x_BxLxD in the compute dtype (what a scalar head, a reward model or a value head, reads).
+    With `return_aux`, (that, aux): aux maps each of model/moe.py's AUX_NAMES
+    (moe_balance_loss, moe_z_loss, moe_dropped_fraction) to its float32 mean over the layers
+    (zeros for a dense model).
 
     Args:
       tokens_BxL: integer token ids.
@@ -658,11 +752,14 @@ class Transformer(nnx.Module):
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
 
-    x_BxLxD = _run_blocks(
+    x_BxLxD, aux_3 = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
         dropout_keys_N, cfg.remat, self._unroll())
     x_BxLxD = self.final_norm(x_BxLxD)
-    return x_BxLxD if features else self._head(x_BxLxD)
+    out = x_BxLxD if features else self._head(x_BxLxD)
+    if not return_aux:
+      return out
+    return out, dict(zip(moe_lib.AUX_NAMES, aux_3 / cfg.n_layers, strict=True))
 
   def decode(
       self,
@@ -674,9 +771,9 @@ class Transformer(nnx.Module):
     """Runs T new tokens per row against a KV cache: (float32 logits_BxTxV, new cache).
 
     Each token's keys and values are written at its position, and it attends to every
-    cached position <= its own in its row (model/kv_cache.py has the layout; a
-    position < 0 marks padding). A prompt, a chunk of one, a single decode step and a
-    speculative block are all this call.
+    cached position <= its own in its row, the last `sliding_window` of them with a window
+    (model/kv_cache.py has the layout; a position < 0 marks padding). A prompt, a chunk
+    of one, a single decode step and a speculative block are all this call.
     """
     x_BxTxD = self._embed(tokens_BxT, jnp.maximum(positions_BxT, 0))
     x_BxTxD, (k, v) = _run_blocks(
@@ -721,8 +818,9 @@ def _run_blocks(
     unroll: int,
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
 ):
-  """Scans the stacked blocks over their leading 'layers' axis. With a cache
-  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v))."""
+  """Scans the stacked blocks over their leading 'layers' axis: (x, the blocks' aux_3
+  summed over layers). With a cache kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns
+  (x, (k, v))."""
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
@@ -742,6 +840,9 @@ def _run_blocks(
   def layer(block, x, positions, segment_ids, key):
     return block(x, positions, segment_ids, key)
 
+  # The MoE losses are summed in the carry: a scan output per layer would do as well, but
+  # the carry keeps them out of the stacked residuals.
+
   if remat != 'none':
     # prevent_cse=False: inside a scan the CSE barrier only costs performance.
     layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -749,7 +850,10 @@ def _run_blocks(
   @nnx.scan(
       in_axes=(0, nnx.Carry, None, None, 0), out_axes=nnx.Carry,
       transform_metadata=_LAYERS_METADATA, unroll=unroll)
-  def scan_fn(block, x, positions, segment_ids, key):
-    return layer(block, x, positions, segment_ids, key)
+  def scan_fn(block, carry, positions, segment_ids, key):
+    x, aux_sum = carry
+    x, aux = layer(block, x, positions, segment_ids, key)
+    return x, aux_sum + aux
 
-  return scan_fn(blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N)
+  aux_3 = jnp.zeros((len(moe_lib.AUX_NAMES),), jnp.float32)
+  return scan_fn(blocks, (x_BxLxD, aux_3), positions_BxL, segment_ids_BxL, dropout_keys_N)

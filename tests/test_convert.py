@@ -288,8 +288,8 @@ def _save(model, directory, drop=None, config_edit=None, to_int=None):
     ('unexpected', DataError, r'does not explain: .*model\.layers\.0\.self_attn\.q_proj\.bias'),
     ('dtype', DataError, r'model\.norm\.weight has dtype I32; expected one of F32, F16, BF16'),
     ('model_type', ConfigError, r"model_type='falcon'.*llama, mistral, qwen2, gpt2"),
-    ('rope', ConfigError, r"rope type 'llama3'"),
-    ('window', ConfigError, r'sliding_window=16'),
+    ('rope', ConfigError, r"rope type 'dynamic'"),
+    ('window', ConfigError, r'sliding-window attention on 1 of 2 layers'),
 ])
 def test_bad_checkpoints_name_the_problem(tmp_path, case, error, message):
   model = _hf_model('llama_gqa_untied')
@@ -297,8 +297,9 @@ def test_bad_checkpoints_name_the_problem(tmp_path, case, error, message):
       'shape': lambda c: c.update(intermediate_size=64),
       'unexpected': lambda c: c.update(attention_bias=False),
       'model_type': lambda c: c.update(model_type='falcon'),
-      'rope': lambda c: c.update(rope_parameters={'rope_type': 'llama3', 'rope_theta': 1e4}),
-      'window': lambda c: c.update(model_type='mistral', sliding_window=16),
+      'rope': lambda c: c.update(rope_parameters={'rope_type': 'dynamic', 'factor': 2.0}),
+      'window': lambda c: c.update(model_type='qwen2', use_sliding_window=True,
+                                   sliding_window=16, max_window_layers=1),
   }
   if case == 'unexpected':
     model = _hf_model('llama_tied_bias')

@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import lm
 from model import attention as attention_lib
+from model import rope
 from model import transformer as tfm
 
 VOCAB = 61
@@ -239,8 +240,8 @@ def test_rope_scores_depend_only_on_relative_position():
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
   def score(m, n):
-    rq = tfm.apply_rope(q, jnp.array([[m]]), 10_000.0)
-    rk = tfm.apply_rope(k, jnp.array([[n]]), 10_000.0)
+    rq = rope.apply_rope(q, jnp.array([[m]]), 10_000.0)
+    rk = rope.apply_rope(k, jnp.array([[n]]), 10_000.0)
     return float(jnp.sum(rq * rk))
 
   for m, n in ((3, 1), (0, 5), (7, 7)):

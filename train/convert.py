@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2 and GPT-2.
+"""Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2, GPT-2, and the
+mixtures of experts Mixtral and Qwen2-MoE.
 
   python -m train.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
   python -m train.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
@@ -48,7 +49,7 @@ from train.runs import load_run_config, restore_latest
 from train.state import TrainState, setup_state
 from train.tasks.lm import LMTask
 
-SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2')
+SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2', 'mixtral', 'qwen2_moe')
 FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
 # Tensors that some HF checkpoints carry but that are buffers, not parameters.
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq', '.attn.bias', '.attn.masked_bias')
@@ -84,32 +85,122 @@ def model_keys_from_hf(hf: dict) -> dict:
 def _llama_keys(hf: dict, model_type: str) -> dict:
   act = hf.get('hidden_act', 'silu')
   _require(act == 'silu', f'hidden_act={act!r}: only silu (SwiGLU) is supported.')
-  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  _require(rope_type == 'default', f'rope type {rope_type!r} (rope_scaling / rope_parameters): '
-           'only the default RoPE is supported.')
-  theta = rope.get('rope_theta', hf.get('rope_theta', 10_000.0))
-  layer_types = hf.get('layer_types') or []
-  windowed = (model_type == 'mistral' and hf.get('sliding_window') is not None) or (
-      model_type == 'qwen2' and hf.get('use_sliding_window', False)) or any(
-          t != 'full_attention' for t in layer_types)
-  _require(not windowed, f'sliding_window={hf.get("sliding_window")!r}: sliding-window '
-           'attention is not supported.')
+  theta, rope_scaling = _rope_keys(hf)
   heads = int(hf['num_attention_heads'])
   d_model = int(hf['hidden_size'])
   if model_type == 'qwen2':  # Qwen2 always has q, k, v biases and no output bias
     qkv_bias, out_bias = True, False
+  elif model_type == 'qwen2_moe':  # transformers 5 made them optional
+    qkv_bias, out_bias = bool(hf.get('qkv_bias', True)), False
   else:
     qkv_bias = out_bias = bool(hf.get('attention_bias', False))
   return dict(
       vocab_size=int(hf['vocab_size']), d_model=d_model, n_layers=int(hf['num_hidden_layers']),
       n_heads=heads, n_kv_heads=int(hf.get('num_key_value_heads') or heads),
       head_dim=int(hf.get('head_dim') or d_model // heads),
-      mlp_dim=int(hf['intermediate_size']), rope_theta=float(theta),
+      mlp_dim=int(hf['intermediate_size']), rope_theta=theta, rope_scaling=rope_scaling,
+      sliding_window=_window_key(hf, model_type),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)), norm='rmsnorm', mlp='swiglu',
       position='rope', max_positions=-1, qkv_bias=qkv_bias, attn_out_bias=out_bias,
-      mlp_bias=bool(hf.get('mlp_bias', False)))
+      mlp_bias=bool(hf.get('mlp_bias', False)), moe=_moe_keys(hf, model_type))
+
+
+def _moe_keys(hf: dict, model_type: str) -> dict:
+  """model.moe for Mixtral (top-k then softmax over the k, no shared expert) and Qwen2-MoE
+  (softmax, top-k, renormalised only with norm_topk_prob; a sigmoid-gated shared expert).
+  Imports are dropless, as HF is; HF's MoE has no router z-loss."""
+  if model_type == 'mixtral':
+    return dict(n_experts=int(hf['num_local_experts']), top_k=int(hf['num_experts_per_tok']),
+                expert_mlp_dim=int(hf['intermediate_size']), shared_mlp_dim=0,
+                shared_gate=False, router='topk_softmax', capacity_factor=0.0,
+                balance_weight=float(hf.get('router_aux_loss_coef', 0.001)), z_weight=0.0)
+  if model_type != 'qwen2_moe':
+    return dict(n_experts=0)
+  step, dense = int(hf.get('decoder_sparse_step', 1)), hf.get('mlp_only_layers') or []
+  _require(step == 1 and not dense,
+           f'decoder_sparse_step={step}, mlp_only_layers={dense}: Kiln\'s MoE models have '
+           'experts in every layer (decoder_sparse_step=1, mlp_only_layers=[]).')
+  shared = int(hf.get('shared_expert_intermediate_size') or 0)
+  _require(shared > 0, 'shared_expert_intermediate_size=0: Qwen2-MoE\'s shared expert is '
+           'expected.')
+  return dict(n_experts=int(hf['num_experts']), top_k=int(hf['num_experts_per_tok']),
+              expert_mlp_dim=int(hf['moe_intermediate_size']), shared_mlp_dim=shared,
+              shared_gate=True,
+              router='topk_softmax' if hf.get('norm_topk_prob', False) else 'softmax_topk',
+              capacity_factor=0.0, balance_weight=float(hf.get('router_aux_loss_coef', 0.001)),
+              z_weight=0.0)
+
+
+# HF rope_parameters keys -> model.rope_scaling keys, per RoPE type (model/rope.py).
+ROPE_KEYS = {
+    'default': (),
+    'linear': ('factor',),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor'),
+    'yarn': ('factor', 'attention_factor', 'mscale', 'mscale_all_dim', 'beta_fast',
+             'beta_slow', 'truncate'),
+}
+
+
+def _rope_keys(hf: dict) -> tuple[float, dict]:
+  """(rope_theta, model.rope_scaling) from HF's rope_parameters (transformers 5) or
+  rope_scaling (before), with HF's defaults where a key is absent."""
+  rope = hf.get('rope_parameters') or hf.get('rope_scaling') or {}
+  _require(not any(isinstance(v, dict) for v in rope.values()),
+           'rope_parameters differ per layer type; Kiln has one RoPE for all layers.')
+  rope_type = rope.get('rope_type', rope.get('type', 'default'))
+  _require(rope_type in ROPE_KEYS, f'rope type {rope_type!r} (rope_scaling / rope_parameters): '
+           f'supported are {", ".join(ROPE_KEYS)}.')
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  _require(partial in (None, 1.0), f'partial_rotary_factor={partial}: Kiln rotates every '
+           'feature of a head.')
+  theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
+  if rope_type == 'default':
+    return theta, {'type': 'none'}
+  # HF's defaults (modeling_rope_utils.py): the original length falls back to
+  # max_position_embeddings (a top-level original_max_position_embeddings, as Phi-3 writes
+  # it, comes first); yarn's factor to their ratio; unset yarn options to the paper's.
+  original = int(hf.get('original_max_position_embeddings')
+                 or rope.get('original_max_position_embeddings')
+                 or hf.get('max_position_embeddings') or 0)
+  out = {'type': rope_type}
+  for key in ROPE_KEYS[rope_type]:
+    if rope.get(key) is not None:
+      out[key] = rope[key]
+  if rope_type == 'yarn' and 'factor' not in out and original:
+    out['factor'] = float(hf['max_position_embeddings']) / original
+  _require('factor' in out, f'rope type {rope_type!r} without a factor.')
+  if rope_type in ('llama3', 'yarn'):
+    _require(original > 0, f'rope type {rope_type!r} needs original_max_position_embeddings.')
+    out['original_max_positions'] = original
+  return theta, out
+
+
+def _window_key(hf: dict, model_type: str) -> int:
+  """model.sliding_window: Mistral's and Mixtral's window covers every layer; Qwen2's and
+  Qwen2-MoE's (use_sliding_window) the layers `layer_types` names (or, without it, those
+  their configs derive from max_window_layers), which Kiln takes only when that is all of
+  them or none."""
+  if model_type in ('mistral', 'mixtral'):
+    return int(hf.get('sliding_window') or 0)
+  # qwen2 and qwen2_moe; Llama has no window whatever its layer_types say.
+  window = hf.get('sliding_window') if hf.get('use_sliding_window', False) else None
+  n_layers, first = int(hf['num_hidden_layers']), int(hf.get('max_window_layers', 0))
+  if model_type == 'qwen2':  # the defaults of transformers' configs when layer_types is unset
+    default = [i >= first for i in range(n_layers)]
+  else:
+    default = [i % 2 == 0 and i < first for i in range(n_layers)]
+  types = hf.get('layer_types') or [
+      'sliding_attention' if window and s else 'full_attention' for s in default]
+  unknown = sorted(set(types) - {'full_attention', 'sliding_attention'})
+  _require(not unknown, f'layer_types {unknown}: only full_attention and sliding_attention '
+           'layers are supported.')
+  sliding = [t == 'sliding_attention' for t in types] if window else [False] * n_layers
+  _require(all(sliding) or not any(sliding),
+           f'sliding-window attention on {sum(sliding)} of {n_layers} layers '
+           f'(max_window_layers={hf.get("max_window_layers")!r} / layer_types): Kiln has one '
+           'window for all layers or none.')
+  return int(window) if all(sliding) else 0
 
 
 def _gpt2_keys(hf: dict) -> dict:
@@ -143,19 +234,55 @@ def hf_family(cfg: transformer.TransformerConfig) -> str:
   """
   llama = (cfg.norm, cfg.mlp, cfg.position) == ('rmsnorm', 'swiglu', 'rope')
   gpt2 = (cfg.norm, cfg.mlp, cfg.position) == ('layernorm', 'gelu_tanh', 'learned')
-  if llama and cfg.qkv_bias == cfg.attn_out_bias:
+  biases = (cfg.qkv_bias, cfg.attn_out_bias, cfg.mlp_bias)
+  if cfg.n_experts:
+    return _moe_family(cfg, llama and not cfg.attn_out_bias and not cfg.mlp_bias)
+  if llama and not cfg.sliding_window and cfg.qkv_bias == cfg.attn_out_bias:
     return 'llama'  # attention_bias covers q, k, v and o together
-  if llama and cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
+  if llama and cfg.sliding_window and not any(biases):
+    return 'mistral'
+  if llama and biases == (True, False, False):
     return 'qwen2'
-  if gpt2 and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias and (
+  if gpt2 and all(biases) and not cfg.sliding_window and (
       cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model):
     return 'gpt2'
   raise ConfigError(
       f'No Hugging Face architecture matches this model (norm={cfg.norm}, mlp={cfg.mlp}, '
       f'position={cfg.position}, qkv_bias={cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, '
-      f'mlp_bias={cfg.mlp_bias}); export supports Llama (rmsnorm, swiglu, rope, q/k/v/o biases '
-      'both on or both off), Qwen2 (the same with q/k/v biases only) and GPT-2 (layernorm, '
-      'gelu_tanh, learned, all biases, no GQA).')
+      f'mlp_bias={cfg.mlp_bias}, sliding_window={cfg.sliding_window}); export supports Llama '
+      '(rmsnorm, swiglu, rope, q/k/v/o biases both on or both off, no window), Mistral (the '
+      'same with a window and no biases), Qwen2 (q/k/v biases only, with or without a window) '
+      'and GPT-2 (layernorm, gelu_tanh, learned, all biases, no GQA).')
+
+
+def _moe_family(cfg: transformer.TransformerConfig, llama_block: bool) -> str:
+  shared = (cfg.shared_mlp_dim > 0, cfg.shared_gate)
+  if llama_block and shared == (False, False) and not cfg.qkv_bias and (
+      cfg.router == 'topk_softmax'):
+    return 'mixtral'
+  if llama_block and shared == (True, True):
+    return 'qwen2_moe'
+  raise ConfigError(
+      f'No Hugging Face MoE architecture matches this model (router={cfg.router}, '
+      f'shared_mlp_dim={cfg.shared_mlp_dim}, shared_gate={cfg.shared_gate}, qkv_bias='
+      f'{cfg.qkv_bias}, attn_out_bias={cfg.attn_out_bias}, mlp_bias={cfg.mlp_bias}); export '
+      'supports Mixtral (router topk_softmax, no shared expert, no biases) and Qwen2-MoE (a '
+      'shared expert with shared_gate, either router, optional q/k/v biases), both with the '
+      'Llama block (rmsnorm, swiglu, rope).')
+
+
+def hf_rope_parameters(cfg: transformer.TransformerConfig) -> dict:
+  """HF's rope_parameters dict for `cfg` (the inverse of `_rope_keys`)."""
+  s = cfg.rope_scaling
+  out = {'rope_type': 'default' if s.type == 'none' else s.type, 'rope_theta': cfg.rope_theta}
+  for key in ROPE_KEYS[out['rope_type']]:
+    value = getattr(s, key)
+    if key in ('attention_factor', 'mscale', 'mscale_all_dim') and not value:
+      continue  # 0: unset, HF derives it
+    out[key] = value
+  if s.type in ('llama3', 'yarn'):
+    out['original_max_position_embeddings'] = s.original_max_positions
+  return out
 
 
 def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
@@ -171,19 +298,38 @@ def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
                 n_positions=cfg.max_positions, activation_function='gelu_new',
                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0)
-  arch = 'Qwen2ForCausalLM' if family == 'qwen2' else 'LlamaForCausalLM'
+  arch = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
+          'qwen2': 'Qwen2ForCausalLM', 'mixtral': 'MixtralForCausalLM',
+          'qwen2_moe': 'Qwen2MoeForCausalLM'}[family]
+  rope = hf_rope_parameters(cfg)
   out = dict(common, architectures=[arch], hidden_size=cfg.d_model,
              intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.n_layers,
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
              head_dim=cfg.head_dim, hidden_act='silu', rms_norm_eps=cfg.norm_eps,
              max_position_embeddings=seq_len, rope_theta=cfg.rope_theta,
-             rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-             attention_dropout=0.0)
+             rope_parameters=rope, attention_dropout=0.0)
+  if rope['rope_type'] != 'default':
+    out['rope_scaling'] = rope  # the key transformers 4 reads
+  window = cfg.sliding_window or None
   if family == 'llama':
     out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  elif family in ('mistral', 'mixtral'):
+    out.update(sliding_window=window)
   else:
-    out.update(use_sliding_window=False, max_window_layers=cfg.n_layers,
-               layer_types=['full_attention'] * cfg.n_layers)
+    layer = 'sliding_attention' if window else 'full_attention'
+    out.update(use_sliding_window=bool(window), sliding_window=window,
+               max_window_layers=0 if family == 'qwen2' and window else cfg.n_layers,
+               layer_types=[layer] * cfg.n_layers)
+  if family == 'mixtral':
+    out.update(intermediate_size=cfg.expert_mlp_dim, num_local_experts=cfg.n_experts,
+               num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.balance_weight,
+               output_router_logits=False, router_jitter_noise=0.0)
+  elif family == 'qwen2_moe':
+    out.update(moe_intermediate_size=cfg.expert_mlp_dim, num_experts=cfg.n_experts,
+               num_experts_per_tok=cfg.top_k, norm_topk_prob=cfg.router == 'topk_softmax',
+               shared_expert_intermediate_size=cfg.shared_mlp_dim, decoder_sparse_step=1,
+               mlp_only_layers=[], qkv_bias=cfg.qkv_bias, router_aux_loss_coef=cfg.balance_weight,
+               output_router_logits=False)
   return out
 
 
@@ -192,10 +338,11 @@ class Tensor:
   """One Kiln parameter read from one HF tensor.
 
   `kiln` is the parameter's path; `hf` the HF name (with `{i}` for the layer in
-  stacked parameters, whose Kiln shape has a leading [N] axis); `hf_shape` its
-  shape in the file; `to_kiln` maps the HF array (of one layer) to Kiln's layout
-  and `to_hf` back. Several parameters that share one HF tensor (GPT-2's fused
-  c_attn: q, k, v) are its consecutive pieces along `concat_axis`.
+  stacked parameters, whose Kiln shape has a leading [N] axis, and `{e}` for the expert
+  of per-expert matrices, a further [E] axis); `hf_shape` its shape in the file (of one
+  layer and expert); `to_kiln` maps that HF array to Kiln's layout and `to_hf` back.
+  Several parameters that share one HF tensor (GPT-2's fused c_attn: q, k, v; the fused
+  experts' gate_up_proj) are its consecutive pieces along `concat_axis`.
   """
   kiln: tuple[str, ...]
   hf: str
@@ -213,8 +360,11 @@ def _t(w: np.ndarray) -> np.ndarray:
   return w.T
 
 
-def tensor_map(cfg: transformer.TransformerConfig, family: str) -> list[Tensor]:
-  """Every Kiln parameter of `cfg` and the HF tensor it comes from."""
+def tensor_map(cfg: transformer.TransformerConfig, family: str,
+               fused_experts: bool = False) -> list[Tensor]:
+  """Every Kiln parameter of `cfg` and the HF tensor it comes from. An MoE model's experts
+  are HF's per-expert matrices (what transformers saves), or with `fused_experts` the
+  [E, ...] tensors of transformers 5's modules (read at import only)."""
   if family == 'gpt2':
     return _gpt2_map(cfg)
   d, h, k, dh, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
@@ -237,21 +387,65 @@ def tensor_map(cfg: transformer.TransformerConfig, family: str) -> list[Tensor]:
       (('attn', 'wv'), 'self_attn.v_proj.weight', (k * dh, d), *proj_in(k)),
       (('attn', 'wo'), 'self_attn.o_proj.weight', (d, h * dh),
        lambda w: w.T.reshape(h, dh, d), lambda x: x.reshape(h * dh, d).T),
-      (('mlp', 'w_gate'), 'mlp.gate_proj.weight', (f, d), _t, _t),
-      (('mlp', 'w_up'), 'mlp.up_proj.weight', (f, d), _t, _t),
-      (('mlp', 'w_down'), 'mlp.down_proj.weight', (d, f), _t, _t),
   ]
+  if cfg.n_experts:
+    blocks += _moe_map(cfg, family, fused_experts)
+  else:
+    blocks += [(('mlp', 'w_gate'), 'mlp.gate_proj.weight', (f, d), _t, _t),
+               (('mlp', 'w_up'), 'mlp.up_proj.weight', (f, d), _t, _t),
+               (('mlp', 'w_down'), 'mlp.down_proj.weight', (d, f), _t, _t)]
   if cfg.qkv_bias:
     blocks += [(('attn', 'q_bias'), 'self_attn.q_proj.bias', (h * dh,), *head_bias(h)),
                (('attn', 'k_bias'), 'self_attn.k_proj.bias', (k * dh,), *head_bias(k)),
                (('attn', 'v_bias'), 'self_attn.v_proj.bias', (k * dh,), *head_bias(k))]
   if cfg.attn_out_bias:
     blocks.append((('attn', 'o_bias'), 'self_attn.o_proj.bias', (d,), _same, _same))
-  if cfg.mlp_bias:
+  if cfg.mlp_bias and not cfg.n_experts:  # the experts have no biases
     blocks += [(('mlp', f'{n}_bias'), f'mlp.{n}_proj.bias', (d if n == 'down' else f,), _same,
                 _same) for n in ('gate', 'up', 'down')]
   return out + [Tensor(('blocks',) + path, 'model.layers.{i}.' + name, shape, *fns)
                 for path, name, shape, *fns in blocks]
+
+
+# Per-expert HF names (with {e}) of Kiln's w_gate, w_up, w_down, and the router's module.
+EXPERT_NAMES = {
+    'mixtral': ('block_sparse_moe', 'experts.{e}.w1', 'experts.{e}.w3', 'experts.{e}.w2'),
+    'qwen2_moe': ('mlp', 'experts.{e}.gate_proj', 'experts.{e}.up_proj',
+                  'experts.{e}.down_proj'),
+}
+
+
+def _moe_map(cfg: transformer.TransformerConfig, family: str, fused: bool) -> list[tuple]:
+  """The block entries of an MoE MLP (model/moe.py's layout): the router [D, E] is HF's
+  gate [E, D] transposed; each expert's Linear [F, D] / [D, F] is Kiln's [E, D, F] /
+  [E, F, D] slice e transposed. transformers 5 holds the experts fused in memory,
+  `experts.gate_up_proj` [E, 2F, D] (gate rows first) and `experts.down_proj` [E, D, F],
+  and saves them per expert; checkpoints written from its state dict keep the fused form."""
+  d, e, f, fs = cfg.d_model, cfg.n_experts, cfg.expert_mlp_dim, cfg.shared_mlp_dim
+  module, gate, up, down = EXPERT_NAMES[family]
+  if fused:
+    module = 'mlp'  # transformers 5's module name for both families
+
+    def swap(x):
+      return x.transpose(0, 2, 1)
+
+    gate_up = 'mlp.experts.gate_up_proj'
+    out = [(('mlp', 'w_gate'), gate_up, (e, 2 * f, d), lambda w: swap(w[:, :f]), swap, 1),
+           (('mlp', 'w_up'), gate_up, (e, 2 * f, d), lambda w: swap(w[:, f:]), swap, 1),
+           (('mlp', 'w_down'), 'mlp.experts.down_proj', (e, d, f), swap, swap)]
+  else:
+    out = [(('mlp', 'w_gate'), f'{module}.{gate}.weight', (f, d), _t, _t),
+           (('mlp', 'w_up'), f'{module}.{up}.weight', (f, d), _t, _t),
+           (('mlp', 'w_down'), f'{module}.{down}.weight', (d, f), _t, _t)]
+  out.append((('mlp', 'router'), f'{module}.gate.weight', (e, d), _t, _t))
+  if fs:
+    out += [(('mlp', 'shared', 'w_gate'), 'mlp.shared_expert.gate_proj.weight', (fs, d), _t, _t),
+            (('mlp', 'shared', 'w_up'), 'mlp.shared_expert.up_proj.weight', (fs, d), _t, _t),
+            (('mlp', 'shared', 'w_down'), 'mlp.shared_expert.down_proj.weight', (d, fs), _t,
+             _t)]
+  if cfg.shared_gate:
+    out.append((('mlp', 'shared_gate'), 'mlp.shared_expert_gate.weight', (1, d), _t, _t))
+  return out
 
 
 def _gpt2_map(cfg: transformer.TransformerConfig) -> list[Tensor]:
@@ -288,23 +482,31 @@ def _gpt2_map(cfg: transformer.TransformerConfig) -> list[Tensor]:
                 for path, name, shape, *fns in blocks]
 
 
+def _expand(t: Tensor, cfg: transformer.TransformerConfig) -> list[tuple[str, tuple]]:
+  """(HF name, index into the Kiln parameter) of each HF tensor behind `t`: one, one per
+  layer (`{i}`: index (i,)), or one per layer and expert (`{i}` and `{e}`: (i, e))."""
+  if '{e}' in t.hf:
+    return [(t.hf.format(i=i, e=e), (i, e)) for i in range(cfg.n_layers)
+            for e in range(cfg.n_experts)]
+  if '{i}' in t.hf:
+    return [(t.hf.format(i=i), (i,)) for i in range(cfg.n_layers)]
+  return [(t.hf, ())]
+
+
 def hf_tensors_from_kiln(params: dict, cfg: transformer.TransformerConfig,
                          family: str) -> dict[str, Callable[[], np.ndarray]]:
   """HF name -> a function that builds that tensor from Kiln's (host) params.
 
   The inverse of `tensor_map`: GPT-2's c_attn is concatenated from q, k and v.
   """
-  groups: dict[str, list[tuple[Tensor, int | None]]] = {}
+  groups: dict[str, list[tuple[Tensor, tuple]]] = {}
   for t in tensor_map(cfg, family):
-    for i in range(cfg.n_layers) if '{i}' in t.hf else (None,):
-      groups.setdefault(t.hf.format(i=i), []).append((t, i))
+    for name, index in _expand(t, cfg):
+      groups.setdefault(name, []).append((t, index))
 
   def build(parts) -> Callable[[], np.ndarray]:
     def tensor():
-      pieces = []
-      for t, i in parts:
-        x = np.asarray(_get(params, t.kiln))
-        pieces.append(t.to_hf(x if i is None else x[i]))
+      pieces = [t.to_hf(np.asarray(_get(params, t.kiln))[index]) for t, index in parts]
       return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, parts[0][0].concat_axis)
     return tensor
 
@@ -360,8 +562,8 @@ class SafetensorsReader:
     return s[index] if index else s[:]
 
 
-def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor], n_layers: int,
-                   family: str, tied: bool) -> dict[str, str]:
+def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor],
+                   cfg: transformer.TransformerConfig, family: str) -> dict[str, str]:
   """Maps the expected HF names to the names in the files; checks names, shapes, dtypes.
 
   GPT-2 checkpoints on the Hub often drop the `transformer.` prefix.
@@ -369,10 +571,7 @@ def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor], n_layers: i
   Raises:
     DataError: naming every missing or unexpected tensor, or the first wrong shape or dtype.
   """
-  expected = {}
-  for t in tensors:
-    for i in range(n_layers) if '{i}' in t.hf else (None,):
-      expected[t.hf.format(i=i)] = t.hf_shape
+  expected = {name: t.hf_shape for t in tensors for name, _ in _expand(t, cfg)}
   names = reader.names()
   rename = {}
   for name in expected:
@@ -384,7 +583,8 @@ def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor], n_layers: i
   if missing:
     raise DataError(f'The HF checkpoint lacks {len(missing)} tensor(s) the config needs: '
                     f'{", ".join(missing[:8])}{" ..." if len(missing) > 8 else ""}.')
-  ignorable = {'lm_head.weight'} if tied else set()  # some tied checkpoints store the copy
+  # Some tied checkpoints store the copy.
+  ignorable = {'lm_head.weight'} if cfg.tie_embeddings else set()
   unexpected = sorted(n for n in names - set(rename.values())
                       if n not in ignorable and not n.endswith(IGNORED_SUFFIXES))
   if unexpected:
@@ -410,8 +610,9 @@ def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, f
   transpose (embeddings, lm_head, norms, MLP), else the layer's whole HF tensor
   (attention projections, which Kiln splits into heads) sliced in memory.
   """
-  tensors = tensor_map(cfg, family)
-  rename = _resolve_names(reader, tensors, cfg.n_layers, family, cfg.tie_embeddings)
+  fused = cfg.n_experts > 0 and 'model.layers.0.mlp.experts.gate_up_proj' in reader.names()
+  tensors = tensor_map(cfg, family, fused_experts=fused)
+  rename = _resolve_names(reader, tensors, cfg, family)
   by_path = {t.kiln: t for t in tensors}
   flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   paths = {tuple(k.key for k in p) for p, _ in flat}
@@ -437,7 +638,11 @@ def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, f
       if path[0] != 'blocks':
         return piece(rename[t.hf], tuple(index))
       layers = range(cfg.n_layers)[index[0]]
-      return np.stack([piece(rename[t.hf.format(i=i)], tuple(index[1:])) for i in layers])
+      if '{e}' not in t.hf:
+        return np.stack([piece(rename[t.hf.format(i=i)], tuple(index[1:])) for i in layers])
+      experts = range(cfg.n_experts)[index[1]]
+      return np.stack([np.stack([piece(rename[t.hf.format(i=i, e=e)], tuple(index[2:]))
+                                 for e in experts]) for i in layers])
 
     return jax.make_array_from_callback(abstract.shape, sharding, callback)
 
@@ -459,7 +664,7 @@ def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
 
 def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
               dtype: str = 'bfloat16', seq_len: int = 0, fsdp: int = 1, tensor: int = 1,
-              overwrite: bool = False) -> None:
+              expert: int = 1, overwrite: bool = False) -> None:
   """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`; an
   existing non-empty `workdir` is replaced (once the import is whole) only with `overwrite`."""
   _check_target(workdir, '--workdir', overwrite)
@@ -470,7 +675,8 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   max_len = keys['max_positions'] if keys['position'] == 'learned' else int(
       hf.get('max_position_embeddings', 2048))
   config.data.seq_len = seq_len or min(max_len, 2048)
-  config.mesh.update(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor)
+  config.mesh.update(data=1 if -1 in (fsdp, tensor, expert) else -1, fsdp=fsdp, tensor=tensor,
+                     expert=expert)
   config.checkpoint.async_save = False
   spm_proto = _read_spm(hf_dir)
   if spm_proto is not None:
@@ -647,7 +853,8 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   eos = tokenizer._sp.eos_id() if isinstance(tokenizer, tokenizers.SentencePieceTokenizer) else -1
   builders = hf_tensors_from_kiln(jax.device_get(task.inference_params(state)), cfg, family)
   del state
-  nbytes = {n: int(np.prod(_hf_shape(cfg, family, n))) * out_dtype.itemsize for n in builders}
+  shapes = {n: t.hf_shape for t in tensor_map(cfg, family) for n, _ in _expand(t, cfg)}
+  nbytes = {n: int(np.prod(shapes[n])) * out_dtype.itemsize for n in builders}
   shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
 
   with _staging(hf_dir, overwrite) as tmp:
@@ -695,13 +902,6 @@ def load_run(workdir: str):
   if os.path.exists(os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)):
     task.setup_inference(workdir)
   return (task, *restore_latest(task, config, workdir))
-
-
-def _hf_shape(cfg, family, name):
-  for t in tensor_map(cfg, family):
-    if name in (t.hf, *(t.hf.format(i=i) for i in range(cfg.n_layers))):
-      return t.hf_shape
-  raise KeyError(name)
 
 
 def _plan_shards(names: Sequence[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
@@ -767,6 +967,7 @@ def _define_flags() -> None:
                        'maximum length, at most 2048).')
   flags.DEFINE_integer('fsdp', 1, 'import: mesh.fsdp to load into (-1: all devices).')
   flags.DEFINE_integer('tensor', 1, 'import: mesh.tensor to load into.')
+  flags.DEFINE_integer('expert', 1, 'import: mesh.expert to load an MoE model\'s experts into.')
   flags.DEFINE_float('max_shard_gb', 5.0, 'export: split model.safetensors above this size.')
   flags.DEFINE_bool('overwrite', False, 'Replace a non-empty output directory (--workdir for '
                     'import, --hf_dir for export) once the conversion is whole.')
@@ -787,7 +988,7 @@ def check_args(argv: Sequence[str], f) -> None:
         raise ConfigError(f'{flag}={value!r}: choose one of {", ".join(transformer.DTYPES)}.')
     if f.seq_len < 0:
       raise ConfigError(f'--seq_len={f.seq_len} must be >= 0 (0: the model\'s maximum length).')
-    for flag, value in (('--fsdp', f.fsdp), ('--tensor', f.tensor)):
+    for flag, value in (('--fsdp', f.fsdp), ('--tensor', f.tensor), ('--expert', f.expert)):
       if value != -1 and value < 1:
         raise ConfigError(f'{flag}={value} must be -1 (all devices) or >= 1.')
     _check_target(f.workdir, '--workdir', f.overwrite)
@@ -807,7 +1008,8 @@ def main(argv):
     check_args(argv, f)
     if argv[1] == 'import':
       import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype, dtype=f.dtype or 'bfloat16',
-                seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor, overwrite=f.overwrite)
+                seq_len=f.seq_len, fsdp=f.fsdp, tensor=f.tensor, expert=f.expert,
+                overwrite=f.overwrite)
     else:
       export_hf(f.workdir, f.hf_dir, dtype=f.dtype, max_shard_gb=f.max_shard_gb,
                 overwrite=f.overwrite)
