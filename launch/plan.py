@@ -170,14 +170,21 @@ class Preset:
   flops_per_token: float  # the trainer's count (6 N_matmul + attention), the one MFU uses
 
 
+def _active_params(model: transformer.TransformerConfig) -> int:
+  """Parameters one token uses: count_params(active=True) where the MoE transformer offers
+  it (branch moe), else all of them (a dense model)."""
+  if 'active' in inspect.signature(transformer.count_params).parameters:
+    return transformer.count_params(model, active=True)
+  return transformer.count_params(model)
+
+
 def load_presets() -> list[Preset]:
   out = []
   for name in preset_names():
     config = lm_configs.get_config(name)
     model = transformer.TransformerConfig.from_config(config.model, tokenizer_vocab(config))
     total = transformer.count_params(model)
-    count_active = getattr(transformer, 'count_active_params', None)  # MoE models only
-    active = count_active(model) if count_active else total
+    active = _active_params(model)
     fpt = transformer.train_flops_per_token(model, config.data.seq_len)
     out.append(Preset(name, config, model, total, active, fpt))
   return out
@@ -213,6 +220,47 @@ def _fit_batch(batch_size: int, n_devices: int) -> int:
   return -(-batch_size // n_devices) * n_devices
 
 
+def compiled_memory(preset: Preset, batch: int, mesh: dict[str, int],
+                    chip: chips_lib.Chip) -> tuple[dict | None, float, str]:
+  """(memory, roofline step seconds, how) from an ahead-of-time compile of the preset's train
+  step for the TPU topology; (None, 0, why not) where launch.compile or libtpu is missing."""
+  if not chip.cores_per_chip:
+    return None, 0.0, f'{chip.name} is a GPU (ahead-of-time plans are for TPU topologies)'
+  compiler, why_not = load_compiler()
+  if compiler is None:
+    return None, 0.0, why_not
+  n = mesh['data'] * mesh['fsdp'] * mesh['tensor']
+  config = ml_collections.ConfigDict(preset.config.to_dict())
+  config.batch_size = batch
+  config.mesh.update(mesh)
+  topology = topology_name(chip, n)
+  try:
+    plan = compiler.memory_plan(config, topology)
+  except (ConfigError, DataError) as e:
+    return None, 0.0, f'the compile for {topology} failed: {e}'
+  memory = {'source': f'compiled for {topology}', 'per_device_bytes': plan.per_device_bytes,
+            'argument_bytes': plan.argument_bytes, 'temp_bytes': plan.temp_bytes,
+            'output_bytes': plan.output_bytes, 'code_bytes': plan.code_bytes,
+            'fits': bool(plan.fits), 'mesh': dict(plan.mesh)}
+  roofline = memory_estimate.roofline_seconds(plan.flops, plan.bytes_accessed,
+                                              chip.bf16_flops, chip.hbm_bandwidth)
+  return memory, roofline, 'roofline of the compiled program (its FLOPs and bytes at peak rates)'
+
+
+def estimated_memory(preset: Preset, est: memory_estimate.MemoryEstimate, chip: chips_lib.Chip,
+                     flops_per_device: float, why_not: str) -> tuple[dict, float, str]:
+  """(memory, roofline step seconds, how) from the analytic count."""
+  memory = {'source': f'estimate (analytic count; {why_not})', 'per_device_bytes': est.total,
+            'parts': dataclasses.asdict(est),
+            'fits': est.total <= memory_estimate.HBM_HEADROOM * chip.hbm_bytes}
+  recompute = 4 / 3 if preset.model.remat == 'full' else 1.0  # the forward pass again
+  traffic = 2 * (est.params + est.grads + est.optimizer + est.activations)  # written, read
+  roofline = memory_estimate.roofline_seconds(flops_per_device * recompute, traffic,
+                                              chip.bf16_flops, chip.hbm_bandwidth)
+  return memory, roofline, ('roofline of the analytic count (model FLOPs with remat '
+                            'recompute, state and activation traffic, at peak rates)')
+
+
 def plan_preset(preset: Preset, budget: Budget, use_compile: bool) -> dict:
   """Mesh, memory per device, step time, steps and hours of `preset` on the budget's chips."""
   chip, n = budget.chip, budget.chips
@@ -227,49 +275,19 @@ def plan_preset(preset: Preset, budget: Budget, use_compile: bool) -> dict:
     out['note'] = (f'batch {preset.config.batch_size} rounded up to {batch}, a multiple of the '
                    f'{n} devices')
 
-  compiled, why_not = (None, 'not asked (--nocompile)')
-  if use_compile and chip.cores_per_chip:  # TPUs only
-    compiler, why_not = load_compiler()
-    if compiler is not None:
-      config = ml_collections.ConfigDict(preset.config.to_dict())
-      config.batch_size = batch
-      config.mesh.update(mesh, data=mesh['data'])
-      try:
-        compiled = compiler.memory_plan(config, topology_name(chip, n))
-      except (ConfigError, DataError) as e:
-        why_not = f'the compile failed: {e}'
-  elif use_compile:
-    why_not = f'{chip.name} is a GPU (ahead-of-time plans are for TPU topologies)'
-
-  if compiled is not None:
-    out['memory'] = {'source': f'compiled for {topology_name(chip, n)}',
-                     'per_device_bytes': compiled.per_device_bytes,
-                     'argument_bytes': compiled.argument_bytes,
-                     'temp_bytes': compiled.temp_bytes, 'output_bytes': compiled.output_bytes,
-                     'code_bytes': compiled.code_bytes, 'fits': bool(compiled.fits)}
-    out['mesh'] = dict(compiled.mesh)
-    roofline = memory_estimate.roofline_seconds(compiled.flops, compiled.bytes_accessed,
-                                                chip.bf16_flops, chip.hbm_bandwidth)
-    roofline_source = 'roofline of the compiled program (its FLOPs and bytes at peak rates)'
-  else:
-    out['memory'] = {'source': f'estimate (analytic count; {why_not})',
-                     'per_device_bytes': est.total,
-                     'parts': dataclasses.asdict(est),
-                     'fits': est.total <= memory_estimate.HBM_HEADROOM * chip.hbm_bytes}
-    recompute = {'full': 4 / 3, 'dots': 1.0, 'none': 1.0}[preset.model.remat]
-    state_traffic = 2 * (est.params + est.grads + est.optimizer)  # read and write once
-    roofline = memory_estimate.roofline_seconds(
-        model_flops_per_step * recompute / n, state_traffic + 2 * est.activations,
-        chip.bf16_flops, chip.hbm_bandwidth)
-    roofline_source = ('roofline of the analytic count (model FLOPs with remat recompute, '
-                       'state and activation traffic, at peak rates)')
+  memory, roofline, how = (compiled_memory(preset, batch, mesh, chip) if use_compile
+                           else (None, 0.0, 'not asked for (--nocompile)'))
+  if memory is None:
+    memory, roofline, how = estimated_memory(preset, est, chip, model_flops_per_step / n, how)
+  out['mesh'] = memory.pop('mesh', mesh)
+  out['memory'] = memory
 
   if budget.mfu:
     step = model_flops_per_step / (n * chip.bf16_flops * budget.mfu)
     out['step_time'] = {'seconds': step, 'mfu': budget.mfu, 'source': budget.mfu_source}
   else:
-    out['step_time'] = {'seconds': roofline, 'mfu': model_flops_per_step / (
-        roofline * n * chip.bf16_flops), 'source': roofline_source + ': a lower bound'}
+    out['step_time'] = {'seconds': roofline, 'source': how + ': a lower bound',
+                        'mfu': model_flops_per_step / (roofline * n * chip.bf16_flops)}
   tokens = budget.flops / preset.flops_per_token
   steps = math.ceil(tokens / tokens_per_step)
   out.update(tokens=tokens, steps=steps, hours=steps * out['step_time']['seconds'] / 3600)

@@ -99,6 +99,21 @@ def test_presets_and_their_sizes(presets):
   assert names[:2] == ['llama_1b', 'llama_7b']
 
 
+def test_moe_presets_list_active_and_total(monkeypatch, capsys):
+  """Where count_params takes `active` (the MoE transformer), presets carry both counts and
+  the report shows them; a stand-in count that halves the active parameters checks it."""
+  dense = transformer.count_params
+
+  def count_params(cfg, active=False):
+    return dense(cfg) // 2 if active else dense(cfg)
+
+  monkeypatch.setattr(transformer, 'count_params', count_params)
+  llama_1b = next(p for p in plan.load_presets() if p.name == 'llama_1b')
+  assert (llama_1b.params, llama_1b.active_params) == (1_235_814_400, 617_907_200)
+  code, out, _ = run_main(capsys, '--params=6e8', '--law=approach1')
+  assert code == 0 and '618 M active of 1.24 B' in out
+
+
 def test_memory_estimate_counts_state_and_picks_the_smallest_fsdp(presets):
   cfg = presets['llama_7b'].model
   n = 6_738_415_616
