@@ -63,14 +63,15 @@ def _saved_per_token_layer(cfg: transformer.TransformerConfig, seq_len: int, rem
 
 
 def estimate(cfg: transformer.TransformerConfig, batch_size: int, seq_len: int,
-             mesh: dict[str, int]) -> MemoryEstimate:
-  """Per-device bytes of a train step of `cfg` on `batch_size` x `seq_len` tokens, with the
-  parameters split over mesh['fsdp'] x mesh['tensor'] and the batch over data x fsdp x expert.
+             mesh: dict[str, int], grad_accum: int = 1) -> MemoryEstimate:
+  """Per-device bytes of a train step of `cfg` on `batch_size` x `seq_len` tokens in
+  `grad_accum` microbatches, with the parameters split over mesh['fsdp'] x mesh['tensor'] and
+  the batch over data x fsdp x expert.
   """
   n = transformer.count_params(cfg)
   shard = mesh.get('fsdp', 1) * mesh.get('tensor', 1)
   param_bytes = jnp.dtype(cfg.param_dtype).itemsize
-  batch_split = mesh.get('data', 1) * mesh.get('fsdp', 1) * mesh.get('expert', 1)
+  batch_split = mesh.get('data', 1) * mesh.get('fsdp', 1) * mesh.get('expert', 1) * grad_accum
   tokens = batch_size / batch_split * seq_len / mesh.get('context', 1)
   tensor = mesh.get('tensor', 1)
   saved = cfg.n_layers * _saved_per_token_layer(cfg, seq_len, cfg.remat, tensor)
@@ -84,22 +85,35 @@ def estimate(cfg: transformer.TransformerConfig, batch_size: int, seq_len: int,
   )
 
 
-def propose_mesh(cfg: transformer.TransformerConfig, batch_size: int, seq_len: int,
-                 n_devices: int, hbm_bytes: float) -> tuple[dict[str, int], MemoryEstimate]:
-  """The smallest fsdp (a divisor of `n_devices` that also divides the batch) whose estimate
-  fits HBM_HEADROOM of `hbm_bytes`, the rest data parallel; else fsdp over every device
-  (the estimate then says by how much it does not fit)."""
-  divisors = [k for k in range(1, n_devices + 1) if n_devices % k == 0]
-  mesh = {}
-  for fsdp in divisors:
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the planner splits a step over the devices: the mesh and the microbatches."""
+  mesh: dict[str, int]
+  grad_accum: int
+  memory: MemoryEstimate
+
+
+def propose_layout(cfg: transformer.TransformerConfig, batch_size: int, seq_len: int,
+                   n_devices: int, hbm_bytes: float) -> Layout:
+  """The smallest fsdp (a divisor of `n_devices`) whose estimate fits HBM_HEADROOM of
+  `hbm_bytes`, the rest of the devices data parallel; if fsdp over every device does not fit,
+  as many microbatches (grad_accum, a divisor of the batch per device) as it takes; else the
+  last try, whose estimate says by how much it does not fit. `batch_size` must divide by
+  `n_devices`.
+  """
+  limit = HBM_HEADROOM * hbm_bytes
+  for fsdp in [k for k in range(1, n_devices + 1) if n_devices % k == 0]:
     mesh = {'data': n_devices // fsdp, 'fsdp': fsdp, 'tensor': 1}
-    if batch_size % n_devices:  # the batch must split over data x fsdp = every device
-      break
     est = estimate(cfg, batch_size, seq_len, mesh)
-    if est.total <= HBM_HEADROOM * hbm_bytes:
-      return mesh, est
-  mesh = {'data': 1, 'fsdp': n_devices, 'tensor': 1}
-  return mesh, estimate(cfg, batch_size, seq_len, mesh)
+    if est.total <= limit:
+      return Layout(mesh, 1, est)
+  per_device = batch_size // n_devices
+  for accum in [k for k in range(2, per_device + 1) if per_device % k == 0]:
+    est = estimate(cfg, batch_size, seq_len, mesh, accum)
+    if est.total <= limit:
+      return Layout(mesh, accum, est)
+  accum = max(per_device, 1)
+  return Layout(mesh, accum, estimate(cfg, batch_size, seq_len, mesh, accum))
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, peak_flops: float,

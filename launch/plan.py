@@ -220,7 +220,7 @@ def _fit_batch(batch_size: int, n_devices: int) -> int:
   return -(-batch_size // n_devices) * n_devices
 
 
-def compiled_memory(preset: Preset, batch: int, mesh: dict[str, int],
+def compiled_memory(preset: Preset, batch: int, layout: memory_estimate.Layout,
                     chip: chips_lib.Chip) -> tuple[dict | None, float, str]:
   """(memory, roofline step seconds, how) from an ahead-of-time compile of the preset's train
   step for the TPU topology; (None, 0, why not) where launch.compile or libtpu is missing."""
@@ -229,9 +229,11 @@ def compiled_memory(preset: Preset, batch: int, mesh: dict[str, int],
   compiler, why_not = load_compiler()
   if compiler is None:
     return None, 0.0, why_not
+  mesh = layout.mesh
   n = mesh['data'] * mesh['fsdp'] * mesh['tensor']
   config = ml_collections.ConfigDict(preset.config.to_dict())
   config.batch_size = batch
+  config.grad_accum = layout.grad_accum
   config.mesh.update(mesh)
   topology = topology_name(chip, n)
   try:
@@ -258,7 +260,8 @@ def estimated_memory(preset: Preset, est: memory_estimate.MemoryEstimate, chip: 
   roofline = memory_estimate.roofline_seconds(flops_per_device * recompute, traffic,
                                               chip.bf16_flops, chip.hbm_bandwidth)
   return memory, roofline, ('roofline of the analytic count (model FLOPs with remat '
-                            'recompute, state and activation traffic, at peak rates)')
+                            'recompute, state and activation traffic, at peak rates; give '
+                            '--mfu for a realistic time)')
 
 
 def plan_preset(preset: Preset, budget: Budget, use_compile: bool) -> dict:
@@ -266,20 +269,21 @@ def plan_preset(preset: Preset, budget: Budget, use_compile: bool) -> dict:
   chip, n = budget.chip, budget.chips
   seq_len = int(preset.config.data.seq_len)
   batch = _fit_batch(int(preset.config.batch_size), n)
-  mesh, est = memory_estimate.propose_mesh(preset.model, batch, seq_len, n, chip.hbm_bytes)
+  layout = memory_estimate.propose_layout(preset.model, batch, seq_len, n, chip.hbm_bytes)
   tokens_per_step = batch * seq_len
   model_flops_per_step = preset.flops_per_token * tokens_per_step
-  out = {'preset': preset.name, 'batch_size': batch, 'seq_len': seq_len, 'mesh': mesh,
-         'hbm_bytes': chip.hbm_bytes}
+  out = {'preset': preset.name, 'batch_size': batch, 'seq_len': seq_len,
+         'grad_accum': layout.grad_accum, 'hbm_bytes': chip.hbm_bytes}
   if batch != preset.config.batch_size:
     out['note'] = (f'batch {preset.config.batch_size} rounded up to {batch}, a multiple of the '
                    f'{n} devices')
 
-  memory, roofline, how = (compiled_memory(preset, batch, mesh, chip) if use_compile
+  memory, roofline, how = (compiled_memory(preset, batch, layout, chip) if use_compile
                            else (None, 0.0, 'not asked for (--nocompile)'))
   if memory is None:
-    memory, roofline, how = estimated_memory(preset, est, chip, model_flops_per_step / n, how)
-  out['mesh'] = memory.pop('mesh', mesh)
+    memory, roofline, how = estimated_memory(preset, layout.memory, chip,
+                                             model_flops_per_step / n, how)
+  out['mesh'] = memory.pop('mesh', layout.mesh)
   out['memory'] = memory
 
   if budget.mfu:
@@ -371,6 +375,10 @@ def _num(x: float) -> str:
   return f'{x:.3g}'
 
 
+def _ratio(x: float) -> str:
+  return f'{x:,.0f}' if x >= 10 else f'{x:.2g}'
+
+
 def _gib(x: float) -> str:
   return f'{x / 2**30:.1f} GiB'
 
@@ -391,18 +399,20 @@ def format_plan(plan: dict) -> str:
     if p['active_params'] != p['params']:
       size = f'{_num(p["active_params"])} active of {size}'
     lines.append(f'  {p["name"]:<14} {size:>10} params  {_num(p["tokens"]):>8} tokens '
-                 f'({p["tokens_per_param"]:.0f}/param)  predicted loss {p["loss"]:.3f}')
+                 f'({_ratio(p["tokens_per_param"])}/param)  predicted loss {p["loss"]:.3f}')
   run = plan.get('run')
   if run is None:
     lines.append('Give --chip and --chips for a mesh, memory, time and cost.')
     return '\n'.join(lines)
   m = run['memory']
   mesh = ', '.join(f'{k}={v}' for k, v in run['mesh'].items() if v != 1 or k == 'data')
+  accum = f' in {run["grad_accum"]} microbatches' if run['grad_accum'] > 1 else ''
   lines += [f'Run of {run["preset"]} on {b["chips"]} x {b["chip"]}: batch {run["batch_size"]} x '
-            f'{run["seq_len"]} tokens, mesh {mesh}.']
+            f'{run["seq_len"]} tokens{accum}, mesh {mesh}.']
   if 'note' in run:
     lines.append(f'  ({run["note"]})')
-  fits = 'fits' if m['fits'] else 'DOES NOT FIT'
+  fits = 'fits' if m['fits'] else ('DOES NOT FIT: try model.remat=full, tensor parallelism '
+                                    '(mesh.tensor), a smaller batch or more chips')
   lines.append(f'  Memory per device: {_gib(m["per_device_bytes"])} of {_gib(run["hbm_bytes"])} '
                f'HBM, {fits} [{m["source"]}].')
   if 'parts' in m:

@@ -127,10 +127,21 @@ def test_memory_estimate_counts_state_and_picks_the_smallest_fsdp(presets):
       {'data': 2, 'fsdp': 4})
   assert full.activations < est.activations
   hbm = chips_lib.get_chip('v5p').hbm_bytes
-  mesh, chosen = memory_estimate.propose_mesh(cfg, 256, 4096, 256, hbm)
-  assert mesh['data'] * mesh['fsdp'] == 256 and chosen.total <= 0.85 * hbm
+  layout = memory_estimate.propose_layout(cfg, 256, 4096, 256, hbm)
+  mesh = layout.mesh
+  assert mesh['data'] * mesh['fsdp'] == 256 and layout.grad_accum == 1
+  assert layout.memory.total <= 0.85 * hbm
   smaller = {'data': 256 // (mesh['fsdp'] // 2), 'fsdp': mesh['fsdp'] // 2}
   assert memory_estimate.estimate(cfg, 256, 4096, smaller).total > 0.85 * hbm
+  # 8 H100s, 32 sequences each: fsdp over all 8, then microbatches until it fits.
+  h100 = chips_lib.get_chip('h100').hbm_bytes
+  layout = memory_estimate.propose_layout(cfg, 256, 4096, 8, h100)
+  assert layout.mesh['fsdp'] == 8 and layout.grad_accum > 1
+  assert layout.memory.total <= 0.85 * h100
+  fewer = memory_estimate.estimate(cfg, 256, 4096, layout.mesh, layout.grad_accum // 2)
+  assert fewer.total > 0.85 * h100
+  assert layout.memory.activations == pytest.approx(
+      memory_estimate.estimate(cfg, 256, 4096, layout.mesh).activations / layout.grad_accum)
 
 
 def fake_compiler(per_device, flops, bytes_accessed):
@@ -160,6 +171,7 @@ def test_compiled_plan_and_roofline(capsys, monkeypatch):
   config, topology = calls[0]
   assert topology == 'v5p-512'  # v5p names count TensorCores, two a chip
   assert config.batch_size == 256 and config.mesh.data * config.mesh.fsdp == 256
+  assert config.grad_accum == result['run']['grad_accum']
   run = result['run']
   assert run['memory']['per_device_bytes'] == 40 * 2**30
   assert run['memory']['source'].startswith('compiled for v5p-512')
