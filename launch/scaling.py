@@ -8,8 +8,8 @@ Models", arXiv:2203.15556), all with training compute C = 6 N D (N parameters, D
   L(N, D) = E + A / N^alpha + B / D^beta with the constants printed in the paper
   (E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28). Minimising L under C = 6 N D gives
   N_opt = G (C/6)^(beta/(alpha+beta)), G = (alpha A / (beta B))^(1/(alpha+beta)), D = C/(6N).
-  These rounded constants put Gopher's budget (5.76e23 FLOPs) at 32 B parameters and 3.0 T
-  tokens, where the paper's approach-3 figure shows about 40 B.
+  These printed (rounded) constants put Gopher's budget (5.76e23 FLOPs) at 32 B parameters
+  and 3.0 T tokens, 93 tokens a parameter; `epoch` below explains and corrects the bias.
 - `epoch`: the same form refitted by Besiroglu et al. 2024 ("Chinchilla Scaling: A
   replication attempt", arXiv:2404.10102), who found the printed constants rounded and the
   original fit stopped early: E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658.
