@@ -450,8 +450,13 @@ def fit_runs(f) -> dict:
   os.makedirs(plot_dir, exist_ok=True)
   labels = [os.path.basename(os.path.normpath(p.workdir)) for p in points]
   scaling.plot_fit(f.plot, flops, losses, labels, fit, predict)
+  notes = []
+  if fit.E <= 1e-6 * min(losses):
+    notes.append('E sits at its bound 0: these runs do not constrain the loss floor, so the '
+                 'prediction far beyond them is loose; add runs over a wider range of compute.')
   return {'runs': [dataclasses.asdict(p) for p in points], 'fit': dataclasses.asdict(fit),
-          'prediction': {'flops': predict, 'loss': float(fit.loss(predict))}, 'plot': f.plot}
+          'prediction': {'flops': predict, 'loss': float(fit.loss(predict))}, 'plot': f.plot,
+          'notes': notes}
 
 
 def format_fit(result: dict) -> str:
@@ -465,7 +470,7 @@ def format_fit(result: dict) -> str:
             f'{fit["rms_residual"]:.3g}).',
             f'Predicted loss at {result["prediction"]["flops"]:.3g} FLOPs: '
             f'{result["prediction"]["loss"]:.4f}.',
-            f'Plot: {result["plot"]}']
+            f'Plot: {result["plot"]}', *result['notes']]
   return '\n'.join(lines)
 
 

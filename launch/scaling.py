@@ -24,6 +24,7 @@ sizes, the form of Hoffmann et al.'s figure 1 and of most lab scaling studies.
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -163,8 +164,10 @@ def fit_loss_vs_compute(flops: Sequence[float], losses: Sequence[float]) -> Comp
       e0 = e_frac * y.min()
       p0 = [e0, math.log(max(float(np.exp(np.mean(np.log(y)))) - e0, 1e-6)), alpha0]
       try:
-        p, cov = optimize.curve_fit(model, x, np.log(y), p0=p0, bounds=(lower, upper),
-                                    maxfev=20_000)
+        with warnings.catch_warnings():  # with 3 runs there is no covariance: errors are nan
+          warnings.simplefilter('ignore', optimize.OptimizeWarning)
+          p, cov = optimize.curve_fit(model, x, np.log(y), p0=p0, bounds=(lower, upper),
+                                      maxfev=20_000)
       except RuntimeError:  # no convergence from this start
         continue
       sse = float(np.sum((model(x, *p) - np.log(y)) ** 2))
@@ -200,7 +203,8 @@ def plot_fit(path: str, flops: Sequence[float], losses: Sequence[float], labels:
   if predict_flops:
     ax.scatter([predict_flops], [fit.loss(predict_flops)], marker='*', s=160,
                color='tab:red', zorder=4, label=f'predicted at {predict_flops:.3g} FLOPs')
-  ax.axhline(fit.E, color='gray', lw=0.8, ls=':', label=f'E = {fit.E:.3g}')
+  if fit.E > 1e-6 * min(losses):  # a floor the runs constrain
+    ax.axhline(fit.E, color='gray', lw=0.8, ls=':', label=f'E = {fit.E:.3g}')
   ax.set_xscale('log')
   ax.set_xlabel('training compute C (FLOPs)')
   ax.set_ylabel('final eval loss')
