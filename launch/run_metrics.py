@@ -13,8 +13,6 @@ import numpy as np
 from etils import epath
 
 from data.errors import ConfigError, DataError
-from train import runs
-from train.tasks import get_task
 
 EVAL_LOSS = 'eval/loss'
 MFU = 'train/mfu'
@@ -49,6 +47,11 @@ def _scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
 
 def flops_per_step(workdir: str) -> float:
   """The run's training FLOPs per step, by its task's own count (the one MFU uses)."""
+  # Imported here: the trainer's modules (orbax, grain) take seconds to import, and a plan
+  # without `fit` never needs them.
+  from train import runs
+  from train.tasks import get_task
+
   config = runs.load_run_config(workdir)
   try:
     task = get_task(config)

@@ -6,6 +6,9 @@ the cost, the loss-versus-compute fit on synthetic runs, and one-line errors for
 import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -19,6 +22,8 @@ from launch import chips as chips_lib
 from launch import memory_estimate, plan, run_metrics, scaling
 from model import transformer
 from train import metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Hoffmann et al. 2022, Table 3 (approach 1): parameters, FLOPs, tokens.
 TABLE_3 = [
@@ -319,3 +324,15 @@ def test_workdir_without_eval_loss(tmp_path, capsys):
   code, _, err = run_main(capsys, '--chip=v5p', '--chips=4', '--hours=1',
                           f'--mfu_from={tmp_path / "w0"}')
   assert code == 2 and 'no train/mfu' in err and err.count('\n') == 1
+
+
+def test_the_command_line_fails_in_one_line(tmp_path):
+  """The real `python -m launch.plan` process: exit status 2, one line, no traceback."""
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '1'}
+  proc = subprocess.run([sys.executable, '-m', 'launch.plan', '--chip=tpu9', '--chips=4',
+                         '--hours=1', '--mfu=0.4'], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith('WARNING')]
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert lines == ["Config error: --chip: Unknown chip 'tpu9'; known chips: v4, v5e, v5p, v6e, "
+                   'a100, h100, h200.'], proc.stderr[-2000:]
