@@ -243,7 +243,10 @@ def compiled_memory(preset: Preset, batch: int, layout: memory_estimate.Layout,
   memory = {'source': f'compiled for {topology}', 'per_device_bytes': plan.per_device_bytes,
             'argument_bytes': plan.argument_bytes, 'temp_bytes': plan.temp_bytes,
             'output_bytes': plan.output_bytes, 'code_bytes': plan.code_bytes,
-            'fits': bool(plan.fits), 'mesh': dict(plan.mesh)}
+            'fits': bool(plan.fits), 'mesh': dict(plan.mesh),
+            'notes': list(getattr(plan, 'notes', []))}
+  if not plan.flops:  # libtpu gives no cost analysis for a program that does not fit
+    return memory, 0.0, 'the compiled program has no cost analysis'
   roofline = memory_estimate.roofline_seconds(plan.flops, plan.bytes_accessed,
                                               chip.bf16_flops, chip.hbm_bandwidth)
   return memory, roofline, 'roofline of the compiled program (its FLOPs and bytes at peak rates)'
@@ -280,9 +283,12 @@ def plan_preset(preset: Preset, budget: Budget, use_compile: bool) -> dict:
 
   memory, roofline, how = (compiled_memory(preset, batch, layout, chip) if use_compile
                            else (None, 0.0, 'not asked for (--nocompile)'))
+  estimated, est_roofline, est_how = estimated_memory(preset, layout.memory, chip,
+                                                      model_flops_per_step / n, how)
   if memory is None:
-    memory, roofline, how = estimated_memory(preset, layout.memory, chip,
-                                             model_flops_per_step / n, how)
+    memory = estimated
+  if not roofline:
+    roofline, how = est_roofline, (est_how if memory is estimated else f'{how}; {est_how}')
   out['mesh'] = memory.pop('mesh', layout.mesh)
   out['memory'] = memory
 
@@ -417,6 +423,10 @@ def format_plan(plan: dict) -> str:
                f'HBM, {fits} [{m["source"]}].')
   if 'parts' in m:
     lines.append('    ' + ', '.join(f'{k} {_gib(v)}' for k, v in m['parts'].items()))
+  else:
+    lines.append('    ' + ', '.join(f'{k} {_gib(m[k + "_bytes"])}' for k in
+                                     ('argument', 'output', 'temp', 'code')))
+  lines += [f'    {note}' for note in m.get('notes', [])]
   s = run['step_time']
   lines += [f'  Step time {s["seconds"]:.3g} s at MFU {s["mfu"]:.3g} [{s["source"]}].',
             f'  {run["steps"]:,} steps, {_num(run["tokens"])} tokens: {run["hours"]:.3g} hours '

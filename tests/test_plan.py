@@ -150,7 +150,7 @@ def test_memory_estimate_counts_state_and_picks_the_smallest_fsdp(presets):
       memory_estimate.estimate(cfg, 256, 4096, layout.mesh).activations / layout.grad_accum)
 
 
-def fake_compiler(per_device, flops, bytes_accessed):
+def fake_compiler(per_device, flops, bytes_accessed, fits=True, notes=()):
   calls = []
 
   def memory_plan(config, topology):
@@ -158,9 +158,9 @@ def fake_compiler(per_device, flops, bytes_accessed):
     mesh = {k: config.mesh[k] for k in ('data', 'fsdp', 'tensor')}
     return types.SimpleNamespace(
         per_device_bytes=per_device, argument_bytes=per_device / 2, output_bytes=per_device / 4,
-        temp_bytes=per_device / 4, code_bytes=1e6, hbm_bytes=95 * 2**30, fits=True,
+        temp_bytes=per_device / 4, code_bytes=1e6, hbm_bytes=95 * 2**30, fits=fits,
         flops=flops, bytes_accessed=bytes_accessed, chip='v5p', n_devices=256, mesh=mesh,
-        compile_seconds=1.0, largest_arrays=[])
+        compile_seconds=1.0, largest_arrays=[], notes=list(notes))
 
   return types.SimpleNamespace(memory_plan=memory_plan), calls
 
@@ -190,6 +190,21 @@ def test_compiled_plan_and_roofline(capsys, monkeypatch):
   assert run['steps'] == math.ceil(tokens / (256 * 4096))
   assert run['hours'] == pytest.approx(run['steps'] * step / 3600)
   assert run['cost']['on_demand'] == pytest.approx(4.20 * 256 * run['hours'])
+
+
+def test_compiled_plan_that_does_not_fit(capsys, monkeypatch):
+  """libtpu stops at its memory check without a cost analysis: the compiled memory is
+  reported, and the roofline falls back to the analytic count."""
+  note = 'libtpu stopped at its memory check'
+  compiler, _ = fake_compiler(300 * 2**30, flops=0.0, bytes_accessed=0.0, fits=False,
+                              notes=[note])
+  monkeypatch.setattr(plan, 'load_compiler', lambda: (compiler, ''))
+  code, out, _ = run_main(capsys, '--params=7e9', '--chip=v5p', '--chips=256',
+                          '--preset=llama_7b')
+  assert code == 0
+  assert 'Memory per device: 300.0 GiB of 95.0 GiB HBM, DOES NOT FIT' in out
+  assert note in out and 'compiled for v5p-512' in out
+  assert 'no cost analysis; roofline of the analytic count' in out
 
 
 def test_chips_hours_budget_with_mfu_and_prices(capsys, tmp_path):
