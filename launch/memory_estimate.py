@@ -14,8 +14,10 @@ block and AdamW:
 - one block's full working set while its backward pass runs, and the float32 logits and
   their gradient, tokens x vocab.
 
-XLA fuses and reuses buffers, so a compiled program differs from this by tens of percent
-either way; the compile (`python -m launch.compile`) is the number to trust.
+It is a floor, not a prediction: XLA's temporaries (gathered FSDP weights, fused loss
+intermediates, collective buffers) can be several times the count. For llama_1b with one
+sequence a device on v5e-16 the TPU compile's temporaries were 36.6 GB against a count of
+6.4 GB (launch/README.md). Where it matters, compile (`python -m launch.compile`).
 """
 
 import dataclasses
