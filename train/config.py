@@ -1,8 +1,8 @@
-"""Checks on a resolved config, run before anything compiles.
+"""Overrides in Python, and checks on a resolved config, run before anything compiles.
 
 Unknown keys are already rejected by ml_collections when a `--config.a.b=...`
-flag names a key the schema does not have. This module checks values and
-combinations, and says which key is wrong and what it may be.
+flag (or an `override` assignment) names a key the schema does not have. This module
+checks values and combinations, and says which key is wrong and what it may be.
 """
 
 import copy
