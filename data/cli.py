@@ -30,23 +30,29 @@ def parse_flags(argv: Sequence[str], *, known_only: bool = False,
   _check_config_files(argv, flag_values)
   try:
     return flag_values(list(argv), known_only=known_only)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, flags.Error) as e:
+    _exit('Config error', flag_error_message(e))
+
+
+def flag_error_message(e: BaseException) -> str:
+  """One line for a mistake in a flag, a `--config.key=value` override or a `--config` file,
+  as absl and ml_collections raise it (see `parse_flags`)."""
+  if isinstance(e, (AttributeError, KeyError)):  # an unknown key: AttributeError(KeyError(str))
     detail = e
-    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
+    while isinstance(detail, BaseException) and detail.args:
       detail = detail.args[0]
     detail = str(detail).replace('\n', '. ')
     detail += '' if detail.endswith(('.', '?')) else '.'
-    _exit('Config error', f'unknown config key {detail} Every key, with its default, is in '
-          'the file named by --config.')
-  except flags.Error as e:
-    message = str(e)
-    if 'Error whilst parsing config file' in message:  # the config file's own error
-      lines = [line.strip() for line in message.splitlines() if line.strip()]
-      flag = lines[0].split(':', 1)[0].removeprefix('flag ')
-      reason = next((line for line in reversed(lines) if not line.startswith('Pass --help')), '')
-      reason = reason.split(': ', 1)[-1] if reason.split(':', 1)[0].endswith('Error') else reason
-      _exit('Config error', f'{flag}: {reason}')
-    _exit('Config error', ' '.join(message.split()))
+    return (f'unknown config key {detail} Every key, with its default, is in the file named '
+            'by --config.')
+  message = str(e)
+  if 'Error whilst parsing config file' in message:  # the config file's own error
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    flag = lines[0].split(':', 1)[0].removeprefix('flag ')
+    reason = next((line for line in reversed(lines) if not line.startswith('Pass --help')), '')
+    reason = reason.split(': ', 1)[-1] if reason.split(':', 1)[0].endswith('Error') else reason
+    return f'{flag}: {reason}'
+  return ' '.join(message.split())
 
 
 def _check_config_files(argv: Sequence[str], flag_values: flags.FlagValues) -> None:

@@ -1,14 +1,47 @@
-"""Checks on a resolved config, run before anything compiles.
+"""Overrides in Python, and checks on a resolved config, run before anything compiles.
 
 Unknown keys are already rejected by ml_collections when a `--config.a.b=...`
-flag names a key the schema does not have. This module checks values and
-combinations, and says which key is wrong and what it may be.
+flag (or an `override` assignment) names a key the schema does not have. This module
+checks values and combinations, and says which key is wrong and what it may be.
 """
 
-import ml_collections
+import copy
+from collections.abc import Iterable
 
-from data.errors import check_choice, check_positive, get, require
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from data import cli
+from data.errors import ConfigError, check_choice, check_positive, get, require
 from train import mesh as mesh_lib
+
+
+def override(config: ml_collections.ConfigDict,
+             assignments: Iterable[str]) -> ml_collections.ConfigDict:
+  """A copy of `config` with `key=value` assignments applied as the command line applies
+  `--config.key=value` (the `--config.` prefix may be given too), locked like it.
+
+  For notebooks and scripts that build a config in Python:
+  `override(lm.get_config('tiny'), ['steps=300', 'model.n_layers=2'])`. The parsing is
+  ml_collections' own (config_flags on a private FlagValues), so values are read by the
+  key's type exactly as on the command line, and an unknown key or a bad value raises a
+  ConfigError with the command line's one-line message.
+  """
+  argv = ['override']
+  for assignment in assignments:
+    key, eq, value = assignment.removeprefix('--').removeprefix('config.').partition('=')
+    if not eq or not key:
+      raise ConfigError(f'Override {assignment!r} is not key=value, e.g. model.n_layers=2.')
+    argv.append(f'--config.{key}={value}')
+  flag_values = flags.FlagValues()
+  try:  # ml_collections reads the keys from sys_argv at definition, the values at parsing
+    holder = config_flags.DEFINE_config_dict('config', copy.deepcopy(config),
+                                             flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return holder.value  # ml_collections applies the overrides here
+  except (AttributeError, KeyError, flags.Error) as e:
+    raise ConfigError(cli.flag_error_message(e)) from None
 
 
 def check_common(config: ml_collections.ConfigDict) -> None:

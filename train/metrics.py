@@ -127,12 +127,29 @@ def flops_metrics(flops_per_step: float, step_seconds: float, devices) -> dict[s
 
 
 class Progress:
-  """A short console line per log interval, with an ETA from recent step times."""
+  """A short console line per log interval, with an ETA from recent step times; with `bar`,
+  also a tqdm progress bar (tqdm.auto: a widget in notebooks, text in a terminal) that
+  advances every step and shows the loss of the last line. The bar is for notebooks; the
+  command line keeps it off, since its redraws garble log files."""
 
-  def __init__(self, total_steps: int, start_step: int, window: int = 5):
+  def __init__(self, total_steps: int, start_step: int, window: int = 5, bar: bool = False):
     self.total = total_steps
     self._last = (start_step, time.perf_counter())
     self._rates: collections.deque[float] = collections.deque(maxlen=window)
+    self._bar = None
+    if bar and jax.process_index() == 0:
+      from tqdm.auto import tqdm
+      self._bar = tqdm(total=total_steps, initial=start_step, unit='step', desc='train')
+
+  def advance(self, step: int) -> None:
+    """Step `step` has finished (moves the bar)."""
+    if self._bar is not None and step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     now = time.perf_counter()
@@ -154,6 +171,8 @@ class Progress:
     text = ' | '.join(parts)
     if jax.process_index() == 0:
       logging.info('%s', text)
+    if self._bar is not None:  # the bar shows its own step count, rate and ETA
+      self._bar.set_postfix_str(' | '.join(parts[1:-2]), refresh=False)
     return text
 
 

@@ -13,11 +13,13 @@ several grids writes one PNG per tag, `<out stem>_<tag><ext>`). The text flags
 (--prompt, --temperature, ...) set the run's `sample.*` keys, for tasks that
 have them. --quant samples a language model with its projection weights quantized at
 load (model/quant.py; the same conversion as `python -m serve --quant`). Every flag is
-checked before the model is restored.
+checked before the model is restored. Notebooks and scripts call `sample(workdir, ...)`,
+which returns the samples instead of printing or writing them.
 """
 
 import os
 import re
+import types
 
 import jax
 import ml_collections
@@ -112,39 +114,62 @@ def _check_writable(path: str, overwrite: bool) -> None:
     raise ConfigError(f'--out={path!r}: the directory {parent!r} is not writable.')
 
 
+def sample(workdir: str, *, seed: int = 0, num_samples: int = 1, quant: str = 'none',
+           **settings) -> tuple[list[dict], int]:
+  """Samples from the newest checkpoint of the run in `workdir`, as `python -m train.sample`
+  does, for notebooks and scripts.
+
+  `settings` change the run's `sample.*` keys for text tasks: prompt, max_new_tokens,
+  temperature, top_k, top_p, min_p; they, `num_samples` and `quant` are checked as the
+  command's flags of the same names, before the model is restored. Returns one dict of
+  samples per seed (seed, seed + 1, ...), text (str) or image grids (uint8 [H, W, C]) by
+  tag, and the checkpoint's step.
+  """
+  unknown = sorted(set(settings) - set(_TEXT_FLAGS))
+  if unknown:
+    raise ConfigError(f'{unknown[0]!r} is not a sample setting; choose from '
+                      f'{", ".join(_TEXT_FLAGS)}.')
+  config = load_run_config(workdir)
+  check_flags(types.SimpleNamespace(num_samples=num_samples, scale=1, quant=quant, out=None,
+                                    overwrite=False,
+                                    **{name: settings.get(name) for name in _TEXT_FLAGS}),
+              config)
+  with config.unlocked():
+    for name, value in settings.items():
+      if value is not None:
+        config.sample[name] = value
+  task = get_task(config)
+  task.setup_inference(workdir)
+  if quant != 'none':
+    if not hasattr(task, 'set_inference_quant'):
+      raise ConfigError(f'--quant does not apply to this run: its task ({config.task!r}) '
+                        'has no quantized inference.')
+    task.set_inference_quant(quant)
+  state, step = restore_latest(task, config, workdir)
+  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
+    return [task.samples(state, seed + i) for i in range(num_samples)], step
+
+
 def _sample() -> None:
   f = flags.FLAGS
   if not f.workdir:
     raise ConfigError('--workdir is required: the --workdir of a training run.')
-  config = load_run_config(f.workdir)
-  check_flags(f, config)
-  with config.unlocked():
-    for name in _TEXT_FLAGS:
-      if getattr(f, name) is not None:
-        config.sample[name] = getattr(f, name)
-  task = get_task(config)
-  task.setup_inference(f.workdir)
-  if f.quant != 'none':
-    if not hasattr(task, 'set_inference_quant'):
-      raise ConfigError(f'--quant does not apply to this run: its task ({config.task!r}) '
-                        'has no quantized inference.')
-    task.set_inference_quant(f.quant)
-  state, step = restore_latest(task, config, f.workdir)
-  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
-    for i in range(f.num_samples):
-      samples = task.samples(state, f.seed + i)
-      if jax.process_index() != 0:
-        continue
-      texts = {tag: v for tag, v in samples.items() if isinstance(v, str)}
-      for tag, text in texts.items():
-        name = 'sample' if len(texts) == 1 else tag
-        print(f'--- {name} {i} (step {step}) ---\n{text}')
-      if any(isinstance(v, np.ndarray) for v in samples.values()):
-        if not f.out:
-          raise ConfigError('This run samples images: give --out=FILE.png to write them.')
-        out = f.out if f.num_samples == 1 else _numbered(f.out, i)
-        for path in write_image_samples(samples, out, f.scale):
-          print(f'Wrote {path} (step {step}).')
+  check_flags(f, load_run_config(f.workdir))  # --out too, before anything is restored
+  all_samples, step = sample(f.workdir, seed=f.seed, num_samples=f.num_samples, quant=f.quant,
+                             **{name: getattr(f, name) for name in _TEXT_FLAGS})
+  if jax.process_index() != 0:
+    return
+  for i, samples in enumerate(all_samples):
+    texts = {tag: v for tag, v in samples.items() if isinstance(v, str)}
+    for tag, text in texts.items():
+      name = 'sample' if len(texts) == 1 else tag
+      print(f'--- {name} {i} (step {step}) ---\n{text}')
+    if any(isinstance(v, np.ndarray) for v in samples.values()):
+      if not f.out:
+        raise ConfigError('This run samples images: give --out=FILE.png to write them.')
+      out = f.out if f.num_samples == 1 else _numbered(f.out, i)
+      for path in write_image_samples(samples, out, f.scale):
+        print(f'Wrote {path} (step {step}).')
 
 
 def _define_flags() -> None:

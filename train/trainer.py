@@ -151,8 +151,12 @@ class Result:
   losses: dict[int, float]  # train loss of every step this run took
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Result:
-  """Trains `config.task` in `workdir`, resuming from its latest checkpoint."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress_bar: bool = False) -> Result:
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint.
+
+  `progress_bar` adds a tqdm bar (a widget in notebooks) to the log lines.
+  """
   # --- mesh ------------------------------------------------------------------
   task = validate(config, jax.device_count(), jax.process_count())
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -186,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
   writer = metrics_lib.SummaryWriter(workdir, enabled=jax.process_index() == 0)
   if start == 0:
     writer.text(0, 'config', '```\n' + str(config) + '\n```')
-  progress = metrics_lib.Progress(config.steps, start)
+  progress = metrics_lib.Progress(config.steps, start, bar=progress_bar)
   profiler = metrics_lib.Profiler(workdir, config.profile.start_step, config.profile.num_steps)
   flops_per_step = task.flops_per_step()
   items_per_step = task.items_per_step()
@@ -208,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
     step, device_metrics = pending
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     losses[step] = values['loss']
+    progress.advance(step)
     interval_steps += 1
     if values['skipped']:
       consecutive_skips += 1
@@ -271,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Resul
           break
       read_pending()
     finally:
+      progress.close()
       ckpt.wait()
       ckpt.close()
       writer.close()
