@@ -59,6 +59,16 @@ def base() -> ml_collections.ConfigDict:
       # model/quant.py), with the block scales in int8 when double_quant.
       lora=ml_collections.ConfigDict(dict(
           rank=0, alpha=16.0, dropout=0.0, targets='.*', base_quant='none', double_quant=True)),
+      # Mixture of experts (model/moe.py): with n_experts > 0 every block's MLP is E SwiGLU
+      # experts of width expert_mlp_dim (-1: mlp_dim), top_k of them per token. router:
+      # topk_softmax (Mixtral) | softmax_topk (Qwen2-MoE, unrenormalised). shared_mlp_dim > 0
+      # adds a dense shared expert, gated by sigmoid(x @ shared_gate) when shared_gate.
+      # capacity_factor 0 is dropless; cf > 0 caps each expert at ceil(cf * tokens * k / E).
+      # The load-balancing and router z-losses are added to the loss with these weights.
+      # Expert parallelism: mesh.expert > 1 splits the experts (and the batch outside them).
+      moe=ml_collections.ConfigDict(dict(
+          n_experts=0, top_k=2, expert_mlp_dim=-1, shared_mlp_dim=0, shared_gate=False,
+          router='topk_softmax', capacity_factor=0.0, balance_weight=0.01, z_weight=0.001)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -45,6 +45,7 @@ from flax import nnx
 from model import attention as attention_lib
 from model import kv_cache
 from model import lora as lora_lib
+from model import moe as moe_lib
 from model import quant as quant_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -59,6 +60,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('norm', None),
     ('layers', None),
     ('positions', None),
+    ('expert', 'expert'),
+    ('expert_mlp', 'tensor'),
 )
 
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
@@ -109,6 +112,16 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: str = '.*'
+  # Mixture of experts (model/moe.py); n_experts 0 = a dense MLP in every block.
+  n_experts: int = 0
+  top_k: int = 2
+  expert_mlp_dim: int = 0
+  shared_mlp_dim: int = 0
+  shared_gate: bool = False
+  router: str = 'topk_softmax'
+  capacity_factor: float = 0.0  # 0: dropless
+  balance_weight: float = 0.01
+  z_weight: float = 0.001
 
   @property
   def quant_scheme(self) -> quant_lib.Scheme:
@@ -219,7 +232,49 @@ class TransformerConfig:
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
         **_parse_lora(m.get('lora'), mlp),
+        **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora')),
     )
+
+
+def _parse_moe(moe: ml_collections.ConfigDict | None, mlp: str, mlp_dim: int,
+               lora: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """TransformerConfig's mixture-of-experts fields from `model.moe` (absent in runs saved
+  before it existed: a dense model)."""
+  if moe is None or int(moe.get('n_experts', 0)) == 0:
+    return {}
+  n, top_k = int(moe.n_experts), int(moe.top_k)
+  if n < 0:
+    raise ValueError(f'model.moe.n_experts={n} must be >= 0 (0 turns MoE off).')
+  if not 1 <= top_k <= n:
+    raise ValueError(f'model.moe.top_k={top_k} must be in [1, model.moe.n_experts={n}].')
+  if mlp != 'swiglu':
+    raise ValueError(f"model.moe.n_experts={n} needs model.mlp='swiglu' (the experts are "
+                     f'SwiGLU MLPs), got {mlp!r}.')
+  if lora is not None and (int(lora.rank) or lora.base_quant != 'none'):
+    raise ValueError('model.lora is not supported with model.moe.n_experts > 0 (the experts '
+                     'have no adapters or quantized storage); set model.lora.rank=0.')
+  expert_mlp_dim = int(moe.expert_mlp_dim)
+  expert_mlp_dim = mlp_dim if expert_mlp_dim == -1 else expert_mlp_dim
+  if expert_mlp_dim <= 0:
+    raise ValueError(f'model.moe.expert_mlp_dim={moe.expert_mlp_dim} must be positive or -1 '
+                     '(model.mlp_dim).')
+  shared = int(moe.shared_mlp_dim)
+  if shared < 0:
+    raise ValueError(f'model.moe.shared_mlp_dim={shared} must be >= 0 (0: no shared expert).')
+  if bool(moe.shared_gate) and not shared:
+    raise ValueError('model.moe.shared_gate=True needs model.moe.shared_mlp_dim > 0 (it gates '
+                     'the shared expert).')
+  cf = float(moe.capacity_factor)
+  if cf < 0:
+    raise ValueError(f'model.moe.capacity_factor={cf} must be >= 0 (0: dropless).')
+  for key in ('balance_weight', 'z_weight'):
+    if float(moe[key]) < 0:
+      raise ValueError(f'model.moe.{key}={moe[key]} must be >= 0.')
+  return dict(
+      n_experts=n, top_k=top_k, expert_mlp_dim=expert_mlp_dim, shared_mlp_dim=shared,
+      shared_gate=bool(moe.shared_gate),
+      router=_parse_key('model.moe.router', moe.router, moe_lib.ROUTERS), capacity_factor=cf,
+      balance_weight=float(moe.balance_weight), z_weight=float(moe.z_weight))
 
 
 def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
@@ -276,10 +331,17 @@ def _parse_choice(name: str, value: str, table: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def _block_matmul_params(cfg: TransformerConfig) -> int:
+def _block_matmul_params(cfg: TransformerConfig, active: bool = False) -> int:
+  """Matmul weights of one block; with MoE, `active` counts only the top_k experts a token
+  takes (plus the router and the shared expert, which every token takes)."""
   d, dh = cfg.d_model, cfg.head_dim
   attn = d * cfg.n_heads * dh * 2 + d * cfg.n_kv_heads * dh * 2  # q, o and k, v
-  mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.mlp_dim
+  if cfg.n_experts:
+    experts = cfg.top_k if active else cfg.n_experts
+    mlp = (experts * 3 * d * cfg.expert_mlp_dim + d * cfg.n_experts
+           + 3 * d * cfg.shared_mlp_dim + (d if cfg.shared_gate else 0))
+  else:
+    mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.mlp_dim
   return attn + mlp
 
 
@@ -289,7 +351,7 @@ def _block_vector_params(cfg: TransformerConfig) -> int:
   norms = 2 * _norm_params(cfg)
   qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
   out = d if cfg.attn_out_bias else 0
-  mlp = ((2 if cfg.mlp == 'swiglu' else 1) * f + d) if cfg.mlp_bias else 0
+  mlp = ((2 if cfg.mlp == 'swiglu' else 1) * f + d) if cfg.mlp_bias and not cfg.n_experts else 0
   return norms + qkv + out + mlp
 
 
@@ -297,12 +359,13 @@ def _norm_params(cfg: TransformerConfig) -> int:
   return cfg.d_model * (2 if cfg.norm == 'layernorm' else 1)
 
 
-def count_params(cfg: TransformerConfig) -> int:
-  """Number of parameters the model creates (the tied matrix is counted once)."""
+def count_params(cfg: TransformerConfig, active: bool = False) -> int:
+  """Number of parameters the model creates (the tied matrix is counted once); with
+  `active`, those one token uses (an MoE model's top_k experts of each block, not all)."""
   embed = cfg.vocab_size * cfg.d_model
   head = 0 if cfg.tie_embeddings else cfg.d_model * cfg.vocab_size
   positions = cfg.max_positions * cfg.d_model if cfg.position == 'learned' else 0
-  per_block = _block_matmul_params(cfg) + _block_vector_params(cfg)
+  per_block = _block_matmul_params(cfg, active) + _block_vector_params(cfg)
   return embed + head + positions + cfg.n_layers * per_block + _norm_params(cfg)
 
 
@@ -312,14 +375,15 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   N counts the weights that take part in a matmul: every block projection plus
   the d_model x vocab output head (counted whether or not it is tied). It
   leaves out the input and position embeddings (gathers, not matmuls), the norms
-  and the biases.
+  and the biases. For MoE, N is the ACTIVE count: each token's top_k experts, the router
+  and the shared expert (not the E - top_k experts it skips), so MFU measures useful work.
   The attention term is PaLM's, without halving for the causal mask.
 
   Args:
     cfg: the model.
     seq_len: the training context length T.
   """
-  n = cfg.n_layers * _block_matmul_params(cfg) + cfg.d_model * cfg.vocab_size
+  n = cfg.n_layers * _block_matmul_params(cfg, active=True) + cfg.d_model * cfg.vocab_size
   attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
   return float(6 * n + attn)
 
@@ -560,7 +624,8 @@ class Block(nnx.Module):
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
-    self.mlp = Mlp(cfg, rngs=rngs)
+    self.moe = bool(cfg.n_experts)
+    self.mlp = moe_lib.MoeMlp(cfg, rngs=rngs) if self.moe else Mlp(cfg, rngs=rngs)
 
   def __call__(
       self,
@@ -570,7 +635,9 @@ class Block(nnx.Module):
       dropout_key: jax.Array | None,
       kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
   ):
-    """x after the block; with a cache `kv` (see Attention), (x, (k_pages, v_pages))."""
+    """(x after the block, aux_3: the MoE layer's float32 [balance, z, dropped], zeros for a
+    dense MLP); with a cache `kv` (see Attention), (x, (k_pages, v_pages)) and the MoE layer
+    dropless."""
     attn_key = mlp_key = attn_lora_key = mlp_lora_key = None
     if dropout_key is not None and self.lora_dropout > 0:
       attn_key, mlp_key, attn_lora_key, mlp_lora_key = jax.random.split(dropout_key, 4)
@@ -581,9 +648,13 @@ class Block(nnx.Module):
     if kv is not None:
       h_BxLxD, pages = h_BxLxD
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
-    h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
+    if self.moe:
+      h_BxLxD, aux_3 = self.mlp(self.mlp_norm(x_BxLxD), dropless=kv is not None)
+    else:
+      h_BxLxD = self.mlp(self.mlp_norm(x_BxLxD), mlp_lora_key)
+      aux_3 = jnp.zeros((len(moe_lib.AUX_NAMES),), jnp.float32)
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, mlp_key)
-    return x_BxLxD if kv is None else (x_BxLxD, pages)
+    return (x_BxLxD, aux_3) if kv is None else (x_BxLxD, pages)
 
 
 _LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
@@ -596,7 +667,9 @@ class Transformer(nnx.Module):
   positions; `blocks` (every leaf with a leading [N] 'layers' axis):
   `attn_norm.{scale,bias}`, `attn.{wq,wk,wv,wo}` [D, H|K, Dh] / [H, Dh, D],
   `attn.{q,k,v}_bias` [H|K, Dh], `attn.o_bias` [D], `mlp_norm.{scale,bias}`,
-  `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias`; `final_norm.{scale,bias}`;
+  `mlp.{w_gate,w_up,w_down}`, `mlp.{gate,up,down}_bias` (an MoE model's `mlp` is
+  model/moe.py's MoeMlp: `mlp.router`, `mlp.{w_gate,w_up,w_down}` [E, ...], `mlp.shared.*`,
+  `mlp.shared_gate`); `final_norm.{scale,bias}`;
   `lm_head` [D, V] only when the embeddings are untied. Norm biases exist only
   for LayerNorm, projection biases only when switched on, `w_gate` only for SwiGLU.
   A quantized model stores each projection `w` as `w` (int8 or packed uint8 codes) and
@@ -633,9 +706,13 @@ class Transformer(nnx.Module):
       deterministic: bool = True,
       rngs: nnx.Rngs | None = None,
       features: bool = False,
-  ) -> jax.Array:
+      return_aux: bool = False,
+  ):
     """Returns float32 logits_BxLxV, or with `features=True` the final-normed hidden states
     x_BxLxD in the compute dtype (what a scalar head, a reward model or a value head, reads).
+    With `return_aux`, (that, aux): aux maps each of model/moe.py's AUX_NAMES
+    (moe_balance_loss, moe_z_loss, moe_dropped_fraction) to its float32 mean over the layers
+    (zeros for a dense model).
 
     Args:
       tokens_BxL: integer token ids.
@@ -658,11 +735,14 @@ class Transformer(nnx.Module):
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
 
-    x_BxLxD = _run_blocks(
+    x_BxLxD, aux_3 = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
         dropout_keys_N, cfg.remat, self._unroll())
     x_BxLxD = self.final_norm(x_BxLxD)
-    return x_BxLxD if features else self._head(x_BxLxD)
+    out = x_BxLxD if features else self._head(x_BxLxD)
+    if not return_aux:
+      return out
+    return out, dict(zip(moe_lib.AUX_NAMES, aux_3 / cfg.n_layers, strict=True))
 
   def decode(
       self,
@@ -721,8 +801,9 @@ def _run_blocks(
     unroll: int,
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
 ):
-  """Scans the stacked blocks over their leading 'layers' axis. With a cache
-  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v))."""
+  """Scans the stacked blocks over their leading 'layers' axis: (x, the blocks' aux_3
+  summed over layers). With a cache kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns
+  (x, (k, v))."""
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
@@ -742,6 +823,9 @@ def _run_blocks(
   def layer(block, x, positions, segment_ids, key):
     return block(x, positions, segment_ids, key)
 
+  # The MoE losses are summed in the carry: a scan output per layer would do as well, but
+  # the carry keeps them out of the stacked residuals.
+
   if remat != 'none':
     # prevent_cse=False: inside a scan the CSE barrier only costs performance.
     layer = nnx.remat(layer, policy=REMAT_POLICIES[remat], prevent_cse=False)
@@ -749,7 +833,10 @@ def _run_blocks(
   @nnx.scan(
       in_axes=(0, nnx.Carry, None, None, 0), out_axes=nnx.Carry,
       transform_metadata=_LAYERS_METADATA, unroll=unroll)
-  def scan_fn(block, x, positions, segment_ids, key):
-    return layer(block, x, positions, segment_ids, key)
+  def scan_fn(block, carry, positions, segment_ids, key):
+    x, aux_sum = carry
+    x, aux = layer(block, x, positions, segment_ids, key)
+    return x, aux_sum + aux
 
-  return scan_fn(blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N)
+  aux_3 = jnp.zeros((len(moe_lib.AUX_NAMES),), jnp.float32)
+  return scan_fn(blocks, (x_BxLxD, aux_3), positions_BxL, segment_ids_BxL, dropout_keys_N)
