@@ -5,7 +5,8 @@ Run (default preset `tiny`, the embedded CPython standard library corpus):
   python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
 
 Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
-`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`, and the
+mixtures of experts `configs/lm.py:moe_cpu` and `configs/lm.py:mixtral_8x7b`. Any key can be
 overridden with `--config.a.b=value`. LoRA: `--config.model.lora.rank=16`; QLoRA adds
 `--config.model.lora.base_quant=nf4` (both usually with `--config.init_from=DIR`).
 """
@@ -182,8 +183,32 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.update(seq_len=4096)
     c.data.tokenizer.update(vocab_size=32000)
     c.optimizer.update(lr=2e-5, warmup_steps=100, end_lr=2e-6, b2=0.95, weight_decay=0.0)
+  elif preset == 'moe_cpu':
+    # `tiny` with 8 experts, top 2, each half tiny's MLP width: the same active parameters
+    # per token as tiny (plus the router), 4x its MLP parameters. Trains on 2 CPU cores
+    # (docs/baselines/moe_step.py compares its step time with tiny's).
+    c = get_config('tiny')
+    c.model.moe.update(n_experts=8, top_k=2, expert_mlp_dim=192)
+  elif preset == 'mixtral_8x7b':
+    # Mixtral-8x7B's shape (46.7B parameters, 12.9B active): 8 experts of width 14336, top 2,
+    # experts split over the expert axis and everything else over fsdp.
+    c.steps = 10_000
+    c.batch_size = 256
+    c.log_every = 10
+    c.eval_every = 500
+    c.eval_steps = 20
+    c.checkpoint.every = 500
+    c.model.update(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                   mlp_dim=14336, vocab_size=32000, rope_theta=1_000_000.0,
+                   tie_embeddings=False, dtype='bfloat16', remat='full')
+    # router_aux_loss_coef=0.02 in Mixtral's HF config.
+    c.model.moe.update(n_experts=8, top_k=2, expert_mlp_dim=-1, balance_weight=0.02)
+    c.mesh.update(data=1, fsdp=-1, expert=8)
+    c.data.update(seq_len=4096)
+    c.data.tokenizer.update(vocab_size=32000)
+    c.optimizer.update(lr=3e-4, warmup_steps=2000, end_lr=3e-5, b2=0.95, weight_decay=0.1)
   else:
     raise ValueError(
         f'Unknown preset {preset!r} for configs/lm.py; choose one of '
-        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b.')
+        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b, moe_cpu, mixtral_8x7b.')
   return c

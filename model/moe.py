@@ -158,7 +158,12 @@ def _experts_local(x_TxD, experts_TxK, weights_TxK, w_gate, w_up, w_down, *, n_e
     back_RxD = jax.lax.all_to_all(out_RxD, ep_axis, 0, 0, tiled=True)
     y_AxD = back_RxD.at[index_A].get(mode='fill', fill_value=0)
   else:
-    first = jax.lax.axis_index(ep_axis) * n_local if ep_axis else 0
+    first = 0
+    if ep_axis:
+      first = jax.lax.axis_index(ep_axis) * n_local
+      # Each shard's rows differ from here on: an explicit cast makes the transpose sum the
+      # shards' input gradients (left implicit, x's gradient came out wrong on jax 0.10.2).
+      x_TxD = jax.lax.pcast(x_TxD, ep_axis, to='varying')
     mine_A = valid_A & (expert_A >= first) & (expert_A < first + n_local)
     ids_A = jnp.where(mine_A, expert_A - first, n_local)
     y_AxD = _grouped_swiglu(x_TxD[token_A], ids_A, n_local, w_gate, w_up, w_down)
@@ -260,6 +265,9 @@ class MoeMlp(nnx.Module):
   """
 
   def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    if cfg.quant != 'none' or cfg.lora_rank:
+      raise ValueError('The MoE experts have no quantized storage or LoRA adapters (model.moe '
+                       'with model.lora or a quantized model is not supported).')
     self.cfg = cfg
     d, e, f, pd = cfg.d_model, cfg.n_experts, cfg.expert_mlp_dim, cfg.param_dtype
     out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)

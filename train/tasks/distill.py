@@ -155,16 +155,19 @@ class DistillTask(lm.LMTask):
 
   def _loss(self, params, batch, dropout_key, frozen=None):
     d = self.config.distill
-    logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
+    logits_BxLxV, aux = self._logits(params, batch, dropout_key, return_aux=True)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
     nll = jnp.mean(lse_BxL - target_logit_BxL)
     z_loss = self.config.loss.z_loss * jnp.mean(jnp.square(lse_BxL))
+    moe_loss, moe_metrics = self._moe_terms(aux)
     teacher_BxLxV = self._teacher_logits(frozen['teacher'], batch)
     kd = d.temperature**2 * jnp.mean(distill_kl(
         teacher_BxLxV, logits_BxLxV[..., :self.tokenizer.vocab_size], d.temperature))
     loss = d.alpha * kd + (1.0 - d.alpha) * nll
-    return loss + z_loss, {'loss': loss, 'kd_loss': kd, 'lm_loss': nll, 'z_loss': z_loss}
+    return loss + z_loss + moe_loss, {'loss': loss, 'kd_loss': kd, 'lm_loss': nll,
+                                      'z_loss': z_loss, **moe_metrics}
 
   def eval_step(self, state, batch, frozen):
     sums = super().eval_step(state, batch, frozen)

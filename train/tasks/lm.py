@@ -58,6 +58,9 @@ ARCHITECTURE_KEYS = (
     'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'mlp_dim',
     'rope_theta', 'tie_embeddings', 'norm_eps', 'norm', 'mlp', 'position', 'max_positions',
     'qkv_bias', 'attn_out_bias', 'mlp_bias')
+# The same for `model.moe` (capacity and loss weights are training choices, not architecture).
+MOE_ARCHITECTURE_KEYS = (
+    'n_experts', 'top_k', 'expert_mlp_dim', 'shared_mlp_dim', 'shared_gate', 'router')
 
 
 def adopt_init_run(config: ml_collections.ConfigDict) -> None:
@@ -75,6 +78,12 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
   for key in ARCHITECTURE_KEYS:
     if key in other.get('model', {}) and other['model'][key] != config.model[key]:
       changed[f'model.{key}'] = config.model[key] = type(config.model[key])(other['model'][key])
+  # A run saved before model.moe existed is dense.
+  other_moe = other.get('model', {}).get('moe') or {'n_experts': 0}
+  for key in MOE_ARCHITECTURE_KEYS if 'moe' in config.model else ():
+    if key in other_moe and other_moe[key] != config.model.moe[key]:
+      value = type(config.model.moe[key])(other_moe[key])
+      changed[f'model.moe.{key}'] = config.model.moe[key] = value
   meta = epath.Path(config.init_from) / 'tokenizer' / tokenizers.META_FILE
   if meta.exists():
     spec = json.loads(meta.read_text())['config']
@@ -282,24 +291,44 @@ class LMTask(tasks.Task):
 
   # --- steps -----------------------------------------------------------------
 
-  def _logits(self, params, batch, dropout_key=None, graphdef=None):
+  def _logits(self, params, batch, dropout_key=None, graphdef=None, return_aux=False):
+    """float32 logits of the batch; with `return_aux`, (logits, the MoE aux terms of
+    Transformer.__call__)."""
     model = nnx.merge(self.graphdef if graphdef is None else graphdef, params)
     cfg = self.model_cfg
     train = dropout_key is not None and (cfg.dropout > 0 or cfg.lora_dropout > 0)
     return model(batch['inputs'], positions_BxL=batch['positions'],
                  segment_ids_BxL=batch['segment_ids'], deterministic=not train,
-                 rngs=nnx.Rngs(dropout=dropout_key) if train else None)
+                 rngs=nnx.Rngs(dropout=dropout_key) if train else None, return_aux=return_aux)
 
   def _loss(self, params, batch, dropout_key, frozen=None):
     """(objective, metrics) of one batch; metrics['loss'] is the loss to report (the NLL,
-    without z-loss). `frozen` serves subclasses whose loss reads frozen inputs (a teacher)."""
+    without z-loss). `frozen` serves subclasses whose loss reads frozen inputs (a teacher).
+    An MoE model adds its load-balancing and router z-losses (model.moe.balance_weight and
+    z_weight, layer means) to the objective and reports them unweighted, with the dropped
+    fraction when a capacity limit is set."""
     del frozen
-    logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
+    logits_BxLxV, aux = self._logits(params, batch, dropout_key, return_aux=True)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
     nll = jnp.mean(lse_BxL - target_logit_BxL)
     z_loss = self.config.loss.z_loss * jnp.mean(jnp.square(lse_BxL))
-    return nll + z_loss, {'loss': nll, 'z_loss': z_loss}
+    moe_loss, moe_metrics = self._moe_terms(aux)
+    return nll + z_loss + moe_loss, {'loss': nll, 'z_loss': z_loss, **moe_metrics}
+
+  def _moe_terms(self, aux) -> tuple[jax.Array | float, dict[str, jax.Array]]:
+    """(weighted MoE losses to add to the objective, their metrics) from the model's aux
+    terms: balance_weight * balance + z_weight * z, the two unweighted as metrics and the
+    dropped fraction when a capacity limit is set; (0, {}) for a dense model."""
+    cfg = self.model_cfg
+    if not cfg.n_experts:
+      return 0.0, {}
+    metrics = {k: aux[k] for k in ('moe_balance_loss', 'moe_z_loss')}
+    if cfg.capacity_factor > 0:
+      metrics['moe_dropped_fraction'] = aux['moe_dropped_fraction']
+    loss = cfg.balance_weight * aux['moe_balance_loss'] + cfg.z_weight * aux['moe_z_loss']
+    return loss, metrics
 
   def train_step(self, state, batch, frozen):
     step = state.step

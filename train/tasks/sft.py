@@ -59,14 +59,16 @@ class SFTTask(LMTask):
   def _loss(self, params, batch, dropout_key, frozen=None):
     """The mean NLL (and z-loss) over the tokens of weight 1, not over all positions."""
     del frozen
-    logits_BxLxV = self._logits(params, batch, dropout_key).astype(jnp.float32)
+    logits_BxLxV, aux = self._logits(params, batch, dropout_key, return_aux=True)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch['targets'][..., None], -1)[..., 0]
     weights_BxL = batch['weights']
     count = jnp.maximum(jnp.sum(weights_BxL), 1.0)
     nll = jnp.sum((lse_BxL - target_logit_BxL) * weights_BxL) / count
     z_loss = self.config.loss.z_loss * jnp.sum(jnp.square(lse_BxL) * weights_BxL) / count
-    return nll + z_loss, {'loss': nll, 'z_loss': z_loss}
+    moe_loss, moe_metrics = self._moe_terms(aux)  # over every token, padding included
+    return nll + z_loss + moe_loss, {'loss': nll, 'z_loss': z_loss, **moe_metrics}
 
   def eval_step(self, state, batch, frozen):
     del frozen
