@@ -219,9 +219,13 @@ def experts(x_BxLxD, experts_BxLxK, weights_BxLxK, w_gate_ExDxF, w_up_ExDxF, w_d
   tok = P(batch_axes or None, length_axes or None, None)
   wspec = P(ep_axis, None, tp_axis)
   dspec = P(ep_axis, tp_axis, None)
+  # Inside another shard_map (a pipeline stage's), only the axes still automatic are ours.
+  free = frozenset(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                   if t != jax.sharding.AxisType.Manual)
   fn = jax.shard_map(
       lambda *a: local(*a, ep_axis=ep_axis, ep_size=ep, a2a=a2a, tp_axis=tp_axis, slots=slots),
-      in_specs=(tok, tok, tok, wspec, wspec, dspec), out_specs=tok)
+      in_specs=(tok, tok, tok, wspec, wspec, dspec), out_specs=tok,
+      axis_names=free if len(free) < len(mesh.axis_names) else frozenset())
   return fn(x_BxLxD, experts_BxLxK, weights_BxLxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
 
 

@@ -232,12 +232,12 @@ class TransformerConfig:
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
         **_parse_lora(m.get('lora'), mlp),
-        **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora')),
+        **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora'), bool(m.get('mlp_bias', False))),
     )
 
 
 def _parse_moe(moe: ml_collections.ConfigDict | None, mlp: str, mlp_dim: int,
-               lora: ml_collections.ConfigDict | None) -> dict[str, Any]:
+               lora: ml_collections.ConfigDict | None, mlp_bias: bool) -> dict[str, Any]:
   """TransformerConfig's mixture-of-experts fields from `model.moe` (absent in runs saved
   before it existed: a dense model)."""
   if moe is None or int(moe.get('n_experts', 0)) == 0:
@@ -250,6 +250,9 @@ def _parse_moe(moe: ml_collections.ConfigDict | None, mlp: str, mlp_dim: int,
   if mlp != 'swiglu':
     raise ValueError(f"model.moe.n_experts={n} needs model.mlp='swiglu' (the experts are "
                      f'SwiGLU MLPs), got {mlp!r}.')
+  if mlp_bias:
+    raise ValueError(f'model.mlp_bias=True is not supported with model.moe.n_experts={n} (the '
+                     'experts have no biases); set model.mlp_bias=False.')
   if lora is not None and (int(lora.rank) or lora.base_quant != 'none'):
     raise ValueError('model.lora is not supported with model.moe.n_experts > 0 (the experts '
                      'have no adapters or quantized storage); set model.lora.rank=0.')
@@ -351,7 +354,7 @@ def _block_vector_params(cfg: TransformerConfig) -> int:
   norms = 2 * _norm_params(cfg)
   qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim if cfg.qkv_bias else 0
   out = d if cfg.attn_out_bias else 0
-  mlp = ((2 if cfg.mlp == 'swiglu' else 1) * f + d) if cfg.mlp_bias and not cfg.n_experts else 0
+  mlp = ((2 if cfg.mlp == 'swiglu' else 1) * f + d) if cfg.mlp_bias else 0
   return norms + qkv + out + mlp
 
 

@@ -20,7 +20,7 @@ from test_train import small_config, write_corpus
 
 from configs import lm
 from data.errors import ConfigError
-from model import moe
+from model import decode, moe
 from model import transformer as tfm
 from train import mesh as mesh_lib
 from train import trainer
@@ -169,6 +169,25 @@ def test_moe_layer_equals_dense_computation(overrides):
   np.testing.assert_allclose(float(aux[2]), 0.0 if keep is None else (~keep).mean(), atol=1e-7)
 
 
+def test_cached_decoding_matches_the_forward_pass():
+  """The KV-cache path (serving, sampling) runs the experts too: a prompt, then one token at a
+  time, gives the logits of one forward pass over the whole row."""
+  cfg = _layer_cfg(shared_mlp_dim=16)
+  with nnx.use_eager_sharding(False):
+    model = tfm.Transformer(cfg, rngs=nnx.Rngs(6))
+  tokens = jnp.asarray(np.random.default_rng(7).integers(0, 256, (2, 8)), jnp.int32)
+  want = nnx.jit(lambda m, t: m(t))(model, tokens)
+  cache = decode.contiguous_cache(cfg, batch=2, positions=8, page_size=8)
+  step = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))
+  positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  got, cache = step(model, tokens[:, :5], positions[:, :5], cache)
+  outs = [got]
+  for i in range(5, 8):
+    got, cache = step(model, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
+    outs.append(got)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), want, rtol=2e-4, atol=2e-5)
+
+
 # --- config, counts ----------------------------------------------------------------------
 
 
@@ -266,6 +285,7 @@ def test_expert_parallel_training_matches_one_device(corpus, tmp_path):
   fsdp=2, tensor=2: the same losses, MoE losses and gradient norms."""
   config = small_config(corpus, **{
       'model.d_model': 32, 'model.n_heads': 4, 'model.n_kv_heads': 2, 'data.seq_len': 16,
+      'model.scan_unroll': 1,  # the layer scan compiles one block, not two
       'model.moe.n_experts': 4, 'model.moe.top_k': 2, 'model.moe.expert_mlp_dim': 32,
       'model.moe.shared_mlp_dim': 16, 'model.moe.balance_weight': 0.1,
       'model.moe.z_weight': 0.01})
