@@ -10,6 +10,8 @@ Switches (config keys; defaults give the Llama block):
   position  rope (half-split layout, as HF's `rotate_half`) | learned (a [P, D] table, GPT-2)
   qkv_bias, attn_out_bias, mlp_bias: biases on the q/k/v projections (Qwen2), on the
   attention output projection and on the MLP projections (GPT-2 has all three).
+  moe.n_experts > 0: every block's MLP is a mixture of SwiGLU experts (model/moe.py;
+  Mixtral, Qwen2-MoE), expert-parallel over the 'expert' mesh axis.
 GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
 train/convert.py splits and re-fuses it).
 
