@@ -44,6 +44,12 @@ cost ragged_dot nothing where the kernel skips them (GPU/TPU). When the batch do
 split over the batch axes (one-sequence decoding), tokens stay replicated and each expert
 shard computes its own experts for all of them, followed by a psum over `expert`.
 
+Cost on CPU: XLA:CPU computes ragged_dot as if every row met every expert (measured on
+jax 0.10.2: 12x the time of one dense matmul of the same rows with 8 experts, 4096 x 128 @
+128 x 192), so on CPU an MoE step costs far more than its dense twin with the same active
+parameters (docs/baselines/moe_step.py). tokamax's ragged_dot kernels (GPU, TPU) would be
+the maintained alternative, but tokamax 0.0.17 needs Python >= 3.12 and Kiln runs 3.11.
+
 Why written here rather than taken from a library: MaxText's and levanter's MoE layers are
 tied to their own model and sharding APIs; the routing math is a few lines, and
 `ragged_dot` / `all_to_all` are JAX's own primitives.
@@ -303,8 +309,11 @@ class MoeMlp(nnx.Module):
       experts_BxLxK = jnp.where(keep_BxLxK, experts_BxLxK, cfg.n_experts)
       weights_BxLxK = jnp.where(keep_BxLxK, weights_BxLxK, 0.0)
       aux[2] = 1.0 - jnp.mean(keep_BxLxK.astype(jnp.float32))
-    out_BxLxD = experts(x_BxLxD, experts_BxLxK, weights_BxLxK, self.w_gate[...],
-                        self.w_up[...], self.w_down[...], capacity_limit=limit)
+    # Cast before the shard_map, so that FSDP gathers the weights in the compute dtype.
+    dt = x_BxLxD.dtype
+    out_BxLxD = experts(x_BxLxD, experts_BxLxK, weights_BxLxK, self.w_gate[...].astype(dt),
+                        self.w_up[...].astype(dt), self.w_down[...].astype(dt),
+                        capacity_limit=limit)
     if cfg.shared_mlp_dim > 0:
       shared_BxLxD = self.shared(x_BxLxD).astype(jnp.float32)
       if cfg.shared_gate:

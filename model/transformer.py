@@ -13,6 +13,8 @@ Switches (config keys; defaults give the Llama block):
   rope_scaling  linear | llama3 | yarn frequencies for long context (model/rope.py)
   sliding_window  w > 0: each token attends to itself and the w - 1 tokens before it
                 (Mistral), in training and over the KV cache
+  moe.n_experts > 0: every block's MLP is a mixture of SwiGLU experts (model/moe.py;
+  Mixtral, Qwen2-MoE), expert-parallel over the 'expert' mesh axis.
 GPT-2's fused c_attn is kept as separate q, k and v matrices (a reshape apart;
 train/convert.py splits and re-fuses it).
 

@@ -132,7 +132,7 @@ def test_capacity_drops_what_numpy_drops(logits):
 
 def _layer_cfg(**moe_overrides):
   c = lm.get_config('tiny')
-  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32')
+  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32', scan_unroll=1)
   c.model.moe.update({'n_experts': 4, 'top_k': 2, 'expert_mlp_dim': 24, **moe_overrides})
   return tfm.TransformerConfig.from_config(c.model, 256)
 
@@ -318,3 +318,24 @@ def test_expert_weights_that_do_not_split_are_a_config_error(corpus):
   task = LMTask(config)
   with pytest.raises(ConfigError, match="cannot be split over mesh axis 'expert'"):
     setup_state(task, config, mesh_lib.make_mesh(config.mesh))
+
+
+def test_init_from_adopts_the_experts(tmp_path):
+  """Fine-tuning an MoE run (or an imported Mixtral) takes its experts with its architecture;
+  a run saved before model.moe existed is dense."""
+  import json
+
+  from train.tasks.lm import adopt_init_run
+  moe_run = lm.get_config('moe_cpu')
+  moe_run.model.moe.update(shared_mlp_dim=64, router='softmax_topk')
+  (tmp_path / 'config.json').write_text(moe_run.to_json())
+  config = lm.get_config('tiny')
+  config.init_from = str(tmp_path)
+  adopt_init_run(config)
+  for key in ('n_experts', 'top_k', 'expert_mlp_dim', 'shared_mlp_dim', 'router'):
+    assert config.model.moe[key] == moe_run.model.moe[key], key
+  old = json.loads(lm.get_config('tiny').to_json())
+  del old['model']['moe']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  adopt_init_run(config)
+  assert config.model.moe.n_experts == 0
