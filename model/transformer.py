@@ -43,8 +43,7 @@ import numpy as np
 from flax import nnx
 
 from model import attention as attention_lib
-from model import context_parallel
-from model import kv_cache
+from model import context_parallel, kv_cache
 from model import lora as lora_lib
 from model import quant as quant_lib
 

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from flax import nnx
 
 from configs import lm
 from data.errors import ConfigError
 from kernels.attention_reference import attention_reference
 from model import context_parallel
+from serve import engine
 from train import mesh as mesh_lib
 from train import trainer
 
@@ -40,15 +40,16 @@ def _packed_segments(rng, batch: int, length: int) -> np.ndarray:
   return seg
 
 
-@pytest.mark.parametrize('load_balance', [True, False])
-def test_attention_matches_reference(load_balance):
-  """Causal attention over packed documents, split 4 ways (with data 2), equals the jnp
-  reference over the whole row, outputs and gradients."""
+# The zig-zag split at the long row; the row in order (a sharding constraint alone) shorter.
+@pytest.mark.parametrize('load_balance, length', [(True, LENGTH), (False, 512)])
+def test_attention_matches_reference(load_balance, length):
+  """Causal attention over packed documents with grouped heads, split 4 ways (with data 2),
+  equals the jnp reference over the whole row, outputs and gradients."""
   rng = np.random.default_rng(0)
   b, h, k, d = 2, 2, 1, 8
-  q = jnp.asarray(rng.normal(size=(b, LENGTH, h, d)), jnp.float32)
-  kv = jnp.asarray(rng.normal(size=(2, b, LENGTH, k, d)), jnp.float32)
-  seg = jnp.asarray(_packed_segments(rng, b, LENGTH))
+  q = jnp.asarray(rng.normal(size=(b, length, h, d)), jnp.float32)
+  kv = jnp.asarray(rng.normal(size=(2, b, length, k, d)), jnp.float32)
+  seg = jnp.asarray(_packed_segments(rng, b, length))
   cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
   def reference(q, k, v):
@@ -56,7 +57,7 @@ def test_attention_matches_reference(load_balance):
     return out, jnp.sum(out * cot)
 
   def split(q, k, v):
-    layout = context_parallel.plan(LENGTH, load_balance)
+    layout = context_parallel.plan(length, load_balance)
     out = layout.join(context_parallel.attention(
         layout.split(q), layout.split(k), layout.split(v), layout,
         segment_ids_BxL=layout.split(seg), causal=True))
@@ -119,7 +120,7 @@ def _config(corpus: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
   c.checkpoint.update(every=1000, async_save=False)
   c.data.update(source='jsonl', path=str(corpus), seq_len=LENGTH)
   c.data.tokenizer.update(kind='char')
-  c.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, dtype='float32')
+  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, dtype='float32')
   c.optimizer.update(warmup_steps=1)
   c.update_from_flattened_dict(overrides)
   c.lock()
@@ -148,15 +149,54 @@ def single(corpus, tmp_path_factory):
   return _one_device(_config(corpus), str(tmp_path_factory.mktemp('one')))
 
 
-@pytest.mark.parametrize('axes', [{'data': 2, 'context': 4},
-                                  {'context': 2, 'fsdp': 2, 'tensor': 2}], ids=str)
-def test_training_matches_one_device(corpus, single, axes, tmp_path):
-  """Losses within 1e-4 relative over three steps of packed 2048-token rows, and the last
-  gradient norm (a sum where a mean belongs would be C times off)."""
+def _train(corpus, workdir, **axes) -> trainer.Result:
   mesh = {'mesh.data': 1, **{f'mesh.{a}': n for a, n in axes.items()}}
-  result = trainer.train_and_evaluate(_config(corpus, **mesh), str(tmp_path))
+  return trainer.train_and_evaluate(_config(corpus, **mesh), str(workdir))
+
+
+@pytest.fixture(scope='module')
+def context4(corpus, tmp_path_factory):
+  """(result, workdir) of a run at data=2, context=4."""
+  workdir = tmp_path_factory.mktemp('context4')
+  return _train(corpus, workdir, data=2, context=4), workdir
+
+
+def _assert_matches(result: trainer.Result, single) -> None:
+  """Losses within 1e-4 relative, and the last gradient norm (a sum where a mean belongs
+  would be C times off)."""
   assert sorted(result.losses) == sorted(single)
   for step, metrics in single.items():
     np.testing.assert_allclose(result.losses[step], metrics['loss'], rtol=1e-4, err_msg=step)
   np.testing.assert_allclose(result.train['train/grad_norm'], single[3]['grad_norm'], rtol=1e-4)
   assert single[3]['loss'] < single[1]['loss']
+
+
+def test_context_training_matches_one_device(context4, single):
+  _assert_matches(context4[0], single)
+
+
+def test_context_with_fsdp_and_tensor_matches_one_device(corpus, single, tmp_path):
+  _assert_matches(_train(corpus, tmp_path, context=2, fsdp=2, tensor=2), single)
+
+
+def test_checkpoint_serves_at_context_one(context4):
+  """The context-parallel run's checkpoint loads in the engine's loader, and its model there
+  (no context axis) gives the logits the split path gives under the run's mesh."""
+  loaded = engine.load_model(str(context4[1]))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 100, (2, 256)), jnp.int32)
+  forward = jax.jit(lambda params, t: nnx.merge(loaded.graphdef, params)(t))
+  plain = forward(loaded.params, tokens)
+  with jax.set_mesh(_mesh(data=2, context=4)):
+    split = forward(loaded.params, tokens)
+  np.testing.assert_allclose(split, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'mesh.context': 4, 'mesh.data': 2, 'data.seq_len': 2044}, 'divisible by 8'),
+    ({'mesh.context': 4, 'mesh.data': 2, 'data.seq_len': 2042,
+      'model.context_load_balance': False}, 'divisible by 4'),
+    ({'mesh.context': 8, 'mesh.data': 1, 'model.attention': 'pallas'}, "model.attention='pallas'"),
+], ids=['balanced', 'unbalanced', 'pallas'])
+def test_config_errors(corpus, overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    trainer.validate(_config(corpus, **overrides), 8, 1)
