@@ -54,6 +54,9 @@ def base() -> ml_collections.ConfigDict:
       param_dtype='float32',
       remat='none',  # none | full | dots
       attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
+      # With mesh.context > 1 (model/context_parallel.py): each device holds chunks i and
+      # 2C-1-i of the row's 2C, so all do the same causal work (data.seq_len % 2C == 0).
+      context_load_balance=True,
       # Layers per iteration of the scan over blocks; -1 unrolls them all (no loop). 1 keeps
       # compile time flat in depth; small CPU models run faster unrolled (docs/benchmarks.md).
       scan_unroll=1,

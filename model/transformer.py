@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from model import attention as attention_lib
-from model import kv_cache
+from model import context_parallel, kv_cache
 from model import lora as lora_lib
 from model import moe as moe_lib
 from model import quant as quant_lib
@@ -56,7 +56,7 @@ from model import rope as rope_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp', 'expert')),
-    ('length', None),
+    ('length', 'context'),  # activations only (model/context_parallel.py)
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
@@ -132,6 +132,9 @@ class TransformerConfig:
   capacity_factor: float = 0.0  # 0: dropless
   balance_weight: float = 0.01
   z_weight: float = 0.001
+  # Under a mesh with a 'context' axis: zig-zag the row so every device does the same causal
+  # work (model/context_parallel.py). No effect on the parameters.
+  context_load_balance: bool = True
 
   @property
   def quant_scheme(self) -> quant_lib.Scheme:
@@ -251,6 +254,7 @@ class TransformerConfig:
         qkv_bias=bool(m.get('qkv_bias', False)),
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
+        context_load_balance=bool(m.get('context_load_balance', True)),
         **_parse_lora(m.get('lora'), mlp),
         **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora'), bool(m.get('mlp_bias', False))),
     )
@@ -567,11 +571,13 @@ class Attention(nnx.Module):
       self, x_BxLxD: jax.Array, positions_BxL: jax.Array, segment_ids_BxL: jax.Array | None,
       kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
       lora_key: jax.Array | None = None,
+      context: context_parallel.Layout | None = None,
   ):
     """Self-attention over the row; with `kv` = (k_pages, v_pages, page_table, layer), the
     new keys and values go into layer `layer` of the whole cache and the queries attend to
     it (model/kv_cache.py), and the result is (out, (k_pages, v_pages)). `lora_key` keys
-    adapter dropout."""
+    adapter dropout. `context`: the row is split over the mesh's 'context' axis in that
+    layout (model/context_parallel.py)."""
     theta = self.cfg.rope_theta
     key_q, key_k, key_v, key_o = _keys(lora_key, 4)
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
@@ -583,7 +589,12 @@ class Attention(nnx.Module):
     if self.cfg.position == 'rope':
       q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, theta, self.cfg.rope_scaling)
       k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, theta, self.cfg.rope_scaling)
-    if kv is None:
+    if context is not None:
+      out_BxLxHxDh = context_parallel.attention(
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, context, segment_ids_BxL=segment_ids_BxL,
+          causal=True, sliding_window=attention_window(self.cfg),
+          implementation=self.cfg.attention)
+    elif kv is None:
       out_BxLxHxDh = attention_lib.attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, segment_ids_BxL=segment_ids_BxL,
           causal=True, sliding_window=attention_window(self.cfg),
@@ -653,6 +664,7 @@ class Block(nnx.Module):
       segment_ids_BxL: jax.Array | None,
       dropout_key: jax.Array | None,
       kv: tuple[jax.Array, jax.Array, jax.Array | None, jax.Array] | None = None,
+      context: context_parallel.Layout | None = None,
   ):
     """(x after the block, aux_3: the MoE layer's float32 [balance, z, dropped], zeros for a
     dense MLP); with a cache `kv` (see Attention), (x, (k_pages, v_pages)) and the MoE layer
@@ -663,7 +675,7 @@ class Block(nnx.Module):
     elif dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
     h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv,
-                        attn_lora_key)
+                        attn_lora_key, context)
     if kv is not None:
       h_BxLxD, pages = h_BxLxD
     x_BxLxD = x_BxLxD + _dropout(h_BxLxD, self.dropout, attn_key)
@@ -754,10 +766,19 @@ class Transformer(nnx.Module):
         raise ValueError('Transformer with dropout > 0 and deterministic=False needs rngs.')
       dropout_keys_N = jax.random.split(rngs.dropout(), cfg.n_layers)
 
+    # Under a mesh with a 'context' axis the row is split over it: moved into the split
+    # layout once here and back before the head (model/context_parallel.py).
+    context = context_parallel.plan(length, cfg.context_load_balance)
+    if context is not None:
+      tokens_BxL, positions_BxL = context.split(tokens_BxL), context.split(positions_BxL)
+      if segment_ids_BxL is not None:
+        segment_ids_BxL = context.split(segment_ids_BxL)
     x_BxLxD, aux_3 = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
-        dropout_keys_N, cfg.remat, self._unroll())
+        dropout_keys_N, cfg.remat, self._unroll(), context=context)
     x_BxLxD = self.final_norm(x_BxLxD)
+    if context is not None:
+      x_BxLxD = context.join(x_BxLxD)
     out = x_BxLxD if features else self._head(x_BxLxD)
     if not return_aux:
       return out
@@ -819,10 +840,11 @@ def _run_blocks(
     remat: str,
     unroll: int,
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+    context: context_parallel.Layout | None = None,
 ):
   """Scans the stacked blocks over their leading 'layers' axis: (x, the blocks' aux_3
   summed over layers). With a cache kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns
-  (x, (k, v))."""
+  (x, (k, v)). `context`: the row is split over the mesh's 'context' axis in that layout."""
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
@@ -840,7 +862,7 @@ def _run_blocks(
     return x_BxLxD, (k_pages, v_pages)
 
   def layer(block, x, positions, segment_ids, key):
-    return block(x, positions, segment_ids, key)
+    return block(x, positions, segment_ids, key, context=context)
 
   # The MoE losses are summed in the carry: a scan output per layer would do as well, but
   # the carry keeps them out of the stacked residuals.

@@ -52,6 +52,27 @@ def check_config(config: ml_collections.ConfigDict,
             '--config.data.name=tiny_shakespeare.')
 
 
+def check_context_parallel(config: ml_collections.ConfigDict) -> None:
+  """With `mesh.context` > 1 (model/context_parallel.py): every row splits into its chunks and
+  the attention implementation runs on a split row. Any LM-family task (`data.seq_len`)."""
+  ways = int(config.mesh.get('context', 1))
+  if ways == -1:
+    ways = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(config.mesh, jax.device_count()),
+                    strict=True))['context']
+  if ways == 1:
+    return
+  balance = bool(config.model.get('context_load_balance', True))
+  chunks = 2 * ways if balance else ways
+  seq_len = config.data.seq_len
+  how = ' (two per device: model.context_load_balance=True)' if balance else ''
+  require(seq_len % chunks == 0, f'data.seq_len={seq_len} must be divisible by {chunks}: '
+          f'mesh.context={ways} splits every row into {chunks} chunks{how}.')
+  attention = config.model.attention
+  require(attention in ('xla', 'auto'), f'model.attention={attention!r} does not run with '
+          f'mesh.context={ways}: context-parallel attention runs the xla implementation over '
+          "gathered keys and values; use model.attention='xla' (or 'auto').")
+
+
 # The model keys that fix the parameters' shapes and meaning; `init_from` takes them
 # from the run it starts from.
 ARCHITECTURE_KEYS = (
@@ -117,6 +138,7 @@ class LMTask(tasks.Task):
     if config.get('init_from'):
       adopt_init_run(config)
     self._check_config(config)
+    check_context_parallel(config)
     self._check_eval_tasks(config)
     self.config = config
     self.tokenizer = None
