@@ -59,6 +59,11 @@ def base() -> ml_collections.ConfigDict:
       # model/quant.py), with the block scales in int8 when double_quant.
       lora=ml_collections.ConfigDict(dict(
           rank=0, alpha=16.0, dropout=0.0, targets='.*', base_quant='none', double_quant=True)),
+      # Pipeline parallelism, used when mesh.stage > 1 (model/pipeline.py): the layers split
+      # evenly into stages and each forward's batch into `microbatches` (-1: 2 * mesh.stage).
+      # schedule: gpipe | circular (MaxText's interleaved schedule: each stage runs `repeats`
+      # non-contiguous chunks of layers; bubble (S-1)/(repeats*M+S-1) instead of (S-1)/(M+S-1)).
+      pipeline=ml_collections.ConfigDict(dict(microbatches=-1, schedule='gpipe', repeats=1)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -45,6 +45,7 @@ from flax import nnx
 from model import attention as attention_lib
 from model import kv_cache
 from model import lora as lora_lib
+from model import pipeline as pipeline_lib
 from model import quant as quant_lib
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -57,7 +58,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('vocab', 'tensor'),
     ('head_dim', None),
     ('norm', None),
-    ('layers', None),
+    ('layers', 'stage'),  # pipeline stages (model/pipeline.py); a no-op at mesh.stage=1
     ('positions', None),
 )
 
@@ -109,6 +110,11 @@ class TransformerConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: str = '.*'
+  # Pipeline parallelism over the 'stage' mesh axis (model/pipeline.py); used only when the
+  # mesh in context has stage > 1. microbatches -1: 2 * stages.
+  pipeline_microbatches: int = -1
+  pipeline_schedule: str = 'gpipe'
+  pipeline_repeats: int = 1
 
   @property
   def quant_scheme(self) -> quant_lib.Scheme:
@@ -219,7 +225,23 @@ class TransformerConfig:
         attn_out_bias=bool(m.get('attn_out_bias', False)),
         mlp_bias=bool(m.get('mlp_bias', False)),
         **_parse_lora(m.get('lora'), mlp),
+        **_parse_pipeline(m.get('pipeline')),
     )
+
+
+def _parse_pipeline(pipeline: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """TransformerConfig's pipeline fields from `model.pipeline` (absent in older runs). The
+  checks that need the mesh (layers per stage, microbatch sizes) are the task's."""
+  if pipeline is None:
+    return {}
+  fields = dict(pipeline_microbatches=int(pipeline.microbatches),
+                pipeline_schedule=str(pipeline.schedule), pipeline_repeats=int(pipeline.repeats))
+  problem = pipeline_lib.check(1, 1, pipeline_lib.resolve_microbatches(
+      fields['pipeline_microbatches'], 1), fields['pipeline_schedule'],
+      fields['pipeline_repeats'], 1, 1)
+  if problem:
+    raise ValueError(problem)
+  return fields
 
 
 def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
@@ -660,7 +682,7 @@ class Transformer(nnx.Module):
 
     x_BxLxD = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
-        dropout_keys_N, cfg.remat, self._unroll())
+        dropout_keys_N, cfg.remat, self._unroll(), pipeline=cfg)
     x_BxLxD = self.final_norm(x_BxLxD)
     return x_BxLxD if features else self._head(x_BxLxD)
 
@@ -720,9 +742,16 @@ def _run_blocks(
     remat: str,
     unroll: int,
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
+    pipeline: TransformerConfig | None = None,
 ):
   """Scans the stacked blocks over their leading 'layers' axis. With a cache
-  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v))."""
+  kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns (x, (k, v)).
+
+  With `pipeline` (the model's config) under a mesh whose 'stage' axis is > 1, the layers
+  run as a pipeline of stages (model/pipeline.py) when the batch splits into its
+  microbatches; otherwise (decoding, an evaluation batch that does not split) they run as
+  one scan, the compiler gathering each stage's layers where they are needed.
+  """
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
@@ -751,5 +780,22 @@ def _run_blocks(
       transform_metadata=_LAYERS_METADATA, unroll=unroll)
   def scan_fn(block, x, positions, segment_ids, key):
     return layer(block, x, positions, segment_ids, key)
+
+  stages = pipeline_lib.num_stages() if pipeline is not None else 1
+  if stages > 1:
+    m = pipeline_lib.resolve_microbatches(pipeline.pipeline_microbatches, stages)
+    if x_BxLxD.shape[0] % m == 0:
+      graphdef, weights = nnx.split(blocks)
+
+      def chunk_fn(chunk, x, rows, keys):
+        return scan_fn(nnx.merge(graphdef, chunk), x, rows['positions'],
+                       rows.get('segment_ids'), keys)
+
+      rows = {'positions': positions_BxL}
+      if segment_ids_BxL is not None:
+        rows['segment_ids'] = segment_ids_BxL
+      return pipeline_lib.run(
+          chunk_fn, weights, x_BxLxD, rows, dropout_keys_N, stages=stages, microbatches=m,
+          repeats=pipeline.pipeline_repeats)
 
   return scan_fn(blocks, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_keys_N)

@@ -130,7 +130,8 @@ def _sample() -> None:
                         'has no quantized inference.')
     task.set_inference_quant(f.quant)
   state, step = restore_latest(task, config, f.workdir)
-  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
+  # As in training's evaluations, without pipeline stages (restore_latest's mesh).
+  with jax.set_mesh(mesh_lib.make_mesh(mesh_lib.unpipelined(config.mesh))):
     for i in range(f.num_samples):
       samples = task.samples(state, f.seed + i)
       if jax.process_index() != 0:
