@@ -1,12 +1,15 @@
 """Pipeline parallelism (model/pipeline.py) on 8 fake CPU devices.
 
-Oracle: the same model trained unpipelined (mesh.data=8, which tests/test_train.py holds
-to one device within 1e-4): the pipelined runs must give its losses and gradient norms
-step for step, for GPipe and the circular schedule at 2 and 4 stages and with FSDP,
-tensor parallelism, gradient accumulation and remat inside the stages. A pipelined run's
-checkpoint then loads unpipelined (serve.engine.load_model) and gives the logits its model
-gives pipelined.
+Oracles: the same model trained unpipelined (mesh.data=8, which tests/test_train.py holds
+to one device within 1e-4): a pipelined run (the circular schedule at 2 stages, with FSDP,
+tensor parallelism, gradient accumulation and remat inside the stages) must give its losses,
+gradient norms and final state step for step. Its checkpoint loads unpipelined
+(serve.engine.load_model), and its model gives the logits and gradients of one device
+through GPipe at 2 and 4 stages and the circular schedule at 4. The bubble's closed form
+against a count of the schedule's idle iterations.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ from test_run import restore, scalars
 from test_train import assert_trees_close, small_config, write_corpus
 
 from data.errors import ConfigError
-from model import pipeline
+from model import pipeline, transformer
 from serve import engine
 from train import mesh as mesh_lib
 from train import trainer
@@ -26,16 +29,15 @@ from train.state import setup_state
 from train.tasks.lm import LMTask
 
 STEPS = 3
-# name -> overrides; 8 layers of d_model 32 split into 2 or 4 stages (x 2 repeats).
+# name -> overrides; 8 layers of d_model 32. Trainer runs cost ~15 s each on 2 cores, so one
+# pipelined run combines everything; the schedules at 2 and 4 stages are checked on the
+# gradients of one device (test_pipelined_checkpoint_serves_unpipelined).
 RUNS = {
     'unpipelined': {},
-    'gpipe_s2': {'mesh.stage': 2},  # 4 microbatches (-1: 2 * stages)
-    'gpipe_s4': {'mesh.stage': 4, 'model.pipeline.microbatches': 4},
-    'circular_s4': {'mesh.stage': 4, 'model.pipeline.schedule': 'circular',
-                    'model.pipeline.repeats': 2, 'model.pipeline.microbatches': 4},
-    # Inside each of 2 stages: FSDP and tensor parallelism over 2 devices each, 2 gradient
-    # accumulation microbatches of 8 rows, each split into 4 pipeline microbatches, remat.
-    'circular_s2_fsdp_tensor_accum': {
+    # 2 stages of 2 repeats (the circular schedule); inside each, FSDP and tensor parallelism
+    # over 2 devices each, 2 gradient accumulation microbatches of 8 rows, each split into 4
+    # pipeline microbatches, and remat.
+    'pipelined': {
         'mesh.stage': 2, 'mesh.data': 1, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'grad_accum': 2,
         'model.remat': 'full', 'model.pipeline.schedule': 'circular',
         'model.pipeline.repeats': 2, 'model.pipeline.microbatches': 4},
@@ -84,7 +86,7 @@ def test_pipelines_train_as_unpipelined(runs):
 
 
 def test_stacked_layers_are_sharded_over_stages(runs):
-  _, config = runs['circular_s2_fsdp_tensor_accum']
+  _, config = runs['pipelined']
   task = LMTask(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   _, abstract, shardings, _ = setup_state(task, config, mesh)
@@ -100,23 +102,42 @@ def test_stacked_layers_are_sharded_over_stages(runs):
 
 
 def test_pipelined_checkpoint_serves_unpipelined(runs):
-  workdir, config = runs['circular_s4']
+  """The pipelined run's checkpoint loads on a mesh without stages; its model gives the
+  logits and gradients of one device through GPipe at 2 and 4 stages and the circular
+  schedule at 4 (at 2 it is the pipelined run's)."""
+  workdir, config = runs['pipelined']
   loaded = engine.load_model(str(workdir))
   for x in jax.tree.leaves(loaded.params):  # loaded on the mesh without stages
     assert x.sharding.mesh.shape['stage'] == 1, x.sharding
-  tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 16)), jnp.int32)
+  tokens_BxL = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 17)), jnp.int32)
   params = jax.device_get(loaded.params)
+  cfg = loaded.model_cfg
 
-  def logits(params, tokens_BxL):
-    return nnx.merge(loaded.graphdef, params)(tokens_BxL)
+  def loss_and_grads(graphdef):
+    def loss(params):
+      logits_BxLxV = nnx.merge(graphdef, params)(tokens_BxL[:, :-1])
+      target_BxL = jnp.take_along_axis(logits_BxLxV, tokens_BxL[:, 1:, None], -1)[..., 0]
+      return jnp.mean(jax.nn.logsumexp(logits_BxLxV, -1) - target_BxL), logits_BxLxV
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    return fn(params), fn
 
-  unpiped = jax.jit(logits)(params, tokens_BxL)  # no mesh: one device
-  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):
-    fn = jax.jit(logits)
-    piped = fn(params, tokens_BxL)
-    # The pipeline really ran: stages hand activations on with collective permutes.
-    assert 'collective_permute' in fn.lower(params, tokens_BxL).as_text()
-  np.testing.assert_allclose(piped, unpiped, rtol=1e-5, atol=1e-5)
+  (one_loss, one_logits), one_grads = loss_and_grads(loaded.graphdef)[0]  # no mesh: one device
+  gpipe = dataclasses.replace(cfg, pipeline_schedule='gpipe', pipeline_repeats=1)
+  schedules = {'gpipe_s2': (2, gpipe), 'gpipe_s4': (4, gpipe), 'circular_s4': (4, cfg)}
+  for name, (stages, schedule_cfg) in schedules.items():
+    mesh_cfg = ml_collections.ConfigDict({**config.mesh.to_dict(), 'stage': stages, 'data': -1,
+                                          'fsdp': 1, 'tensor': 1})
+    graphdef = transformer.graphdef(schedule_cfg)  # built outside a mesh: logical names
+    with jax.set_mesh(mesh_lib.make_mesh(mesh_cfg)):
+      ((loss, logits), grads), fn = loss_and_grads(graphdef)
+      # The pipeline really ran: stages hand activations on with collective permutes.
+      assert 'collective_permute' in fn.lower(params).as_text(), name
+    np.testing.assert_allclose(logits, one_logits, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(loss, one_loss, rtol=1e-5, err_msg=name)
+    for (path, g), one in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
+                              jax.tree.leaves(one_grads), strict=True):
+      np.testing.assert_allclose(g, one, rtol=1e-4, atol=1e-6,
+                                 err_msg=f'{name} {jax.tree_util.keystr(path)}')
 
 
 def test_bubble_fraction_counts_idle_stage_iterations():
