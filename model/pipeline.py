@@ -15,7 +15,8 @@ Schedules (both inside the jitted step; autodiff writes the backward pass):
             Needs M >= S (a microbatch's next repeat starts only after its previous one
             left the last stage). Because the stored tree is the unpipelined one, stage s
             does not hold its chunks: each step gathers them (an all-to-all of the block
-            weights, and of their gradients back); MaxText stores [R, S, ...] instead.
+            weights, and of their gradients back); MaxText instead stores pipelined layers
+            with explicit repeat and stage axes.
 
 How it runs: `jax.shard_map` is manual over 'stage' only (the other axes stay automatic,
 so FSDP and tensor parallelism still split each stage's layers and its microbatch). Each of
@@ -26,8 +27,8 @@ after the last repeat the result). Idle iterations (the bubble) run on stale inp
 their outputs are ignored, so every iteration has the same static shape.
 
 Written here rather than taken from a library: MaxText's pipeline is a Linen module tied to
-its own config and parameter layout, and levanter/haliax's to haliax named arrays; this is
-the same idea in ~150 lines for the NNX stacked blocks.
+its own config and its own pipelined parameter layout; this is the same idea in ~150 lines
+for the NNX stacked blocks and the unpipelined tree.
 """
 
 from collections.abc import Callable

@@ -151,6 +151,16 @@ def test_bubble_fraction_counts_idle_stage_iterations():
         idle / (s_count * iterations))
 
 
+@pytest.mark.parametrize('mesh, expected', [
+    ({'data': -1, 'stage': 4}, {'data': -1, 'stage': 1}),
+    ({'data': 2, 'stage': 4, 'tensor': 1}, {'data': 8, 'stage': 1, 'tensor': 1}),
+    ({'data': 2, 'stage': -1}, {'data': -1, 'stage': 1}),
+    ({'data': -1, 'fsdp': 2}, {'data': -1, 'fsdp': 2}),  # a run saved without the stage key
+])
+def test_tools_load_runs_with_stages_turned_into_data_parallelism(mesh, expected):
+  assert mesh_lib.unpipelined(ml_collections.ConfigDict(mesh)).to_dict() == expected
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'mesh.stage': 4, 'model.n_layers': 6}, r'model.n_layers=6 does not split into mesh.stage=4'),
     ({'mesh.stage': 4, 'model.pipeline.schedule': 'circular', 'model.pipeline.repeats': 4},
