@@ -86,6 +86,11 @@ def base() -> ml_collections.ConfigDict:
       moe=ml_collections.ConfigDict(dict(
           n_experts=0, top_k=2, expert_mlp_dim=-1, shared_mlp_dim=0, shared_gate=False,
           router='topk_softmax', capacity_factor=0.0, balance_weight=0.01, z_weight=0.001)),
+      # Pipeline parallelism, used when mesh.stage > 1 (model/pipeline.py): the layers split
+      # evenly into stages and each forward's batch into `microbatches` (-1: 2 * mesh.stage).
+      # schedule: gpipe | circular (MaxText's interleaved schedule: each stage runs `repeats`
+      # non-contiguous chunks of layers; bubble (S-1)/(repeats*M+S-1) instead of (S-1)/(M+S-1)).
+      pipeline=ml_collections.ConfigDict(dict(microbatches=-1, schedule='gpipe', repeats=1)),
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -51,6 +51,7 @@ from model import attention as attention_lib
 from model import context_parallel, kv_cache
 from model import lora as lora_lib
 from model import moe as moe_lib
+from model import pipeline as pipeline_lib
 from model import quant as quant_lib
 from model import rope as rope_lib
 
@@ -64,7 +65,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('vocab', 'tensor'),
     ('head_dim', None),
     ('norm', None),
-    ('layers', None),
+    ('layers', 'stage'),  # pipeline stages (model/pipeline.py); a no-op at mesh.stage=1
     ('positions', None),
     ('expert', 'expert'),
     ('expert_mlp', 'tensor'),
@@ -135,6 +136,11 @@ class TransformerConfig:
   # Under a mesh with a 'context' axis: zig-zag the row so every device does the same causal
   # work (model/context_parallel.py). No effect on the parameters.
   context_load_balance: bool = True
+  # Pipeline parallelism over the 'stage' mesh axis (model/pipeline.py); used only when the
+  # mesh in context has stage > 1. microbatches -1: 2 * stages.
+  pipeline_microbatches: int = -1
+  pipeline_schedule: str = 'gpipe'
+  pipeline_repeats: int = 1
 
   @property
   def quant_scheme(self) -> quant_lib.Scheme:
@@ -257,6 +263,7 @@ class TransformerConfig:
         context_load_balance=bool(m.get('context_load_balance', True)),
         **_parse_lora(m.get('lora'), mlp),
         **_parse_moe(m.get('moe'), mlp, mlp_dim, m.get('lora'), bool(m.get('mlp_bias', False))),
+        **_parse_pipeline(m.get('pipeline')),
     )
 
 
@@ -302,6 +309,21 @@ def _parse_moe(moe: ml_collections.ConfigDict | None, mlp: str, mlp_dim: int,
       shared_gate=bool(moe.shared_gate),
       router=_parse_key('model.moe.router', moe.router, moe_lib.ROUTERS), capacity_factor=cf,
       balance_weight=float(moe.balance_weight), z_weight=float(moe.z_weight))
+
+
+def _parse_pipeline(pipeline: ml_collections.ConfigDict | None) -> dict[str, Any]:
+  """TransformerConfig's pipeline fields from `model.pipeline` (absent in older runs). The
+  checks that need the mesh (layers per stage, microbatch sizes) are the task's."""
+  if pipeline is None:
+    return {}
+  fields = dict(pipeline_microbatches=int(pipeline.microbatches),
+                pipeline_schedule=str(pipeline.schedule), pipeline_repeats=int(pipeline.repeats))
+  problem = pipeline_lib.check(1, 1, pipeline_lib.resolve_microbatches(
+      fields['pipeline_microbatches'], 1), fields['pipeline_schedule'],
+      fields['pipeline_repeats'], 1, 1)
+  if problem:
+    raise ValueError(problem)
+  return fields
 
 
 def _parse_lora(lora: ml_collections.ConfigDict | None, mlp: str) -> dict[str, Any]:
@@ -775,7 +797,7 @@ class Transformer(nnx.Module):
         segment_ids_BxL = context.split(segment_ids_BxL)
     x_BxLxD, aux_3 = _run_blocks(
         self.blocks, self._embed(tokens_BxL, positions_BxL), positions_BxL, segment_ids_BxL,
-        dropout_keys_N, cfg.remat, self._unroll(), context=context)
+        dropout_keys_N, cfg.remat, self._unroll(), context=context, pipeline=cfg)
     x_BxLxD = self.final_norm(x_BxLxD)
     if context is not None:
       x_BxLxD = context.join(x_BxLxD)
@@ -841,10 +863,18 @@ def _run_blocks(
     unroll: int,
     kv: tuple[jax.Array, jax.Array, jax.Array | None] | None = None,
     context: context_parallel.Layout | None = None,
+    pipeline: TransformerConfig | None = None,
 ):
   """Scans the stacked blocks over their leading 'layers' axis: (x, the blocks' aux_3
   summed over layers). With a cache kv = (k_NxKxGxSxD, v_NxKxGxSxD, page_table), returns
-  (x, (k, v)). `context`: the row is split over the mesh's 'context' axis in that layout."""
+  (x, (k, v)). `context`: the row is split over the mesh's 'context' axis in that layout.
+
+  With `pipeline` (the model's config) under a mesh whose 'stage' axis is > 1, the layers
+  run as a pipeline of stages (model/pipeline.py) when the batch splits into its
+  microbatches; otherwise (decoding, an evaluation batch that does not split) they run as
+  one scan, the compiler gathering each stage's layers where they are needed. A pipelined
+  model is dense (LMTask.check_mesh refuses MoE with stages), so its aux_3 is zeros.
+  """
   if kv is not None:
     k_pages, v_pages, page_table = kv
 
@@ -880,4 +910,23 @@ def _run_blocks(
     return x, aux_sum + aux
 
   aux_3 = jnp.zeros((len(moe_lib.AUX_NAMES),), jnp.float32)
+  stages = pipeline_lib.num_stages() if pipeline is not None else 1
+  if stages > 1:
+    m = pipeline_lib.resolve_microbatches(pipeline.pipeline_microbatches, stages)
+    if x_BxLxD.shape[0] % m == 0:
+      graphdef, weights = nnx.split(blocks)
+
+      def chunk_fn(chunk, x, rows, keys):
+        x, _ = scan_fn(nnx.merge(graphdef, chunk), (x, aux_3), rows['positions'],
+                       rows.get('segment_ids'), keys)
+        return x
+
+      rows = {'positions': positions_BxL}
+      if segment_ids_BxL is not None:
+        rows['segment_ids'] = segment_ids_BxL
+      x_BxLxD = pipeline_lib.run(
+          chunk_fn, weights, x_BxLxD, rows, dropout_keys_N, stages=stages, microbatches=m,
+          repeats=pipeline.pipeline_repeats)
+      return x_BxLxD, aux_3
+
   return scan_fn(blocks, (x_BxLxD, aux_3), positions_BxL, segment_ids_BxL, dropout_keys_N)

@@ -134,19 +134,20 @@ def _env() -> dict[str, str]:
 # --- shardings follow the table ---------------------------------------------------------
 
 # The layout the rules in model/transformer.py promise, written out by hand:
-# FSDP shards d_model, tensor parallelism heads, MLP hidden and vocab; stacked
-# layers, head_dim and norm scales are never split.
+# FSDP shards d_model, tensor parallelism heads, MLP hidden and vocab, pipeline stages the
+# stacked layers (size 1 here; tests/test_pipeline.py splits them); head_dim and norm scales
+# are never split.
 EXPECTED_SPECS = {
     'embedding': P('tensor', 'fsdp'),
-    'blocks/attn/wq': P(None, 'fsdp', 'tensor', None),
-    'blocks/attn/wk': P(None, 'fsdp', 'tensor', None),
-    'blocks/attn/wv': P(None, 'fsdp', 'tensor', None),
-    'blocks/attn/wo': P(None, 'tensor', None, 'fsdp'),
-    'blocks/mlp/w_gate': P(None, 'fsdp', 'tensor'),
-    'blocks/mlp/w_up': P(None, 'fsdp', 'tensor'),
-    'blocks/mlp/w_down': P(None, 'tensor', 'fsdp'),
-    'blocks/attn_norm/scale': P(None, None),
-    'blocks/mlp_norm/scale': P(None, None),
+    'blocks/attn/wq': P('stage', 'fsdp', 'tensor', None),
+    'blocks/attn/wk': P('stage', 'fsdp', 'tensor', None),
+    'blocks/attn/wv': P('stage', 'fsdp', 'tensor', None),
+    'blocks/attn/wo': P('stage', 'tensor', None, 'fsdp'),
+    'blocks/mlp/w_gate': P('stage', 'fsdp', 'tensor'),
+    'blocks/mlp/w_up': P('stage', 'fsdp', 'tensor'),
+    'blocks/mlp/w_down': P('stage', 'tensor', 'fsdp'),
+    'blocks/attn_norm/scale': P('stage', None),
+    'blocks/mlp_norm/scale': P('stage', None),
     'final_norm/scale': P(None),
     'lm_head': P('fsdp', 'tensor'),
 }

@@ -54,6 +54,21 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(sizes)
 
 
+def unpipelined(mesh_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`mesh_cfg` with its pipeline stages turned into data parallelism (mesh.stage=1 on the
+  same devices): what the tools that load a run (sampling, serving, export) use, since
+  decoding never pipelines."""
+  out = ml_collections.ConfigDict(mesh_cfg.to_dict())
+  stages = int(out.get('stage', 1))
+  if stages != 1 and 'stage' in out:
+    if int(out.get('data', -1)) != -1 and stages != -1:
+      out.data = int(out.data) * stages
+    elif stages == -1:
+      out.data = -1
+    out.stage = 1
+  return out
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))

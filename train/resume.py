@@ -25,7 +25,8 @@ from data.errors import ConfigError
 #   (microbatches of the same global batch: the data position is unchanged);
 # - `mesh.*`: orbax restores into the new shardings;
 # - how the model computes, not what it holds: compute `dtype`, `attention` kernel, `remat`,
-#   `scan_unroll` (the layers stay stacked), `dropout`; and `ema.decay`;
+#   `scan_unroll` (the layers stay stacked), `dropout`, `pipeline.*` (a pipeline keeps the
+#   unpipelined parameter tree); and `ema.decay`;
 # - where the same data lies (`data.path`, `data.data_dir`), evaluation and sampling
 #   settings, and `init_from` (read only on a fresh start).
 # Not `batch_size` or `seed`: the saved data position counts batches of the old size in the
@@ -37,6 +38,7 @@ RESUMABLE_KEYS = (
     '*optimizer.b1', '*optimizer.b2', '*optimizer.eps', '*optimizer.weight_decay',
     'max_nonfinite_steps', 'grad_accum', 'mesh.*',
     'model.dtype', 'model.attention', 'model.remat', 'model.scan_unroll', 'model.dropout',
+    'model.pipeline.*',
     'ema.decay', 'data.path', 'data.data_dir', 'eval.*', 'sample.*', 'init_from',
 )
 

@@ -33,8 +33,9 @@ def load_latest(workdir: str):
 
 
 def restore_latest(task, config: ml_collections.ConfigDict, workdir: str):
-  """(state, step) of the newest checkpoint in `workdir`, in `task`'s shardings."""
-  mesh = mesh_lib.make_mesh(config.mesh)
+  """(state, step) of the newest checkpoint in `workdir`, in `task`'s shardings, on the
+  run's mesh without pipeline stages (`mesh_lib.unpipelined`: tools never pipeline)."""
+  mesh = mesh_lib.make_mesh(mesh_lib.unpipelined(config.mesh))
   _, abstract, shardings, _ = setup_state(task, config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   step = ckpt.latest_step()

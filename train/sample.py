@@ -146,7 +146,8 @@ def sample(workdir: str, *, seed: int = 0, num_samples: int = 1, quant: str = 'n
                         'has no quantized inference.')
     task.set_inference_quant(quant)
   state, step = restore_latest(task, config, workdir)
-  with jax.set_mesh(mesh_lib.make_mesh(config.mesh)):  # as in training's evaluations
+  # As in training's evaluations, without pipeline stages (restore_latest's mesh).
+  with jax.set_mesh(mesh_lib.make_mesh(mesh_lib.unpipelined(config.mesh))):
     return [task.samples(state, seed + i) for i in range(num_samples)], step
 
 

@@ -77,7 +77,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
   if config.batch_size % process_count:
     raise ConfigError(f'batch_size={config.batch_size} must be divisible by the number of '
                       f'processes ({process_count}).')
-  return get_task(config)
+  task = get_task(config)
+  task.check_mesh(mesh_shape)
+  return task
 
 
 def global_batch(local_batch, sharding):

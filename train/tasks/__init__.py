@@ -74,6 +74,14 @@ class Task:
     raise ConfigError(f'task={self.config.task!r} has no ahead-of-time batch shape '
                       '(Task.abstract_batch); memory plans support the lm and sft tasks.')
 
+  def check_mesh(self, mesh_shape: Mapping[str, int]) -> None:
+    """Raises a ConfigError when the task cannot run on a mesh of this {axis: size} shape
+    (called before anything compiles). Only the LM family has a pipelined model."""
+    stages = mesh_shape.get('stage', 1)
+    if stages > 1:
+      raise ConfigError(f'mesh.stage={stages}: the {self.config.task!r} task has no pipelined '
+                        'model; use mesh.stage=1.')
+
   def warm_start(self, state: TrainState) -> TrainState:
     """Called on a fresh state (never on resume), e.g. to load pretrained parameters."""
     return state

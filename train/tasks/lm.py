@@ -17,13 +17,16 @@ from jax.sharding import PartitionSpec as P
 
 from data import lm_pipeline, storage, tokenizers
 from data.errors import ConfigError, check_choice, check_positive, require
-from model import decode, lora, quant, sampling, scoring, transformer
+from model import decode, lora, pipeline, quant, sampling, scoring, transformer
 from train import mesh as mesh_lib
 from train import optim, tasks
 from train.state import TrainState
 from train.tasks import kit
 
 DATA_SOURCES = ('stdlib', 'text', 'jsonl', 'tfds', 'synthetic', 'arrayrecord')
+# The tasks whose training loss is one forward of the batch through the transformer: the
+# ones mesh.stage > 1 pipelines (the others run several forwards of other shapes).
+PIPELINED_TASKS = ('lm', 'sft')
 
 
 def check_config(config: ml_collections.ConfigDict,
@@ -163,6 +166,34 @@ class LMTask(tasks.Task):
     check_positive(config, 'eval.task_limit', allow_zero=True)
     from evals import training  # evals sits beside train; only runs with eval.tasks need it
     training.check_tasks(names)
+
+  def check_mesh(self, mesh_shape):
+    """A pipeline (mesh.stage > 1) must split the layers and each forward's batch evenly
+    (model/pipeline.py); it runs beside data, FSDP and tensor parallelism, not yet beside the
+    expert and context axes or with MoE blocks, and only for the tasks whose loss is one
+    forward of the batch."""
+    stages = mesh_shape.get('stage', 1)
+    if stages == 1:
+      return
+    c, cfg = self.config, self.model_cfg
+    if c.task not in PIPELINED_TASKS:
+      raise ConfigError(f'mesh.stage={stages}: pipelines are supported for the '
+                        f'{" and ".join(PIPELINED_TASKS)} tasks, not {c.task!r}; use '
+                        'mesh.stage=1.')
+    for axis in ('expert', 'context'):
+      if mesh_shape.get(axis, 1) > 1:
+        raise ConfigError(f'mesh.stage={stages} with mesh.{axis}={mesh_shape[axis]}: a '
+                          f'pipeline does not run beside the {axis} axis yet; set one to 1.')
+    if cfg.n_experts:
+      raise ConfigError(f'mesh.stage={stages} with model.moe.n_experts={cfg.n_experts}: a '
+                        'pipeline does not carry the MoE losses through its stages yet; use '
+                        'mesh.stage=1 (with mesh.expert for expert parallelism).')
+    microbatches = pipeline.resolve_microbatches(cfg.pipeline_microbatches, stages)
+    problem = pipeline.check(cfg.n_layers, stages, microbatches, cfg.pipeline_schedule,
+                             cfg.pipeline_repeats, c.batch_size // c.grad_accum,
+                             mesh_lib.data_parallel_size(mesh_shape))
+    if problem:
+      raise ConfigError(problem)
 
   # --- setup -----------------------------------------------------------------
 
