@@ -5,7 +5,8 @@ Run (default preset `tiny`, the embedded CPython standard library corpus):
   python -m train --config=configs/lm.py --workdir=/tmp/kiln_tiny
 
 Other presets: `configs/lm.py:nanogpt_cpu` (with --config.data.path=FILE),
-`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`. Any key can be
+`configs/lm.py:gpt2_124m`, `configs/lm.py:llama_1b`, `configs/lm.py:llama_7b`,
+`configs/lm.py:llama_70b` (for memory plans: python -m launch.compile). Any key can be
 overridden with `--config.a.b=value`. LoRA: `--config.model.lora.rank=16`; QLoRA adds
 `--config.model.lora.base_quant=nf4` (both usually with `--config.init_from=DIR`).
 """
@@ -172,8 +173,25 @@ def get_config(preset: str = 'tiny') -> ml_collections.ConfigDict:
     c.data.update(seq_len=4096)
     c.data.tokenizer.update(vocab_size=32000)
     c.optimizer.update(lr=2e-5, warmup_steps=100, end_lr=2e-6, b2=0.95, weight_decay=0.0)
+  elif preset == 'llama_70b':
+    # Llama-3-70B shape (GQA with 8 k/v heads, untied head, the Llama 3 vocabulary):
+    # bf16 compute on float32 weights, full remat and FSDP over the whole slice; what
+    # launch.compile plans (docs/benchmarks.md has its memory on TPU slices).
+    c.steps = 10_000
+    c.batch_size = 256
+    c.log_every = 10
+    c.eval_every = 500
+    c.eval_steps = 20
+    c.checkpoint.every = 500
+    c.model.update(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+                   mlp_dim=28672, vocab_size=128256, rope_theta=500_000.0,
+                   tie_embeddings=False, remat='full')
+    c.data.update(seq_len=4096)
+    c.data.tokenizer.update(vocab_size=32000)
+    c.mesh.update(data=1, fsdp=-1)
+    c.optimizer.update(lr=1.5e-4, warmup_steps=2000, end_lr=1.5e-5, b2=0.95, weight_decay=0.1)
   else:
     raise ValueError(
         f'Unknown preset {preset!r} for configs/lm.py; choose one of '
-        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b.')
+        'tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b, llama_70b.')
   return c

@@ -120,7 +120,8 @@ def _config_flags(tmp_path) -> flags.FlagValues:
 
 @pytest.mark.parametrize('args, expected', [
     (['--config=configs/lm.py:nope'], "Config error: --config=configs/lm.py: Unknown preset "
-     "'nope' for configs/lm.py; choose one of tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b."),
+     "'nope' for configs/lm.py; choose one of tiny, nanogpt_cpu, gpt2_124m, llama_1b, llama_7b, "
+     "llama_70b."),
     (['--config=configs/lm.py', '--config.stepz=3'], "Config error: unknown config key 'stepz'."),
     (['--config=configs/lm.py', '--config.steps=abc'], 'Config error: flag --config.steps=abc: '
      "invalid literal for int() with base 10: 'abc'"),

@@ -107,6 +107,27 @@ def compile_step(task: Task, state_shardings, mesh, frozen_shardings=None):
   return train_step, eval_step
 
 
+def lower_train_step(task: Task, config: ml_collections.ConfigDict, mesh):
+  """The train step of `train_and_evaluate`, lowered for `mesh` from shapes alone:
+  (jax.stages.Lowered, its (state, batch) arguments as ShapeDtypeStructs with shardings).
+
+  Nothing is read or initialised: the state is `setup_state`'s abstract state with its
+  shardings, the batch `task.abstract_batch()` with the batch sharding. `mesh` may hold
+  compile-only devices (a TPU topology described on a CPU host), which is how
+  launch/compile.py plans memory before a slice is rented. Tasks with frozen inputs
+  refuse in `abstract_batch`, so the step gets none here.
+  """
+  batch = task.abstract_batch()  # first: a task that cannot be planned says so at once
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+                       batch)
+  _, abstract, state_shardings, _ = setup_state(task, config, mesh)
+  train_step, _ = compile_step(task, state_shardings, mesh)
+  state = checkpoint.abstract_with_shardings(abstract, state_shardings)
+  with jax.set_mesh(mesh):
+    return train_step.lower(state, batch, {}), (state, batch)
+
+
 def evaluate(task: Task, eval_step, state, batch_sharding, frozen) -> dict[str, float]:
   sums: dict[str, float] = {}
   for local in task.eval_batches():

@@ -65,6 +65,15 @@ class Task:
     """A PartitionSpec of logical axis names for every leaf of the state."""
     raise NotImplementedError
 
+  def abstract_batch(self) -> Batch:
+    """The global batch the train step takes, as `jax.ShapeDtypeStruct`s (no data read).
+
+    What ahead-of-time compiles (launch/compile.py) lower the step with. A task whose batch
+    or frozen inputs come only from data or other runs keeps this default: it cannot be
+    planned ahead of time."""
+    raise ConfigError(f'task={self.config.task!r} has no ahead-of-time batch shape '
+                      '(Task.abstract_batch); memory plans support the lm and sft tasks.')
+
   def warm_start(self, state: TrainState) -> TrainState:
     """Called on a fresh state (never on resume), e.g. to load pretrained parameters."""
     return state

@@ -267,6 +267,23 @@ class LMTask(tasks.Task):
   def _new_model(self, key: jax.Array) -> transformer.Transformer:
     return transformer.Transformer(self.model_cfg, rngs=nnx.Rngs(params=key))
 
+  def abstract_batch(self):
+    """The batches of data/lm_pipeline.py: int32 [batch_size, seq_len] inputs, targets,
+    segment_ids and positions. A subclass with another pipeline (preference pairs, prompts)
+    or with frozen inputs gets Task's refusal unless it declares its own batch."""
+    if type(self).setup_data is not LMTask.setup_data or (
+        type(self).load_frozen is not tasks.Task.load_frozen):
+      return super().abstract_batch()
+    return self._window_batch()
+
+  def _window_batch(self, **extra_dtypes: str):
+    """[batch_size, seq_len] int32 windows (inputs, targets, segment_ids, positions), and
+    `extra_dtypes` fields of the same shape."""
+    shape = (self.config.batch_size, self.config.data.seq_len)
+    dtypes = dict.fromkeys(('inputs', 'targets', 'segment_ids', 'positions'), 'int32')
+    return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(d))
+            for k, d in {**dtypes, **extra_dtypes}.items()}
+
   # --- state -----------------------------------------------------------------
 
   def init_state(self, rng: jax.Array):

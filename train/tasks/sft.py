@@ -43,6 +43,10 @@ class SFTTask(LMTask):
     self._set_tokenizer(tokenizers.load_tokenizer(workdir))
     return self.data.train
 
+  def abstract_batch(self):
+    """The LM windows plus float32 loss `weights` (data/sft_pipeline.py FIELDS)."""
+    return self._window_batch(weights='float32')
+
   def _tokenizer(self, workdir: str) -> tokenizers.Tokenizer:
     """The run's tokenizer (copied from init_from), or one trained on the training texts."""
     directory = epath.Path(workdir) / 'tokenizer'
