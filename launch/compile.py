@@ -363,30 +363,34 @@ def report(plan: MemoryPlan, config: ml_collections.ConfigDict) -> str:
 
 # --- command line ----------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'v5p-256, v5e-16, v4-32, v6e-64, a grid '
-                                'such as v5p:4x4x12, or cpu (this host\'s devices).')
-_HBM_GIB = flags.DEFINE_float('hbm_gib', None, 'Memory per device in GiB instead of the chip\'s.')
-_JSON = flags.DEFINE_bool('json', False, 'Print the plan as JSON instead of the report.')
+
+def _define_flags():
+  """The command's flags, defined only when it runs (train/__main__.py also has --config)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
+                                             lock_config=True),
+      topology=flags.DEFINE_string('topology', None, 'v5p-256, v5e-16, v4-32, v6e-64, a grid '
+                                   'such as v5p:4x4x12, or cpu (this host\'s devices).'),
+      hbm_gib=flags.DEFINE_float('hbm_gib', None, 'Memory per device in GiB instead of the '
+                                 'chip\'s.'),
+      json=flags.DEFINE_bool('json', False, 'Print the plan as JSON instead of the report.'),
+  )
 
 
-def _run(argv) -> None:
+def _run(argv, flag) -> None:
   if len(argv) > 1:
     raise ConfigError(f'Unexpected arguments {argv[1:]}; every argument is a --flag.')
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  config, topology = flag['config'].value, flag['topology'].value
+  if config is None or not topology:
     raise ConfigError('Give --config=configs/<family>.py[:preset] and --topology (e.g. v5p-256).')
-  hbm = int(_HBM_GIB.value * GIB) if _HBM_GIB.value else None
-  plan = memory_plan(_CONFIG.value, _TOPOLOGY.value, hbm_bytes=hbm)
-  if _JSON.value:
+  hbm = int(flag['hbm_gib'].value * GIB) if flag['hbm_gib'].value else None
+  plan = memory_plan(config, topology, hbm_bytes=hbm)
+  if flag['json'].value:
     print(json.dumps(dataclasses.asdict(plan), indent=2))
   else:
-    print(report(plan, _CONFIG.value))
-
-
-def main(argv) -> None:
-  exit_on_user_error(lambda: _run(argv))
+    print(report(plan, config))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: exit_on_user_error(lambda: _run(argv, _FLAGS)))
