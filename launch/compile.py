@@ -98,8 +98,13 @@ class MemoryPlan:
   per_device_bytes: int
   hbm_bytes: int
   fits: bool
+  # XLA's cost_analysis counts the body of a loop once: with layers under a scan
+  # (model.scan_unroll=1) `flops` and `bytes_accessed` cover one layer's iteration plus the
+  # rest, not the whole step. `model_flops` is the task's formula (task.flops_per_step(),
+  # as MFU uses) over the devices: the planner's step FLOPs.
   flops: float
   bytes_accessed: float
+  model_flops: float
   compile_seconds: float  # wall time to trace, lower and compile
   compile_cpu_seconds: float  # this process's CPU time for the same (steadier on a busy host)
   largest_arrays: list[ArrayBytes]
@@ -238,6 +243,7 @@ def memory_plan(config: ml_collections.ConfigDict, topology: str, *,
   common = dict(topology=topo.name, chip=topo.chip.name, n_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()},
                 hbm_bytes=int(topo.chip.hbm_bytes), largest_arrays=_largest_arrays(args, top),
+                model_flops=float(task.flops_per_step()) / len(devices),
                 notes=notes)
   try:
     compiled = lowered.compile()
@@ -341,7 +347,8 @@ def report(plan: MemoryPlan, config: ml_collections.ConfigDict) -> str:
       f'  generated code  {_size(plan.code_bytes):>12}',
       f'  total           {_size(plan.per_device_bytes):>12}  of {_size(plan.hbm_bytes)} '
       f'HBM ({100 * plan.per_device_bytes / plan.hbm_bytes:.0f}%)',
-      f'One step per device: {plan.flops:.3g} FLOPs, {plan.bytes_accessed:.3g} bytes accessed.',
+      f'One step per device: {plan.model_flops:.3g} model FLOPs; XLA counts {plan.flops:.3g} '
+      f'FLOPs, {plan.bytes_accessed:.3g} bytes accessed (a scanned loop\'s body once).',
       f'Compiled in {plan.compile_seconds:.1f} s ({plan.compile_cpu_seconds:.1f} s of CPU).',
   ]
   lines += [f'Note: {n}' for n in plan.notes]

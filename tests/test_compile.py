@@ -64,6 +64,7 @@ def test_plan_fields(plan):
   cfg = trainer.validate(tiny_config(), 8, 1).model_cfg
   model_flops = transformer.train_flops_per_token(cfg, SEQ) * BATCH * SEQ
   assert 0.5 < plan.flops / (model_flops / 8) < 2.0
+  assert plan.model_flops == model_flops / 8
   assert plan.bytes_accessed > plan.argument_bytes
 
 
