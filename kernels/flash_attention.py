@@ -81,9 +81,20 @@ def default_block_sizes(backend: str, device_kind: str) -> BlockSizes:
   raise AssertionError('every table ends with a catch-all')
 
 
+def target_device() -> tuple[str, str]:
+  """(platform, device kind) of the devices the program being traced is for: those of the
+  mesh set with `jax.set_mesh` (so an ahead-of-time compile for a TPU topology on a CPU host,
+  launch/compile.py, gets the TPU kernels), else this process's default devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  if device is not None and device.platform:
+    return device.platform, device.device_kind
+  return jax.default_backend(), jax.devices()[0].device_kind
+
+
 def default_backend() -> str:
   """tpu on TPU; triton on GPUs and (interpreted) on CPU."""
-  return 'tpu' if jax.default_backend() == 'tpu' else 'triton'
+  return 'tpu' if target_device()[0] == 'tpu' else 'triton'
 
 
 _warned: set[str] = set()
@@ -308,7 +319,8 @@ def flash_attention(
     scale: logit scale; default 1 / sqrt(D).
     block_sizes: default `default_block_sizes(backend, device kind)`.
     backend: one of BACKENDS; default `default_backend()`.
-    interpret: run the kernel in Pallas interpret mode; default True exactly on CPU.
+    interpret: run the kernel in Pallas interpret mode; default True exactly on CPU (the
+      platform of `target_device`).
   """
   q, k, v = q_BxLxHxD, k_BxSxKxD, v_BxSxKxD
   _check_inputs(q, k, v, segment_ids_BxL)
@@ -329,10 +341,11 @@ def flash_attention(
     return attention_reference(q, k, v, segment_ids_BxL=segment_ids_BxL, causal=causal,
                                sliding_window=window, logit_softcap=logit_softcap,
                                scale=scale)[0]
+  platform, device_kind = target_device()
   if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+    interpret = platform == 'cpu'
   if block_sizes is None:
-    block_sizes = default_block_sizes(backend, jax.devices()[0].device_kind)
+    block_sizes = default_block_sizes(backend, device_kind)
   plan = _make_plan(q.shape, k.shape, backend=backend, blocks=block_sizes, causal=causal,
                     window=window, scale=scale, softcap=logit_softcap,
                     segmented=segment_ids_BxL is not None, interpret=interpret)

@@ -98,8 +98,13 @@ class MemoryPlan:
   per_device_bytes: int
   hbm_bytes: int
   fits: bool
+  # XLA's cost_analysis counts the body of a loop once: with layers under a scan
+  # (model.scan_unroll=1) `flops` and `bytes_accessed` cover one layer's iteration plus the
+  # rest, not the whole step. `model_flops` is the task's formula (task.flops_per_step(),
+  # as MFU uses) over the devices: the planner's step FLOPs.
   flops: float
   bytes_accessed: float
+  model_flops: float
   compile_seconds: float  # wall time to trace, lower and compile
   compile_cpu_seconds: float  # this process's CPU time for the same (steadier on a busy host)
   largest_arrays: list[ArrayBytes]
@@ -238,6 +243,7 @@ def memory_plan(config: ml_collections.ConfigDict, topology: str, *,
   common = dict(topology=topo.name, chip=topo.chip.name, n_devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()},
                 hbm_bytes=int(topo.chip.hbm_bytes), largest_arrays=_largest_arrays(args, top),
+                model_flops=float(task.flops_per_step()) / len(devices),
                 notes=notes)
   try:
     compiled = lowered.compile()
@@ -341,7 +347,8 @@ def report(plan: MemoryPlan, config: ml_collections.ConfigDict) -> str:
       f'  generated code  {_size(plan.code_bytes):>12}',
       f'  total           {_size(plan.per_device_bytes):>12}  of {_size(plan.hbm_bytes)} '
       f'HBM ({100 * plan.per_device_bytes / plan.hbm_bytes:.0f}%)',
-      f'One step per device: {plan.flops:.3g} FLOPs, {plan.bytes_accessed:.3g} bytes accessed.',
+      f'One step per device: {plan.model_flops:.3g} model FLOPs; XLA counts {plan.flops:.3g} '
+      f'FLOPs, {plan.bytes_accessed:.3g} bytes accessed (a scanned loop\'s body once).',
       f'Compiled in {plan.compile_seconds:.1f} s ({plan.compile_cpu_seconds:.1f} s of CPU).',
   ]
   lines += [f'Note: {n}' for n in plan.notes]
@@ -363,30 +370,34 @@ def report(plan: MemoryPlan, config: ml_collections.ConfigDict) -> str:
 
 # --- command line ----------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string('topology', None, 'v5p-256, v5e-16, v4-32, v6e-64, a grid '
-                                'such as v5p:4x4x12, or cpu (this host\'s devices).')
-_HBM_GIB = flags.DEFINE_float('hbm_gib', None, 'Memory per device in GiB instead of the chip\'s.')
-_JSON = flags.DEFINE_bool('json', False, 'Print the plan as JSON instead of the report.')
+
+def _define_flags():
+  """The command's flags, defined only when it runs (train/__main__.py also has --config)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', None, 'A configs/*.py file[:preset].',
+                                             lock_config=True),
+      topology=flags.DEFINE_string('topology', None, 'v5p-256, v5e-16, v4-32, v6e-64, a grid '
+                                   'such as v5p:4x4x12, or cpu (this host\'s devices).'),
+      hbm_gib=flags.DEFINE_float('hbm_gib', None, 'Memory per device in GiB instead of the '
+                                 'chip\'s.'),
+      json=flags.DEFINE_bool('json', False, 'Print the plan as JSON instead of the report.'),
+  )
 
 
-def _run(argv) -> None:
+def _run(argv, flag) -> None:
   if len(argv) > 1:
     raise ConfigError(f'Unexpected arguments {argv[1:]}; every argument is a --flag.')
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  config, topology = flag['config'].value, flag['topology'].value
+  if config is None or not topology:
     raise ConfigError('Give --config=configs/<family>.py[:preset] and --topology (e.g. v5p-256).')
-  hbm = int(_HBM_GIB.value * GIB) if _HBM_GIB.value else None
-  plan = memory_plan(_CONFIG.value, _TOPOLOGY.value, hbm_bytes=hbm)
-  if _JSON.value:
+  hbm = int(flag['hbm_gib'].value * GIB) if flag['hbm_gib'].value else None
+  plan = memory_plan(config, topology, hbm_bytes=hbm)
+  if flag['json'].value:
     print(json.dumps(dataclasses.asdict(plan), indent=2))
   else:
-    print(report(plan, _CONFIG.value))
-
-
-def main(argv) -> None:
-  exit_on_user_error(lambda: _run(argv))
+    print(report(plan, config))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _FLAGS = _define_flags()
+  app.run(lambda argv: exit_on_user_error(lambda: _run(argv, _FLAGS)))
