@@ -38,7 +38,9 @@ def base() -> ml_collections.ConfigDict:
       dropout=0.0,
       dtype='bfloat16',  # compute dtype
       param_dtype='float32',
-      remat='none',  # none | full | dots
+      # What the backward pass keeps (model/transformer.py REMAT_POLICIES): none | full |
+      # dots | offload_dots | outputs | offload_outputs (offload_*: in host memory).
+      remat='none',
       attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
       # Layers per iteration of the scan over blocks; -1 unrolls them all (no loop). 1 keeps
       # compile time flat in depth; small CPU models run faster unrolled (docs/benchmarks.md).
