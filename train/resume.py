@@ -35,7 +35,8 @@ RESUMABLE_KEYS = (
     'steps', 'log_every', 'eval_every', 'eval_steps', 'checkpoint.*', 'profile.*',
     '*optimizer.lr', '*optimizer.end_lr', '*optimizer.warmup_steps', '*optimizer.decay_steps',
     '*optimizer.b1', '*optimizer.b2', '*optimizer.eps', '*optimizer.weight_decay',
-    'max_nonfinite_steps', 'grad_accum', 'mesh.*',
+    'max_nonfinite_steps', 'grad_accum', 'mesh.*', '*optimizer.offload',
+    '*optimizer.loss_scale_init', '*optimizer.loss_scale_growth_interval',
     'model.dtype', 'model.attention', 'model.remat', 'model.scan_unroll', 'model.dropout',
     'ema.decay', 'data.path', 'data.data_dir', 'eval.*', 'sample.*', 'init_from',
 )
