@@ -41,6 +41,14 @@ def trainer_defaults() -> ml_collections.ConfigDict:
       # ((regex, multiplier), ...) on weight_decay; first match wins. Default: no decay on
       # norms, biases and embeddings.
       wd_mults=(('(?i).*(norm|bias|embed).*', 0.0),),
+      # Memory levers (train/optim.py). offload: the optimizer state (of `optimizer`, the
+      # state's opt_state) waits in host memory between steps.
+      offload=False,
+      # For model.dtype='float16': none | dynamic (halve on overflow, which skips the step;
+      # double after growth_interval finite steps) | static (always loss_scale_init).
+      loss_scale='none',
+      loss_scale_init=2.0 ** 15,
+      loss_scale_growth_interval=2000,
   ))
   return c
 

@@ -52,7 +52,9 @@ def base() -> ml_collections.ConfigDict:
       dropout=0.0,
       dtype='bfloat16',  # compute dtype
       param_dtype='float32',
-      remat='none',  # none | full | dots
+      # What the backward pass keeps (model/transformer.py REMAT_POLICIES): none | full |
+      # dots | offload_dots | outputs | offload_outputs (offload_*: in host memory).
+      remat='none',
       attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
       # With mesh.context > 1 (model/context_parallel.py): each device holds chunks i and
       # 2C-1-i of the row's 2C, so all do the same causal work (data.seq_len % 2C == 0).

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model import attention as attention_lib
 from model import context_parallel, kv_cache
@@ -72,10 +73,28 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
+# Activations a block names (jax.ad_checkpoint.checkpoint_name) for the names-based remat
+# policies: the q, k and v projections, and the attention and MLP outputs (after their output
+# projections), each a [B, L, *] tensor per layer.
+QKV_NAME, ATTN_OUT_NAME, MLP_OUT_NAME = 'qkv_proj', 'attn_out', 'mlp_out'
+_BLOCK_OUTPUTS = (QKV_NAME, ATTN_OUT_NAME, MLP_OUT_NAME)
+# What the backward pass of a block keeps from its forward pass; the rest is recomputed.
+#   none          everything (no remat)
+#   full          nothing but the block's input (the scan carry)
+#   dots          the outputs of matmuls without batch dimensions (the projections), on device
+#   offload_dots  the same, moved to host memory ('pinned_host') in the forward pass and back
+#                 for the backward one: device memory of `full`, most of the recompute of `dots`
+#   outputs       the named q/k/v projections and attention and MLP outputs, on device
+#   offload_outputs  the same named activations, in host memory
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'offload_dots': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+    'outputs': jax.checkpoint_policies.save_only_these_names(*_BLOCK_OUTPUTS),
+    'offload_outputs': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=_BLOCK_OUTPUTS,
+        offload_src='device', offload_dst='pinned_host'),
 }
 INIT_STD = 0.02
 NORMS = ('rmsnorm', 'layernorm')
@@ -605,9 +624,9 @@ class Attention(nnx.Module):
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
     k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=key_k)
     v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD, lora_key=key_v)
-    q_BxLxHxDh = _add_bias(q_BxLxHxDh, self, 'q_bias')
-    k_BxLxKxDh = _add_bias(k_BxLxKxDh, self, 'k_bias')
-    v_BxLxKxDh = _add_bias(v_BxLxKxDh, self, 'v_bias')
+    q_BxLxHxDh = checkpoint_name(_add_bias(q_BxLxHxDh, self, 'q_bias'), QKV_NAME)
+    k_BxLxKxDh = checkpoint_name(_add_bias(k_BxLxKxDh, self, 'k_bias'), QKV_NAME)
+    v_BxLxKxDh = checkpoint_name(_add_bias(v_BxLxKxDh, self, 'v_bias'), QKV_NAME)
     if self.cfg.position == 'rope':
       q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, theta, self.cfg.rope_scaling)
       k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, theta, self.cfg.rope_scaling)
@@ -626,7 +645,7 @@ class Attention(nnx.Module):
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions_BxL, *kv,
           implementation=self.cfg.attention, sliding_window=self.cfg.sliding_window)
     out_BxLxD = project(self, 'wo', 'blhk,hkd->bld', out_BxLxHxDh, lora_key=key_o)
-    out_BxLxD = _add_bias(out_BxLxD, self, 'o_bias')
+    out_BxLxD = checkpoint_name(_add_bias(out_BxLxD, self, 'o_bias'), ATTN_OUT_NAME)
     return out_BxLxD if kv is None else (out_BxLxD, tuple(pages))
 
 
@@ -664,7 +683,7 @@ class Mlp(nnx.Module):
     else:
       hidden_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
     out_BxLxD = project(self, 'w_down', 'blf,fd->bld', hidden_BxLxF, lora_key=k_down)
-    return _add_bias(out_BxLxD, self, 'down_bias')
+    return checkpoint_name(_add_bias(out_BxLxD, self, 'down_bias'), MLP_OUT_NAME)
 
 
 class Block(nnx.Module):

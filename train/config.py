@@ -52,6 +52,8 @@ def check_common(config: ml_collections.ConfigDict) -> None:
                  'optimizer.weight_decay', 'optimizer.clip_norm', allow_zero=True)
   check_positive(config, 'optimizer.lr', 'optimizer.eps')
   check_choice(config, 'optimizer.name', ('adamw',))
+  check_choice(config, 'optimizer.loss_scale', ('none', 'dynamic', 'static'))
+  check_positive(config, 'optimizer.loss_scale_init', 'optimizer.loss_scale_growth_interval')
   for key in ('optimizer.b1', 'optimizer.b2'):
     value = get(config, key)
     require(0.0 <= value < 1.0, f'{key}={value!r} must be in [0, 1).')

@@ -15,12 +15,23 @@
 
 One Adam state covers every group (per-leaf multipliers are constants in the update),
 instead of optax.multi_transform's one optimizer per group with masked placeholders.
+
+Memory levers (docs/benchmarks.md has their compiled memory):
+- `optimizer.offload`: the optimizer state lives in host memory (`pinned_host`) between
+  steps (train/state.py places it there). `Optimizer.apply` brings whatever state it is
+  given to the device for the update and returns the new state where the old one was.
+- `optimizer.loss_scale` ('none' | 'dynamic' | 'static'), for float16 compute: the loss is
+  multiplied by a scale before differentiation and the gradients divided by it, so small
+  gradients do not flush to zero in float16. 'dynamic' halves the scale on a step whose
+  gradients overflow (the step is skipped) and doubles it after
+  `loss_scale_growth_interval` finite steps in a row, from `loss_scale_init`, as jmp's
+  DynamicLossScale and Megatron do. The scale is optimizer state, so checkpoints keep it.
 """
 
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +89,56 @@ def _add_decayed_weights_per_leaf(wds) -> optax.GradientTransformation:
   return optax.stateless(fn)
 
 
+def _space(x) -> jax.memory.Space:
+  """The memory an array or tracer lives in (device, or host with optimizer.offload)."""
+  return jax.typeof(x).memory_space
+
+
 def skipped(opt_state: optax.ApplyIfFiniteState) -> jax.Array:
   """1.0 if the step that produced `opt_state` was not applied, else 0.0."""
   return 1.0 - opt_state.last_finite.astype(jnp.float32)
+
+
+LOSS_SCALES = ('none', 'dynamic', 'static')
+MIN_LOSS_SCALE = 1.0  # a dynamic scale never halves below this
+# Nor grows past this: float32 gradients times 2**24 stay far from overflow, and a scale that
+# kept doubling in a run that never overflows (float32 compute) would reach infinity.
+MAX_LOSS_SCALE = 2.0 ** 24
+
+
+class LossScaleState(NamedTuple):
+  """The loss scale and the finite steps in a row since it last changed."""
+  scale: jax.Array  # float32 scalar
+  good_steps: jax.Array  # int32 scalar
+
+
+def loss_scaling(init: float, growth_interval: int, dynamic: bool) -> optax.GradientTransformation:
+  """Keeps the loss scale and, when `dynamic`, adjusts it from the finiteness of the (already
+  unscaled) gradients it sees: halved (down to MIN_LOSS_SCALE) after a non-finite step,
+  doubled (up to MAX_LOSS_SCALE) after `growth_interval` finite steps in a row. The updates
+  pass through unchanged.
+
+  Written here because optax has no loss scaler and jmp, which has one, is archived; this is
+  its DynamicLossScale as an optax state, placed before `apply_if_finite` in the chain so
+  that a skipped step still halves the scale.
+  """
+  def init_fn(params):
+    del params
+    return LossScaleState(jnp.asarray(init, jnp.float32), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not dynamic:
+      return updates, state
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    grow = finite & (state.good_steps + 1 >= growth_interval)
+    scale = jnp.where(finite, jnp.where(grow, jnp.minimum(state.scale * 2, MAX_LOSS_SCALE),
+                                        state.scale),
+                      jnp.maximum(state.scale / 2, MIN_LOSS_SCALE))
+    good_steps = jnp.where(finite & ~grow, state.good_steps + 1, 0)
+    return updates, LossScaleState(scale, good_steps.astype(jnp.int32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,6 +151,8 @@ class Optimizer:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   trainable: Any  # bool per parameter leaf (a Python bool, fixed at setup)
+  # tx is chain(loss_scaling(...), apply_if_finite(...)): opt_state[0] is a LossScaleState.
+  loss_scaled: bool = False
 
   @property
   def all_trainable(self) -> bool:
@@ -133,28 +193,66 @@ class Optimizer:
         self.tx, lambda _, spec: spec, abstract_opt_state, self.select(param_specs),
         transform_non_params=lambda _: jax.sharding.PartitionSpec(), is_leaf=is_spec)
 
-  def value_and_grad(self, loss_fn: Callable, params, batch, num_micro: int = 1):
+  def loss_scale(self, opt_state) -> jax.Array | None:
+    """The current loss scale (float32 scalar), or None without loss scaling."""
+    return self._on_device(opt_state[0].scale) if self.loss_scaled else None
+
+  @staticmethod
+  def _on_device(tree):
+    """`tree` with its leaves in host memory (optimizer.offload) brought to the device, inside
+    the jitted step."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device)
+                        if _space(x) == jax.memory.Space.Host else x, tree)
+
+  def value_and_grad(self, loss_fn: Callable, params, batch, num_micro: int = 1, *,
+                     opt_state=None):
     """((loss, aux), grads of the trainable leaves), averaged over `num_micro` microbatches.
 
     loss_fn(params, batch) -> (scalar loss, aux pytree). Frozen leaves enter the loss as
-    constants, so no gradient is computed for them.
+    constants, so no gradient is computed for them. With loss scaling, `opt_state` (which
+    holds the scale) is required: the loss is differentiated times the scale and the
+    gradients divided by it, so what comes back is unscaled (non-finite on an overflow).
     """
+    scale = None
+    if self.loss_scaled:
+      if opt_state is None:
+        raise ConfigError('optimizer.loss_scale is not supported by this task: its step does '
+                          "not pass the optimizer state; use optimizer.loss_scale='none'.")
+      scale = self.loss_scale(opt_state)
     if self.all_trainable:
-      return value_and_grad_accumulated(loss_fn, params, batch, num_micro)
+      return value_and_grad_accumulated(loss_fn, params, batch, num_micro, scale)
     fn = lambda part, b: loss_fn(self.merge(params, part), b)  # noqa: E731
-    return value_and_grad_accumulated(fn, self.select(params), batch, num_micro)
+    return value_and_grad_accumulated(fn, self.select(params), batch, num_micro, scale)
 
   def apply(self, params, opt_state, grads, loss):
-    """The finite-guarded update: (params, opt_state, {'grad_norm', 'skipped'}).
+    """The finite-guarded update: (params, opt_state, {'grad_norm', 'skipped'}), plus
+    'loss_scale' (the scale this step's loss was multiplied by) and 'overflow' with loss
+    scaling.
 
     A non-finite loss marks the gradients non-finite too, so that optax.apply_if_finite
     leaves parameters and moments untouched even if the gradients came out finite.
+    'overflow' is 1.0 on a skipped step that is a dynamic scale's normal back-off (finite
+    loss, non-finite gradients, the scale still above its floor): the trainer does not count
+    those towards `max_nonfinite_steps` (see train/trainer.py).
     """
     grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
     part = self.select(params)
-    updates, opt_state = self.tx.update(grads, opt_state, part)
+    spaces = jax.tree.map(_space, opt_state)
+    opt_state = self._on_device(opt_state)
+    updates, new_state = self.tx.update(grads, opt_state, part)
     params = self.merge(params, optax.apply_updates(part, updates))
-    return params, opt_state, {'grad_norm': optax.tree.norm(grads), 'skipped': skipped(opt_state)}
+    metrics = {'grad_norm': optax.tree.norm(grads)}
+    if self.loss_scaled:
+      metrics['skipped'] = skipped(new_state[1])
+      scale = opt_state[0].scale
+      backoff = jnp.isfinite(loss) & (new_state[0].scale < scale)
+      metrics['overflow'] = (metrics['skipped'] * backoff).astype(jnp.float32)
+      metrics['loss_scale'] = scale
+    else:
+      metrics['skipped'] = skipped(new_state)
+    new_state = jax.tree.map(lambda x, space: x if _space(x) == space else
+                             jax.device_put(x, space), new_state, spaces)
+    return params, new_state, metrics
 
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, steps: int, max_nonfinite_steps: int,
@@ -179,6 +277,10 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, steps: int, max_nonfinite
   lr_mults = jax.tree.map(lambda n: _first_match(lr_rules, n), part(named))
   wds = jax.tree.map(lambda n: opt_cfg.weight_decay * _first_match(wd_rules, n), part(named))
   schedule = lr_schedule(opt_cfg, steps)
+  loss_scale = opt_cfg.get('loss_scale', 'none')
+  if loss_scale not in LOSS_SCALES:
+    raise ConfigError(f'{key}.loss_scale={loss_scale!r} is not allowed; choose one of '
+                      f'{", ".join(LOSS_SCALES)}.')
   chain = []
   if opt_cfg.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(opt_cfg.clip_norm))
@@ -189,7 +291,14 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, steps: int, max_nonfinite
   if any(m != 1.0 for m in jax.tree.leaves(lr_mults)):
     chain.append(_scale_per_leaf(lr_mults))
   tx = optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=max_nonfinite_steps + 8)
-  return Optimizer(tx, schedule, trainable)
+  if loss_scale != 'none':
+    init, interval = float(opt_cfg.loss_scale_init), int(opt_cfg.loss_scale_growth_interval)
+    if not init > 0:
+      raise ConfigError(f'{key}.loss_scale_init={init!r} must be > 0.')
+    if interval < 1:
+      raise ConfigError(f'{key}.loss_scale_growth_interval={interval!r} must be >= 1.')
+    tx = optax.chain(loss_scaling(init, interval, dynamic=loss_scale == 'dynamic'), tx)
+  return Optimizer(tx, schedule, trainable, loss_scaled=loss_scale != 'none')
 
 
 def split_microbatches(batch, num: int):
@@ -203,13 +312,21 @@ def split_microbatches(batch, num: int):
   return jax.tree.map(split, batch)
 
 
-def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int):
+def value_and_grad_accumulated(loss_fn: Callable, params, batch, num_micro: int,
+                               loss_scale: jax.Array | None = None):
   """`jax.value_and_grad(loss_fn, has_aux=True)` averaged over `num_micro` microbatches.
 
   loss_fn(params, batch) -> (scalar loss, aux pytree). With one microbatch this is the
   plain call; otherwise a `lax.scan` keeps only one microbatch's activations alive at a
-  time.
+  time. With `loss_scale`, the loss is differentiated times the scale and the gradients are
+  divided by it at the end (the returned loss is unscaled).
   """
+  if loss_scale is not None:
+    def scaled(p, b):
+      loss, aux = loss_fn(p, b)
+      return loss * loss_scale, (loss, aux)
+    (_, (loss, aux)), grads = value_and_grad_accumulated(scaled, params, batch, num_micro)
+    return (loss, aux), jax.tree.map(lambda g: g / loss_scale.astype(g.dtype), grads)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_micro == 1:
     return grad_fn(params, batch)

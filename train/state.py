@@ -36,11 +36,24 @@ class TrainState:
   extras: Any
 
 
+# Where `optimizer.offload` keeps the optimizer state between steps: host memory the device
+# can copy from directly (a JAX memory kind every backend here has, CPU and TPU alike).
+OFFLOAD_MEMORY_KIND = 'pinned_host'
+
+
 def setup_state(task, config, mesh):
-  """(rng, abstract state, its shardings, a jitted init that places it shard by shard)."""
+  """(rng, abstract state, its shardings, a jitted init that places it shard by shard).
+
+  With `optimizer.offload`, `opt_state`'s shardings are in host memory; the step brings the
+  state to the device for the update (train/optim.py) and these shardings, its outputs'
+  shardings, put it back.
+  """
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(task.init_state, rng)
   specs = task.state_logical_specs(abstract)
   shardings = mesh_lib.shardings(abstract, specs, mesh, task.logical_rules)
+  if config.optimizer.get('offload', False):
+    shardings = shardings.replace(opt_state=jax.tree.map(
+        lambda s: s.with_memory_kind(OFFLOAD_MEMORY_KIND), shardings.opt_state))
   init = jax.jit(task.init_state, out_shardings=shardings)
   return rng, abstract, shardings, init

@@ -216,7 +216,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     losses[step] = values['loss']
     progress.advance(step)
     interval_steps += 1
-    if values['skipped']:
+    if values['skipped'] and values.get('overflow'):
+      # A dynamic loss scale backing off (train/optim.py): the loss was finite, the scaled
+      # gradients overflowed and the scale halved. That is how the scale finds its level, so
+      # it neither counts towards max_nonfinite_steps nor ends a run of counted steps. A
+      # diverged run still stops: once the scale is at its floor (or the loss itself is
+      # non-finite), its skipped steps count.
+      logging.info('Step %d skipped: the loss scale overflowed and was halved.', step)
+    elif values['skipped']:
       consecutive_skips += 1
       logging.warning('Step %d skipped: non-finite loss or gradients (%d in a row).', step,
                       consecutive_skips)

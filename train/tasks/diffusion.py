@@ -153,7 +153,8 @@ class DiffusionTask(tasks.Task):
     noise_key, dropout_key = jax.random.split(key)
     loss_fn = functools.partial(self._loss, dropout_key=dropout_key)
     (loss, _), grads = self.opt.value_and_grad(
-        loss_fn, state.params, self._noised(batch, noise_key), self.config.grad_accum)
+        loss_fn, state.params, self._noised(batch, noise_key), self.config.grad_accum,
+        opt_state=state.opt_state)
     params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
     ema = optim.ema_update(state.extras['ema'], params, decay=self.config.ema.decay, step=step,
                            skipped=update['skipped'])

@@ -234,7 +234,8 @@ class DPOTask(lm.LMTask):
       return jnp.mean(losses_B), {k: jnp.mean(v) for k, v in metrics.items()}
 
     (loss, aux), grads = self.opt.value_and_grad(loss_fn, state.params, batch,
-                                                 self.config.grad_accum)
+                                                 self.config.grad_accum,
+                                                 opt_state=state.opt_state)
     params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
     metrics = {'loss': loss, 'lr': self.opt.schedule(step), **aux, **update}
     return state.replace(step=step + 1, params=params, opt_state=opt_state), metrics

@@ -190,7 +190,8 @@ class GANTask(tasks.Task):
     fake = jax.lax.stop_gradient(self._generate(g_params, z, fake_labels))
     loss_fn = lambda p, _: self._d_loss(p, sn, micro['images'], real_labels, fake,  # noqa: E731
                                         fake_labels)
-    (total, (aux, new_sn)), grads = self.d_opt.value_and_grad(loss_fn, d_params, None)
+    (total, (aux, new_sn)), grads = self.d_opt.value_and_grad(loss_fn, d_params, None,
+                                                               opt_state=d_opt)
     d_params, d_opt, update = self.d_opt.apply(d_params, d_opt, grads, total)
     # A skipped step leaves the power-iteration vectors as they were, like the weights.
     sn = jax.tree.map(lambda new, old: jnp.where(update['skipped'] > 0, old, new), new_sn, sn)
@@ -216,7 +217,8 @@ class GANTask(tasks.Task):
 
     z, labels = self._noise(g_key, c.batch_size // n_d)
     g_loss_fn = lambda p, _: self._g_loss(p, d_params, sn, z, labels)  # noqa: E731
-    (g_loss, _), grads = self.g_opt.value_and_grad(g_loss_fn, state.params, None)
+    (g_loss, _), grads = self.g_opt.value_and_grad(g_loss_fn, state.params, None,
+                                                     opt_state=state.opt_state)
     g_params, g_opt, update = self.g_opt.apply(state.params, state.opt_state, grads, g_loss)
     ema = optim.ema_update(x['ema'], g_params, decay=c.ema.decay, step=step,
                            skipped=update['skipped'])

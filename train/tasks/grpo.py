@@ -312,7 +312,7 @@ class GRPOTask(lm.LMTask):
     def update(carry, _):
       params, opt_state = carry
       (loss, aux), grads = self.opt.value_and_grad(self._loss, params, train_batch,
-                                                   self.config.grad_accum)
+                                                   self.config.grad_accum, opt_state=opt_state)
       params, opt_state, upd = self.opt.apply(params, opt_state, grads, loss)
       return (params, opt_state), {'loss': loss, **aux, **upd}
 

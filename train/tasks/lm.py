@@ -415,7 +415,8 @@ class LMTask(tasks.Task):
     dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
     loss_fn = functools.partial(self._loss, dropout_key=dropout_key, frozen=frozen)
     (loss, aux), grads = self.opt.value_and_grad(loss_fn, state.params, batch,
-                                                 self.config.grad_accum)
+                                                 self.config.grad_accum,
+                                                 opt_state=state.opt_state)
     params, opt_state, update = self.opt.apply(state.params, state.opt_state, grads, loss)
     metrics = {**aux, 'lr': self.opt.schedule(step), **update}
     return state.replace(step=step + 1, params=params, opt_state=opt_state), metrics

@@ -165,6 +165,9 @@ class PPOTask(lm.LMTask):
   def _setup_model(self, tokenizer_vocab_size: int) -> None:
     super()._setup_model(tokenizer_vocab_size)
     c, k = self.config, self.updates_per_step
+    if c.optimizer.get('loss_scale', 'none') != 'none':  # one gradient for policy and value
+      raise ConfigError(f'optimizer.loss_scale={c.optimizer.loss_scale!r}: PPO does not scale '
+                        "its loss; use optimizer.loss_scale='none'.")
     self.opt = optim.make_optimizer(_per_update(self._optimizer_config(), k), c.steps * k,
                                     c.max_nonfinite_steps * k, self._param_specs)
     if c.ppo.critic == 'separate':
