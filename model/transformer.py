@@ -564,6 +564,35 @@ def _frozen_matmul(spec: str, name: str, scheme: quant_lib.Scheme, dtype, prefer
   return f
 
 
+def constrain_activation(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """`x` pinned to the sharding its logical axis `names` get from LOGICAL_AXIS_RULES under
+  the mesh in context: the batch over the data-parallel axes, the row over 'context',
+  heads and vocabulary over 'tensor'. An axis the mesh lacks, one that is manual here (a
+  pipeline stage's shard_map), one already used or one that does not divide its dimension
+  is left out; without a mesh `x` is returned as it is.
+
+  Left to itself, XLA's partitioner may lay activations out like the FSDP-sharded weights
+  they meet and keep the batch whole: compiled for a TPU slice, a 7B step under FSDP then
+  needed temporaries that grow with the global batch (hundreds of GiB per device with XLA
+  attention). Pinning them, as MaxText does with its logical constraints, keeps each
+  device's share of the batch its own.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rules, manual, used, spec = dict(LOGICAL_AXIS_RULES), set(mesh.manual_axes), set(), []
+  for dim, name in zip(x.shape, names, strict=True):
+    axes = rules.get(name) if name else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names and a not in manual and a not in used)
+    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+      spec.append(axes)
+      used.update(axes)
+    else:
+      spec.append(None)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def _keys(key: jax.Array | None, n: int) -> list:
   return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -624,9 +653,15 @@ class Attention(nnx.Module):
     q_BxLxHxDh = project(self, 'wq', 'bld,dhk->blhk', x_BxLxD, lora_key=key_q)
     k_BxLxKxDh = project(self, 'wk', 'bld,dhk->blhk', x_BxLxD, lora_key=key_k)
     v_BxLxKxDh = project(self, 'wv', 'bld,dhk->blhk', x_BxLxD, lora_key=key_v)
-    q_BxLxHxDh = checkpoint_name(_add_bias(q_BxLxHxDh, self, 'q_bias'), QKV_NAME)
-    k_BxLxKxDh = checkpoint_name(_add_bias(k_BxLxKxDh, self, 'k_bias'), QKV_NAME)
-    v_BxLxKxDh = checkpoint_name(_add_bias(v_BxLxKxDh, self, 'v_bias'), QKV_NAME)
+    q_BxLxHxDh = constrain_activation(_add_bias(q_BxLxHxDh, self, 'q_bias'),
+                                      ('batch', 'length', 'heads', None))
+    k_BxLxKxDh = constrain_activation(_add_bias(k_BxLxKxDh, self, 'k_bias'),
+                                      ('batch', 'length', 'kv_heads', None))
+    v_BxLxKxDh = constrain_activation(_add_bias(v_BxLxKxDh, self, 'v_bias'),
+                                      ('batch', 'length', 'kv_heads', None))
+    q_BxLxHxDh = checkpoint_name(q_BxLxHxDh, QKV_NAME)
+    k_BxLxKxDh = checkpoint_name(k_BxLxKxDh, QKV_NAME)
+    v_BxLxKxDh = checkpoint_name(v_BxLxKxDh, QKV_NAME)
     if self.cfg.position == 'rope':
       q_BxLxHxDh = rope_lib.apply_rope(q_BxLxHxDh, positions_BxL, theta, self.cfg.rope_scaling)
       k_BxLxKxDh = rope_lib.apply_rope(k_BxLxKxDh, positions_BxL, theta, self.cfg.rope_scaling)
@@ -715,6 +750,7 @@ class Block(nnx.Module):
       attn_key, mlp_key, attn_lora_key, mlp_lora_key = jax.random.split(dropout_key, 4)
     elif dropout_key is not None:
       attn_key, mlp_key = jax.random.split(dropout_key)
+    x_BxLxD = constrain_activation(x_BxLxD, _ACTIVATION)
     h_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv,
                         attn_lora_key, context)
     if kv is not None:
@@ -730,6 +766,8 @@ class Block(nnx.Module):
 
 
 _LAYERS_METADATA = {nnx.PARTITION_NAME: 'layers'}
+# The residual stream's logical axes: the batch and the row split, the features whole.
+_ACTIVATION = ('batch', 'length', None)
 
 
 class Transformer(nnx.Module):
@@ -859,10 +897,13 @@ class Transformer(nnx.Module):
     """float32 logits from final-normed hidden states."""
     cfg = self.cfg
     if not cfg.tie_embeddings:
-      return project(self, 'lm_head', 'bld,dv->blv', x_BxLxD,
-                     preferred_element_type=jnp.float32)
-    head_DxV = self.embedding[...].astype(cfg.dtype).T
-    return jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
+      logits_BxLxV = project(self, 'lm_head', 'bld,dv->blv', x_BxLxD,
+                             preferred_element_type=jnp.float32)
+    else:
+      head_DxV = self.embedding[...].astype(cfg.dtype).T
+      logits_BxLxV = jnp.einsum('bld,dv->blv', x_BxLxD, head_DxV,
+                                preferred_element_type=jnp.float32)
+    return constrain_activation(logits_BxLxV, ('batch', 'length', 'vocab'))
 
 
 def graphdef(cfg: TransformerConfig) -> nnx.GraphDef:

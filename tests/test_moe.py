@@ -282,7 +282,8 @@ def test_expert_parallel_layer_matches_one_device(shape, batch):
 
 def test_expert_parallel_training_matches_one_device(corpus, tmp_path):
   """Three trainer steps of a dropless MoE LM on one device and on data=1, expert=2,
-  fsdp=2, tensor=2: the same losses, MoE losses and gradient norms."""
+  context=2, fsdp=2 (two new axes with an existing one; the layer tests above hold
+  expert=2 with tensor=2): the same losses, MoE losses and gradient norms."""
   config = small_config(corpus, **{
       'model.d_model': 32, 'model.n_heads': 4, 'model.n_kv_heads': 2, 'data.seq_len': 16,
       'model.scan_unroll': 1,  # the layer scan compiles one block, not two
@@ -294,15 +295,15 @@ def test_expert_parallel_training_matches_one_device(corpus, tmp_path):
   batches = [next(it) for _ in range(3)]
   one = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
   config.unlock()
-  config.mesh.update(data=1, expert=2, fsdp=2, tensor=2)
+  config.mesh.update(data=1, expert=2, context=2, fsdp=2, tensor=1)
   ep = mesh_lib.make_mesh(config.mesh)
   single, _ = _run(config, task, one, batches)
   sharded, state = _run(config, task, ep, batches)
 
   mlp = state.params['blocks']['mlp']
-  assert mlp['w_gate'].sharding.spec == P(None, 'expert', 'fsdp', 'tensor')
-  assert mlp['w_down'].sharding.spec == P(None, 'expert', 'tensor', 'fsdp')
-  assert mlp['router'].sharding.spec == P(None, 'fsdp', None)
+  assert mlp['w_gate'].sharding.spec == P('stage', 'expert', 'fsdp', 'tensor')
+  assert mlp['w_down'].sharding.spec == P('stage', 'expert', 'tensor', 'fsdp')
+  assert mlp['router'].sharding.spec == P('stage', 'fsdp', None)
   assert 'moe_dropped_fraction' not in single[0]  # dropless
   for step, (a, b) in enumerate(zip(single, sharded, strict=True)):
     for k in ('loss', 'moe_balance_loss', 'moe_z_loss', 'grad_norm'):
