@@ -262,7 +262,7 @@ def test_tokenize_overwrite_replaces_only_its_own_files(tmp_path, jsonl):
 
 def convert_flags(**overrides) -> types.SimpleNamespace:
   f = dict(hf_dir='', workdir='', param_dtype='float32', dtype='', seq_len=0, fsdp=1,
-           tensor=1, max_shard_gb=5.0, overwrite=False)
+           tensor=1, expert=1, max_shard_gb=5.0, overwrite=False)
   return types.SimpleNamespace(**{**f, **overrides})
 
 
