@@ -176,10 +176,6 @@ def test_context_training_matches_one_device(context4, single):
   _assert_matches(context4[0], single)
 
 
-def test_context_with_fsdp_and_tensor_matches_one_device(corpus, single, tmp_path):
-  _assert_matches(_train(corpus, tmp_path, context=2, fsdp=2, tensor=2), single)
-
-
 def test_checkpoint_serves_at_context_one(context4):
   """The context-parallel run's checkpoint loads in the engine's loader, and its model there
   (no context axis) gives the logits the split path gives under the run's mesh, in the

@@ -282,8 +282,9 @@ def test_expert_parallel_layer_matches_one_device(shape, batch):
 
 def test_expert_parallel_training_matches_one_device(corpus, tmp_path):
   """Three trainer steps of a dropless MoE LM on one device and on data=1, expert=2,
-  context=2, fsdp=2 (two new axes with an existing one; the layer tests above hold
-  expert=2 with tensor=2): the same losses, MoE losses and gradient norms."""
+  context=2, tensor=2 (two new axes with an existing one, which splits the heads inside the
+  context-parallel attention and the experts' MLP; the layer tests above hold expert=2 with
+  fsdp=2): the same losses, MoE losses and gradient norms."""
   config = small_config(corpus, **{
       'model.d_model': 32, 'model.n_heads': 4, 'model.n_kv_heads': 2, 'data.seq_len': 16,
       'model.scan_unroll': 1,  # the layer scan compiles one block, not two
@@ -295,7 +296,7 @@ def test_expert_parallel_training_matches_one_device(corpus, tmp_path):
   batches = [next(it) for _ in range(3)]
   one = mesh_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
   config.unlock()
-  config.mesh.update(data=1, expert=2, context=2, fsdp=2, tensor=1)
+  config.mesh.update(data=1, expert=2, context=2, fsdp=1, tensor=2)
   ep = mesh_lib.make_mesh(config.mesh)
   single, _ = _run(config, task, one, batches)
   sharded, state = _run(config, task, ep, batches)

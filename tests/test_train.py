@@ -409,9 +409,10 @@ def test_cli_reports_config_errors_without_traceback(corpus, tmp_path, flag, mes
 # --- the large presets compile, and FSDP shrinks their per-device memory ------------------
 
 
-@pytest.mark.parametrize('preset', ['gpt2_124m', 'llama_1b'])
-def test_large_presets_compile_and_fsdp_saves_memory(preset):
-  config = lm.get_config(preset)
+def test_large_preset_compiles_and_fsdp_saves_memory():
+  """llama_1b (gpt2_124m's twin check went when tests/test_compile.py began holding a small
+  model's per-device arguments to a hand count)."""
+  config = lm.get_config('llama_1b')
   config.unlock()
   config.batch_size = 8
   config.data.seq_len = 128
