@@ -68,11 +68,27 @@ def _hf_model(kind: str):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
         bos_token_id=0, eos_token_id=1))
-  with torch.no_grad():  # larger than HF's init, so that logits (and argmaxes) are distinct
+  return randomized(model)
+
+
+def randomized(model):
+  """`model` in eval mode with weights ~ N(0, 0.3) and norm scales ~ N(1, 0.3): larger than
+  HF's init, so that logits, argmaxes and MoE routes are distinct."""
+  with torch.no_grad():
     for name, param in model.named_parameters():
       is_norm_scale = param.ndim == 1 and ('norm' in name or 'ln_' in name) and 'bias' not in name
       param.normal_(1.0 if is_norm_scale else 0.0, 0.3)
   return model.eval()
+
+
+def assert_greedy_matches_generate(model, task, params, new_tokens: int = 20) -> None:
+  """Greedy decoding with the KV cache (model/decode.py) equals transformers' generate."""
+  prompt = _tokens((1, 5), seed=2)
+  with torch.no_grad():
+    want = model.generate(torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0)[0, 5:].numpy()
+  out = _greedy(task.graphdef, params, prompt, np.array([5], np.int32))
+  assert list(np.asarray(out.tokens[0])) == list(want)
 
 
 KINDS = ('llama_gqa_untied', 'llama_tied_bias', 'qwen2', 'gpt2')  # imported and exported
@@ -139,13 +155,7 @@ def test_import_logits_and_greedy_match_hf(imported, kind):
   tokens = _tokens((2, 24), seed=1)
   _assert_logits_close(_kiln_logits(task, state.params, tokens), _hf_logits(model, tokens))
 
-  # Greedy with the KV cache (model/decode.py) against transformers' generate.
-  prompt = _tokens((1, 5), seed=2)
-  with torch.no_grad():
-    want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
-                          pad_token_id=0)[0, 5:].numpy()
-  out = _greedy(task.graphdef, state.params, prompt, np.array([5], np.int32))
-  assert list(np.asarray(out.tokens[0])) == list(want)
+  assert_greedy_matches_generate(model, task, state.params)
 
 
 @functools.partial(jax.jit, static_argnums=0)

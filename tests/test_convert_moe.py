@@ -19,10 +19,11 @@ from safetensors.torch import save_file
 from test_convert import (
     VOCAB,
     _assert_logits_close,
-    _greedy,
     _hf_logits,
     _kiln_logits,
     _tokens,
+    assert_greedy_matches_generate,
+    randomized,
 )
 
 from configs import lm
@@ -43,11 +44,7 @@ def _hf_model(kind: str):
     config = transformers.Qwen2MoeConfig(
         **COMMON, intermediate_size=40, moe_intermediate_size=24, num_experts=4,
         shared_expert_intermediate_size=16, norm_topk_prob=False, qkv_bias=True)
-  model = transformers.AutoModelForCausalLM.from_config(config)
-  with torch.no_grad():  # larger than HF's init, so that logits and routes are distinct
-    for name, param in model.named_parameters():
-      param.normal_(1.0 if param.ndim == 1 and 'norm' in name else 0.0, 0.3)
-  return model.eval()
+  return randomized(transformers.AutoModelForCausalLM.from_config(config))
 
 
 KINDS = ('mixtral', 'qwen2_moe')
@@ -92,12 +89,7 @@ def test_import_logits_match_hf(imported, kind):
 def test_greedy_decoding_matches_hf_generate(imported):
   """The KV-cache decode path (dropless MoE) against transformers' generate."""
   model, _, task, state = imported['qwen2_moe']
-  prompt = _tokens((1, 5), seed=2)
-  with torch.no_grad():
-    want = model.generate(torch.tensor(prompt), max_new_tokens=20, do_sample=False,
-                          pad_token_id=0)[0, 5:].numpy()
-  out = _greedy(task.graphdef, state.params, prompt, np.array([5], np.int32))
-  assert list(np.asarray(out.tokens[0])) == list(want)
+  assert_greedy_matches_generate(model, task, state.params)
 
 
 @pytest.mark.parametrize('kind', KINDS)

@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_convert import VOCAB, _assert_logits_close, _hf_logits, _kiln_logits, _tokens
+from test_convert import (
+    VOCAB,
+    _assert_logits_close,
+    _hf_logits,
+    _kiln_logits,
+    _tokens,
+    randomized,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from configs import lm
@@ -44,11 +51,8 @@ def _hf_model(kind: str):
         use_sliding_window=True, sliding_window=8, max_window_layers=0,
         rope_parameters=dict(rope_type='yarn', rope_theta=10_000.0, factor=4.0,
                              original_max_position_embeddings=16))
-  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager')
-  with torch.no_grad():  # larger than HF's init, so that logits are far from uniform
-    for name, param in model.named_parameters():
-      param.normal_(1.0 if param.ndim == 1 and 'norm' in name else 0.0, 0.3)
-  return model.eval()
+  return randomized(
+      transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager'))
 
 
 KINDS = ('mistral_llama3_window', 'qwen2_yarn_window')
