@@ -1,9 +1,9 @@
 """Per-device memory of the LM train step with each memory lever off and on, from the
 compiled program (nothing is allocated, no step runs).
 
-On a TPU topology, compiled on this CPU host with libtpu (a virtualenv that has it):
+On a TPU topology, compiled on a CPU host with libtpu (`pip install -e ".[aot]"`):
 
-  /work/venv-tpu/bin/python docs/baselines/memory_levers.py --topology=v5e:2x2
+  python docs/baselines/memory_levers.py --topology=v5e:2x2
 
 or on fake CPU devices (the CPU compiler places host-offloaded buffers in the one memory it
 has, so offloading shows only in the TPU numbers):
