@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import small_config
 
-from configs import lm
 from data.errors import ConfigError
 from kernels.attention_reference import attention_reference
 from model import context_parallel, transformer
@@ -115,17 +115,10 @@ def corpus(tmp_path_factory) -> pathlib.Path:
 
 
 def _config(corpus: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
-  c = lm.get_config('tiny')
-  c.unlock()
-  c.update(steps=3, batch_size=2, log_every=1, eval_every=0, eval_steps=0)
-  c.checkpoint.update(every=1000, async_save=False)
-  c.data.update(source='jsonl', path=str(corpus), seq_len=LENGTH)
-  c.data.tokenizer.update(kind='char')
-  c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, dtype='float32')
-  c.optimizer.update(warmup_steps=1)
-  c.update_from_flattened_dict(overrides)
-  c.lock()
-  return c
+  """test_train's small LM on the JSONL documents at LENGTH tokens a row."""
+  return small_config(corpus, **{
+      'batch_size': 2, 'eval_steps': 0, 'data.source': 'jsonl', 'data.seq_len': LENGTH,
+      'model.d_model': 32, 'model.n_heads': 2, 'model.n_kv_heads': 2, **overrides})
 
 
 def _one_device(config: ml_collections.ConfigDict, workdir: str) -> dict[int, dict]:

@@ -418,20 +418,13 @@ def test_large_preset_compiles_and_fsdp_saves_memory():
   config.batch_size = 8
   config.data.seq_len = 128
   task = LMTask(config)
-  batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
   per_device = {}
   for fsdp in (1, 8):
     config.mesh.update(data=8 // fsdp, fsdp=fsdp, tensor=1)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    _, abstract, shardings, _ = setup_state(task, config, mesh)
-    train_step, _ = trainer.compile_step(task, shardings, mesh)
-    state = checkpoint.abstract_with_shardings(abstract, shardings)
-    with jax.set_mesh(mesh):
-      compiled = train_step.lower(state, batch, {}).compile()
-    stats = compiled.memory_analysis()
+    lowered, (state, _) = trainer.lower_train_step(task, config, mesh_lib.make_mesh(config.mesh))
+    stats = lowered.compile().memory_analysis()
     per_device[fsdp] = (stats.argument_size_in_bytes, stats.temp_size_in_bytes)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   # Parameters and two Adam moments in fp32, 12 bytes per parameter, replicated
   # without FSDP: the program's arguments hold that much, and 1/fsdp of it with FSDP.
   for fsdp, (args, _) in per_device.items():

@@ -21,12 +21,10 @@ import argparse
 import sys
 
 import jax
-import jax.numpy as jnp
 
 from configs import lm
-from train import checkpoint, trainer
 from train import mesh as mesh_lib
-from train.state import setup_state
+from train import trainer
 from train.tasks.lm import LMTask
 
 # name -> config overrides on top of the preset (llama_1b: bfloat16 compute, remat='dots').
@@ -52,14 +50,8 @@ def compiled_memory(config, devices, batch: int, seq_len: int):
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   task = LMTask(config)
   mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-  _, abstract, shardings, _ = setup_state(task, config, mesh)
-  train_step, _ = trainer.compile_step(task, shardings, mesh)
-  state = checkpoint.abstract_with_shardings(abstract, shardings)
-  tokens = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
-                                    sharding=mesh_lib.batch_sharding(mesh))
-            for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  with jax.set_mesh(mesh):
-    return train_step.lower(state, tokens, {}).compile().memory_analysis()
+  lowered, _ = trainer.lower_train_step(task, config, mesh)
+  return lowered.compile().memory_analysis()
 
 
 def main() -> None:
