@@ -25,8 +25,9 @@ xavier-uniform per projection, the timestep MLP and class embedding N(0, 0.02), 
 
 Parameters carry logical axis names; `LOGICAL_AXIS_RULES` maps them to the mesh the way the
 LM's transformer does (Megatron-style): the width D ('embed') is split by FSDP and gathered
-where used, heads and the MLP hidden over the tensor axis. LayerNorms and the modulation run in
-float32; the rest in `dtype`.
+where used, heads and the MLP hidden over the tensor axis; every activation is pinned to the
+batch sharding (`constrain_batch`). LayerNorms and LN(x) * (1 + scale) + shift run in float32,
+the rest in `dtype`. `model.dropout` applies to the MLP hidden (DiT itself has none).
 """
 
 import dataclasses
