@@ -55,7 +55,8 @@ FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq', '.attn.bias', '.attn.masked_bias')
 # Tokenizer files copied from an HF directory at import and back at export.
 HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                      'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json')
+                      'tokenizer.model', 'spiece.model', 'vocab.json', 'merges.txt',
+                      'added_tokens.json')
 # Under {workdir}/tokenizer/: the HF files that travel with the tokenizer (tokenizer files,
 # generation_config.json and the original config.json, whose maximum length and special
 # token ids the export keeps).
@@ -76,7 +77,7 @@ def model_keys_from_hf(hf: dict) -> dict:
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED:
     raise ConfigError(f'config.json has model_type={model_type!r}; train.convert supports '
-                      f'{", ".join(SUPPORTED)}.')
+                      f'{", ".join(SUPPORTED)} and t5.')
   if model_type == 'gpt2':
     return _gpt2_keys(hf)
   return _llama_keys(hf, model_type)
@@ -669,6 +670,11 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   existing non-empty `workdir` is replaced (once the import is whole) only with `overwrite`."""
   _check_target(workdir, '--workdir', overwrite)
   hf = _read_json(os.path.join(hf_dir, 'config.json'))
+  if hf.get('model_type') == 't5':  # the encoder-decoder family, train/convert_t5.py
+    from train import convert_t5
+    convert_t5.import_t5(hf_dir, workdir, param_dtype=param_dtype, dtype=dtype, fsdp=fsdp,
+                         tensor=tensor, overwrite=overwrite)
+    return
   keys = model_keys_from_hf(hf)
   config = lm.get_config('tiny')
   config.model.update(keys, dtype=dtype, param_dtype=param_dtype, scan_unroll=1)
@@ -834,6 +840,11 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   an existing non-empty `hf_dir` is replaced (once the export is whole) only with `overwrite`."""
   from safetensors.numpy import save_file
 
+  if load_run_config(workdir).get('task') == 'seq2seq':  # T5, train/convert_t5.py
+    from train import convert_t5
+    convert_t5.export_t5(workdir, hf_dir, dtype=dtype, max_shard_gb=max_shard_gb,
+                         overwrite=overwrite)
+    return
   _check_target(hf_dir, '--hf_dir', overwrite)
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
