@@ -281,9 +281,13 @@ def attend(q_BxLxHxDh: jax.Array, k_BxSxHxDh: jax.Array, v_BxSxHxDh: jax.Array, 
   model/attention.py's `attention` takes neither an additive bias nor a key mask across two
   sequences, so T5's relative bias and cross-attention are written here in the same
   einsum-and-float32-softmax form as its xla path; 'cudnn' runs jax.nn.dot_product_attention
-  with the bias and mask (and scale 1). A query that sees no key gets zeros.
+  with the bias and mask (and scale 1) in bfloat16 or float16 compute (float32 takes the
+  einsums); under 'pallas' cross-attention and biased attention take the einsums, which the
+  flash kernel lacks (Attention.self_attention gives it the rest). A query that sees no key
+  gets zeros.
   """
-  if attention_lib.resolve(implementation, q_BxLxHxDh.shape[1]) == 'cudnn':
+  half = q_BxLxHxDh.dtype in (jnp.bfloat16, jnp.float16)  # cuDNN's fused kernel needs it
+  if half and attention_lib.resolve(implementation, q_BxLxHxDh.shape[1]) == 'cudnn':
     return jax.nn.dot_product_attention(
         q_BxLxHxDh, k_BxSxHxDh, v_BxSxHxDh,
         bias=None if bias_HxLxS is None else bias_HxLxS[None].astype(q_BxLxHxDh.dtype),
@@ -326,11 +330,14 @@ class Attention(nnx.Module):
 
   def self_attention(self, x_BxLxD: jax.Array, positions_L: jax.Array, *,
                      mask_BxLxS: jax.Array | None, bias_HxLxS: jax.Array | None,
+                     segment_ids_BxL: jax.Array | None = None, causal: bool = False,
                      cache=None):
-    """Self-attention of x (positions `positions_L`, for RoPE). With `cache` = (k_NxBxPxHxDh,
-    v_NxBxPxHxDh, layer, index): this step's keys and values are written at `index` of layer
-    `layer` of the whole cache and the queries attend to all P cached positions under
-    `mask_BxLxS`; returns (out, (k, v))."""
+    """Self-attention of x (positions `positions_L`, for RoPE) under `mask_BxLxS`, which is
+    `segment_ids_BxL` (the encoder's padding: ids 1 real, 0 padding) or `causal` (the
+    decoder) in the form model/attention.py's flash kernel takes, used by 'pallas' without a
+    bias. With `cache` = (k_NxBxPxHxDh, v_NxBxPxHxDh, layer, index): this step's keys and
+    values are written at `index` of layer `layer` of the whole cache and the queries attend
+    to all P cached positions under `mask_BxLxS`; returns (out, (k, v))."""
     cfg = self.cfg
     q_BxLxHxDh = self.project('wq', x_BxLxD)
     k_BxLxHxDh = self.project('wk', x_BxLxD)
@@ -347,8 +354,16 @@ class Attention(nnx.Module):
           v_all, v_BxLxHxDh[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
       k_BxLxHxDh = k_all[layer].astype(cfg.dtype)
       v_BxLxHxDh = v_all[layer].astype(cfg.dtype)
-    out_BxLxHxDh = attend(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxLxS=mask_BxLxS,
-                          bias_HxLxS=bias_HxLxS, implementation=cfg.attention)
+    if cache is None and bias_HxLxS is None and attention_lib.resolve(
+        cfg.attention, x_BxLxD.shape[1]) == 'pallas':
+      # The kernel scales q.k by Dh ** -0.5, which T5 does not: undone on q.
+      q_BxLxHxDh = q_BxLxHxDh * jnp.asarray(cfg.head_dim ** 0.5, q_BxLxHxDh.dtype)
+      out_BxLxHxDh = attention_lib.attention(
+          q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, segment_ids_BxL=segment_ids_BxL, causal=causal,
+          implementation='pallas')
+    else:
+      out_BxLxHxDh = attend(q_BxLxHxDh, k_BxLxHxDh, v_BxLxHxDh, mask_BxLxS=mask_BxLxS,
+                            bias_HxLxS=bias_HxLxS, implementation=cfg.attention)
     out_BxLxD = self.out(out_BxLxHxDh)
     return out_BxLxD if cache is None else (out_BxLxD, (k_all, v_all))
 
@@ -397,11 +412,14 @@ class EncoderBlock(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BxSxD, positions_S, mask_BxSxS, bias_HxSxS, key):
+  def __call__(self, x_BxSxD, positions_S, mask_BxS, bias_HxSxS, key):
     k_attn, k_hidden, k_mlp = _split(key, 3)
     x_BxSxD = constrain_activation(x_BxSxD, _ACTIVATION)
-    h_BxSxD = self.attn.self_attention(self.attn_norm(x_BxSxD), positions_S,
-                                       mask_BxLxS=mask_BxSxS, bias_HxLxS=bias_HxSxS)
+    b, s = mask_BxS.shape
+    h_BxSxD = self.attn.self_attention(
+        self.attn_norm(x_BxSxD), positions_S,
+        mask_BxLxS=jnp.broadcast_to(mask_BxS[:, None, :], (b, s, s)), bias_HxLxS=bias_HxSxS,
+        segment_ids_BxL=mask_BxS.astype(jnp.int32))
     x_BxSxD = x_BxSxD + _dropout(h_BxSxD, self.dropout, k_attn)
     h_BxSxD = self.mlp(self.mlp_norm(x_BxSxD), k_hidden)
     return x_BxSxD + _dropout(h_BxSxD, self.dropout, k_mlp)
@@ -430,7 +448,8 @@ class DecoderBlock(nnx.Module):
     k_self, k_cross, k_hidden, k_mlp = _split(key, 4)
     x_BxTxD = constrain_activation(x_BxTxD, _ACTIVATION)
     h = self.self_attn.self_attention(self.self_norm(x_BxTxD), positions_T,
-                                      mask_BxLxS=mask_BxTxT, bias_HxLxS=bias_HxTxT, cache=cache)
+                                      mask_BxLxS=mask_BxTxT, bias_HxLxS=bias_HxTxT, causal=True,
+                                      cache=cache)
     if cache is not None:
       h, cache = h
     x_BxTxD = x_BxTxD + _dropout(h, self.dropout, k_self)
@@ -462,15 +481,14 @@ class Encoder(nnx.Module):
   def __call__(self, x_BxSxD: jax.Array, mask_BxS: jax.Array,
                dropout_key: jax.Array | None) -> jax.Array:
     cfg = self.cfg
-    b, s, _ = x_BxSxD.shape
+    s = x_BxSxD.shape[1]
     k_embed, k_final, k_layers = _split(dropout_key, 3)
     keys_N = None if k_layers is None else jax.random.split(k_layers, cfg.encoder_layers)
     positions_S = jnp.arange(s, dtype=jnp.int32)
     bias_HxSxS = self.rel_bias(positions_S, positions_S) if cfg.position == 'relative' else None
-    mask_BxSxS = jnp.broadcast_to(mask_BxS[:, None, :], (b, s, s))
 
     def layer(block, x, key):
-      return block(x, positions_S, mask_BxSxS, bias_HxSxS, key)
+      return block(x, positions_S, mask_BxS, bias_HxSxS, key)
 
     if cfg.remat == 'full':
       layer = nnx.remat(layer, policy=REMAT_POLICIES['full'], prevent_cse=False)
