@@ -2,7 +2,7 @@
 layout) in and out of Kiln's seq2seq family (model/seq2seq.py). `python -m train.convert`
 dispatches here on `model_type == 't5'` (import) and on a run's `task == 'seq2seq'`
 (export); the safetensors reading, staging, shard planning and tokenizer copying are
-train/convert.py's.
+train/hf_files.py's, shared with it.
 
 Import writes a run directory: config.json (task='seq2seq', the model keys), an orbax
 checkpoint at step 0 whose state holds `params` (and the step; no optimizer state: a
@@ -34,7 +34,7 @@ from configs import seq2seq as seq2seq_config
 from data import storage, tokenizers
 from data.errors import ConfigError, DataError
 from model import run_params, seq2seq
-from train import checkpoint, convert, trainer
+from train import checkpoint, hf_files, trainer
 from train import mesh as mesh_lib
 from train.runs import load_run_config
 from train.state import TrainState
@@ -115,13 +115,13 @@ def hf_config(cfg: seq2seq.Seq2SeqConfig, dtype: str, original: dict | None) -> 
 # ---------------------------------------------------------------------------
 
 
-def tensor_map(cfg: seq2seq.Seq2SeqConfig) -> list[convert.Tensor]:
+def tensor_map(cfg: seq2seq.Seq2SeqConfig) -> list[hf_files.Tensor]:
   """Every Kiln parameter of `cfg` and its HF tensor (`{i}`: the layer of a stacked one).
   An untied head is HF's lm_head [V, D] transposed; attention projections are HF's
   [H * Dh, D] Linear split into heads; T5's one relative-bias table per stack lives in HF's
   layer 0."""
   d, h, dh, f, v = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-  same, t = convert._same, convert._t
+  same, t = hf_files.same, hf_files.transpose
   proj_in = (lambda w: w.T.reshape(d, h, dh), lambda x: x.reshape(d, h * dh).T)
   proj_out = (lambda w: w.T.reshape(h, dh, d), lambda x: x.reshape(h * dh, d).T)
 
@@ -143,23 +143,23 @@ def tensor_map(cfg: seq2seq.Seq2SeqConfig) -> list[convert.Tensor]:
   decoder = [norm('self_norm', 0), *attention('self_attn', 'layer.0.SelfAttention'),
              norm('cross_norm', 1), *attention('cross_attn', 'layer.1.EncDecAttention'),
              norm('mlp_norm', 2), *mlp(2)]
-  out = [convert.Tensor(('embedding',), 'shared.weight', (v, d), same, same)]
+  out = [hf_files.Tensor(('embedding',), 'shared.weight', (v, d), same, same)]
   if not cfg.tie_embeddings:
-    out.append(convert.Tensor(('lm_head',), 'lm_head.weight', (v, d), t, t))
+    out.append(hf_files.Tensor(('lm_head',), 'lm_head.weight', (v, d), t, t))
   for stack, blocks in (('encoder', encoder), ('decoder', decoder)):
-    out.append(convert.Tensor((stack, 'final_norm', 'scale'), f'{stack}.final_layer_norm.weight',
+    out.append(hf_files.Tensor((stack, 'final_norm', 'scale'), f'{stack}.final_layer_norm.weight',
                               (d,), same, same))
     if cfg.position == 'relative':
-      out.append(convert.Tensor(
+      out.append(hf_files.Tensor(
           (stack, 'rel_bias', 'embedding'),
           f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
           (cfg.relative_buckets, h), same, same))
-    out += [convert.Tensor((stack, 'blocks', *path), f'{stack}.block.{{i}}.{name}', shape, *fns)
+    out += [hf_files.Tensor((stack, 'blocks', *path), f'{stack}.block.{{i}}.{name}', shape, *fns)
             for path, name, shape, *fns in blocks]
   return out
 
 
-def _layers(t: convert.Tensor, cfg: seq2seq.Seq2SeqConfig) -> list[str]:
+def _layers(t: hf_files.Tensor, cfg: seq2seq.Seq2SeqConfig) -> list[str]:
   """The HF names behind `t`: one, or one per layer of its stack."""
   if '{i}' not in t.hf:
     return [t.hf]
@@ -172,7 +172,7 @@ def _layers(t: convert.Tensor, cfg: seq2seq.Seq2SeqConfig) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def _check_names(reader: convert.SafetensorsReader, tensors: list[convert.Tensor],
+def _check_names(reader: hf_files.SafetensorsReader, tensors: list[hf_files.Tensor],
                  cfg: seq2seq.Seq2SeqConfig) -> None:
   """Raises DataError naming missing, unexpected, misshapen or non-float tensors."""
   expected = {n: t.hf_shape for t in tensors for n in _layers(t, cfg)}
@@ -191,9 +191,9 @@ def _check_names(reader: convert.SafetensorsReader, tensors: list[convert.Tensor
     if name in names and reader.shapes[name] != shape:
       raise DataError(f'HF tensor {name} has shape {reader.shapes[name]}; config.json implies '
                       f'{shape}.')
-    if name in names and reader.dtypes[name] not in convert.FLOAT_DTYPES:
+    if name in names and reader.dtypes[name] not in hf_files.FLOAT_DTYPES:
       raise DataError(f'HF tensor {name} has dtype {reader.dtypes[name]}; expected one of '
-                      f'{", ".join(convert.FLOAT_DTYPES)}.')
+                      f'{", ".join(hf_files.FLOAT_DTYPES)}.')
   if cfg.tie_embeddings and 'lm_head.weight' in names and not np.array_equal(
       reader.read('lm_head.weight'), reader.read('shared.weight')):
     raise ConfigError('Unsupported HF T5 model: its lm_head differs from the embedding but '
@@ -201,7 +201,7 @@ def _check_names(reader: convert.SafetensorsReader, tensors: list[convert.Tensor
                       'scale_decoder_outputs): Kiln ties a scaled head to the embedding.')
 
 
-def load_params(reader: convert.SafetensorsReader, cfg: seq2seq.Seq2SeqConfig,
+def load_params(reader: hf_files.SafetensorsReader, cfg: seq2seq.Seq2SeqConfig,
                 abstract_params: dict, shardings: dict) -> dict:
   """Kiln's params, each built in its NamedSharding from its HF tensor(s): a parameter is
   read and converted once, when the first of its shards is asked for."""
@@ -224,7 +224,7 @@ def load_params(reader: convert.SafetensorsReader, cfg: seq2seq.Seq2SeqConfig,
           names = ['shared.weight']  # an unscaled model saved with its head tied
         parts = [t.to_kiln(reader.read(n)) for n in names]
         full = parts[0] if '{i}' not in t.hf else np.stack(parts)
-        cache.append(convert._cast(full, abstract.dtype, t.hf))
+        cache.append(hf_files.cast(full, abstract.dtype, t.hf))
       return cache[0][tuple(index)]
 
     return jax.make_array_from_callback(abstract.shape, _get(shardings, path), callback)
@@ -239,22 +239,13 @@ def _get(tree, path):
   return tree
 
 
-def _read_spm(hf_dir: str) -> bytes | None:
-  for name in SPM_NAMES:
-    path = os.path.join(hf_dir, name)
-    if os.path.exists(path):
-      with open(path, 'rb') as f:
-        return f.read()
-  return None
-
-
 def _extra_ids(hf_dir: str) -> int:
   """How many `<extra_id_i>` sentinels the HF tokenizer has (tokenizer_config.json's
   `extra_ids`, or the sentinels among its added tokens; T5's 100 without a config)."""
   path = os.path.join(hf_dir, 'tokenizer_config.json')
   if not os.path.exists(path):
     return DEFAULT_EXTRA_IDS
-  tok = convert._read_json(path)
+  tok = hf_files.read_json(path)
   if tok.get('extra_ids'):
     return int(tok['extra_ids'])
   added = [v.get('content', '') for v in (tok.get('added_tokens_decoder') or {}).values()]
@@ -267,17 +258,17 @@ def import_t5(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
               dtype: str = 'bfloat16', fsdp: int = 1, tensor: int = 1,
               overwrite: bool = False) -> None:
   """Converts the HF T5 checkpoint in `hf_dir` into a Kiln seq2seq run directory."""
-  convert._check_target(workdir, '--workdir', overwrite)
-  hf = convert._read_json(os.path.join(hf_dir, 'config.json'))
+  hf_files.check_target(workdir, '--workdir', overwrite)
+  hf = hf_files.read_json(os.path.join(hf_dir, 'config.json'))
   config = seq2seq_config.base()
   config.model.update(model_keys_from_hf(hf), dtype=dtype, param_dtype=param_dtype)
   config.mesh.update(data=1 if -1 in (fsdp, tensor) else -1, fsdp=fsdp, tensor=tensor)
   config.checkpoint.async_save = False
-  spm_proto = _read_spm(hf_dir)
+  spm_proto = hf_files.read_spm(hf_dir, SPM_NAMES)
   tok = None
   if spm_proto is not None:
-    tok = dict(kind='sentencepiece', vocab_size=convert._piece_count(spm_proto),
-               model_type=convert._spm_model_type(spm_proto), train_chars=0,
+    tok = dict(kind='sentencepiece', vocab_size=hf_files.piece_count(spm_proto),
+               model_type=hf_files.spm_model_type(spm_proto), train_chars=0,
                extra_ids=_extra_ids(hf_dir))
     if 'data' in config and 'tokenizer' in config.data:  # the seq2seq task's schema
       config.data.tokenizer.update(tok)
@@ -303,14 +294,14 @@ def import_t5(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
   abstract_params = nnx.to_pure_dict(state)
   shardings = mesh_lib.shardings(abstract_params, specs, mesh, seq2seq.LOGICAL_AXIS_RULES)
-  params = load_params(convert.SafetensorsReader(hf_dir), cfg, abstract_params, shardings)
+  params = load_params(hf_files.SafetensorsReader(hf_dir), cfg, abstract_params, shardings)
   rng = jax.random.key_data(jax.random.key(config.seed))
   train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state={},
                            rng=rng, extras={})
 
-  with convert._staging(workdir, overwrite) as tmp:
+  with hf_files.Staging(workdir, overwrite) as tmp:
     trainer.write_config(config, tmp)
-    convert._copy_hf_tokenizer(hf_dir, tmp, spm_proto, ml_collections.ConfigDict(
+    hf_files.copy_tokenizer(hf_dir, tmp, spm_proto, ml_collections.ConfigDict(
         {'data': {'tokenizer': tok or {}}}))
     if tok is not None:  # the spec with `extra_ids`: data/tokenizers.py's T5 id layout
       meta = {'config': {**tokenizers.tokenizer_spec(ml_collections.ConfigDict(tok)),
@@ -362,13 +353,13 @@ def export_t5(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   (model.safetensors, split with an index above `max_shard_gb`)."""
   from safetensors.numpy import save_file
 
-  convert._check_target(hf_dir, '--hf_dir', overwrite)
+  hf_files.check_target(hf_dir, '--hf_dir', overwrite)
   cfg, params, step = load_run(workdir)
   out_dtype = np.dtype(seq2seq.DTYPES[dtype] if dtype else cfg.param_dtype)
   if out_dtype not in (np.float32, np.float16, jnp.bfloat16):
     raise ConfigError(f'--dtype={dtype!r}: choose float32, bfloat16 or float16.')
-  original_path = os.path.join(workdir, 'tokenizer', convert.HF_TOKENIZER_DIR, 'config.json')
-  original = convert._read_json(original_path) if os.path.exists(original_path) else None
+  original_path = os.path.join(workdir, 'tokenizer', hf_files.HF_TOKENIZER_DIR, 'config.json')
+  original = hf_files.read_json(original_path) if os.path.exists(original_path) else None
   dtype_name = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16',
                 np.dtype(jnp.bfloat16): 'bfloat16'}[out_dtype]
   config = hf_config(cfg, dtype_name, original)
@@ -379,8 +370,8 @@ def export_t5(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
       tensors[name] = np.ascontiguousarray(t.to_hf(value[i] if '{i}' in t.hf else value),
                                            out_dtype)
   nbytes = {n: x.nbytes for n, x in tensors.items()}
-  shards = convert._plan_shards(list(tensors), nbytes, int(max_shard_gb * 2**30))
-  with convert._staging(hf_dir, overwrite) as tmp:
+  shards = hf_files.plan_shards(list(tensors), nbytes, int(max_shard_gb * 2**30))
+  with hf_files.Staging(hf_dir, overwrite) as tmp:
     weight_map = {}
     for k, names in enumerate(shards):
       file = ('model.safetensors' if len(shards) == 1 else
@@ -389,9 +380,9 @@ def export_t5(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
                 metadata={'format': 'pt'})
       weight_map.update({n: file for n in names})
     if len(shards) > 1:
-      convert._write_json(os.path.join(tmp, 'model.safetensors.index.json'), {
+      hf_files.write_json(os.path.join(tmp, 'model.safetensors.index.json'), {
           'metadata': {'total_size': sum(nbytes.values())}, 'weight_map': weight_map})
-    convert._write_json(os.path.join(tmp, 'config.json'), config)
+    hf_files.write_json(os.path.join(tmp, 'config.json'), config)
     _export_tokenizer(workdir, tmp, config)
   logging.info('Exported step %d of %s as T5 into %s.', step, workdir, hf_dir)
 
@@ -400,7 +391,7 @@ def _export_tokenizer(workdir: str, hf_dir: str, config: dict) -> None:
   """The HF tokenizer files kept at import, as they were; for a run with its own T5-layout
   SentencePiece, `spiece.model` and a tokenizer_config.json naming its sentinels, which
   transformers' T5Tokenizer reads."""
-  kept = os.path.join(workdir, 'tokenizer', convert.HF_TOKENIZER_DIR)
+  kept = os.path.join(workdir, 'tokenizer', hf_files.HF_TOKENIZER_DIR)
   if os.path.isdir(kept):
     for name in set(os.listdir(kept)) - {'config.json'}:
       with open(os.path.join(kept, name), 'rb') as f:
@@ -408,15 +399,15 @@ def _export_tokenizer(workdir: str, hf_dir: str, config: dict) -> None:
   spm_path = os.path.join(workdir, 'tokenizer', tokenizers.SPM_FILE)
   meta_path = os.path.join(workdir, 'tokenizer', tokenizers.META_FILE)
   if not os.path.isdir(kept) and os.path.exists(spm_path) and os.path.exists(meta_path):
-    extra = int(convert._read_json(meta_path)['config'].get('extra_ids', 0))
+    extra = int(hf_files.read_json(meta_path)['config'].get('extra_ids', 0))
     with open(spm_path, 'rb') as f:
       storage.write_atomic(os.path.join(hf_dir, 'spiece.model'), f.read())
-    convert._write_json(os.path.join(hf_dir, 'tokenizer_config.json'), {
+    hf_files.write_json(os.path.join(hf_dir, 'tokenizer_config.json'), {
         'tokenizer_class': 'T5Tokenizer', 'extra_ids': extra, 'eos_token': '</s>',
         'pad_token': '<pad>', 'unk_token': '<unk>',
         'model_max_length': int(1e30)})
   if not os.path.exists(os.path.join(hf_dir, 'generation_config.json')):
-    convert._write_json(os.path.join(hf_dir, 'generation_config.json'), {
+    hf_files.write_json(os.path.join(hf_dir, 'generation_config.json'), {
         'decoder_start_token_id': config['decoder_start_token_id'],
         'eos_token_id': config.get('eos_token_id', 1),
         'pad_token_id': config.get('pad_token_id', 0)})
