@@ -1,5 +1,6 @@
 """Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2, GPT-2, and the
-mixtures of experts Mixtral and Qwen2-MoE.
+mixtures of experts Mixtral and Qwen2-MoE; T5 (model_type t5, and seq2seq runs) goes to
+train/convert_t5.py. The file plumbing both share is train/hf_files.py.
 
   python -m train.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
   python -m train.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
