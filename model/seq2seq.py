@@ -662,7 +662,7 @@ def generate(model, inputs_BxS: jax.Array, input_mask_BxS: jax.Array, *, max_new
   Args:
     model: a Seq2Seq, or its (graphdef, params).
     inputs_BxS, input_mask_BxS: the encoder input and its mask (False/0 = padding).
-    max_new_tokens: M, static.
+    max_new_tokens: M, static (the other settings are traced: one program serves them all).
     eos_id: the token that ends a row.
     key: a PRNG key; needed when temperature > 0.
     temperature: 0 is greedy; else sampled after top_k (0: off) and top_p (1: off)
@@ -678,19 +678,21 @@ def generate(model, inputs_BxS: jax.Array, input_mask_BxS: jax.Array, *, max_new
   # Plain arrays: Variables closed over by the loop body would belong to the outer trace.
   if isinstance(params, nnx.State):
     params = nnx.to_pure_dict(params)
-  if temperature > 0 and key is None:
+  if key is None and not (isinstance(temperature, (int, float)) and temperature <= 0):
     raise ValueError('generate with temperature > 0 needs a PRNG key.')
   key = jax.random.key(0) if key is None else key
-  return _generate(gdef, params, inputs_BxS, input_mask_BxS, key,
-                   jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                   max_new_tokens=int(max_new_tokens), eos_id=int(eos_id), pad_id=int(pad_id),
-                   vocab_limit=vocab_limit)
+  vocab = params['embedding'].shape[0]
+  limit = vocab if vocab_limit is None else min(int(vocab_limit), vocab)
+  scalars = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
+             jnp.int32(pad_id), jnp.int32(limit))
+  return _generate(gdef, params, inputs_BxS, input_mask_BxS, key, *scalars,
+                   max_new_tokens=int(max_new_tokens))
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=('max_new_tokens', 'eos_id', 'pad_id', 'vocab_limit'))
-def _generate(gdef, params, inputs_BxS, input_mask_BxS, key, temperature, top_k, top_p, *,
-              max_new_tokens: int, eos_id: int, pad_id: int, vocab_limit: int | None):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=('max_new_tokens',))
+def _generate(gdef, params, inputs_BxS, input_mask_BxS, key, temperature, top_k, top_p, eos_id,
+              pad_id, vocab_limit, *, max_new_tokens: int):
+  """`generate` with every setting but M traced, so one program serves them all."""
   model: Seq2Seq = nnx.merge(gdef, params)
   cfg = model.cfg
   b, m = inputs_BxS.shape[0], max_new_tokens
@@ -713,9 +715,7 @@ def _generate(gdef, params, inputs_BxS, input_mask_BxS, key, temperature, top_k,
     step_model: Seq2Seq = nnx.merge(gdef, params)
     logits_Bx1xV, cache = step_model.decode_step(token_B[:, None], i, cache, cross_kv, mask_BxS)
     logits_BxV = logits_Bx1xV[:, 0]
-    if vocab_limit is not None and vocab_limit < logits_BxV.shape[-1]:
-      logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_limit, logits_BxV,
-                             -jnp.inf)
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_limit, logits_BxV, -jnp.inf)
     keys_B = jax.random.split(jax.random.fold_in(key, i), b)
     next_B = sampling.sample(logits_BxV, params_s, keys_B)
     next_B = jnp.where(done_B, pad_id, next_B)

@@ -94,14 +94,14 @@ def _inputs(vocab: int, seed: int = 0):
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
-def test_import_logits_and_greedy_match_transformers(imported, variant):
+def test_import_logits_match_transformers(imported, variant):
+  """The logits of padded inputs, both variants (v1.1's import is sharded 2 x 2)."""
   model, _, workdir = imported[variant]
   cfg, params, step = convert_t5.load_run(str(workdir))
   assert step == 0 and cfg.tie_embeddings == (variant == 'v1_0')
   assert cfg.decoder_layers == VARIANTS[variant].get('num_decoder_layers', 2)
-  graphdef = seq2seq.graphdef(cfg)
   inputs, mask, dec = _inputs(cfg.vocab_size)
-  ours = np.asarray(_kiln_logits(graphdef, params, inputs, mask, dec))
+  ours = np.asarray(_kiln_logits(seq2seq.graphdef(cfg), params, inputs, mask, dec))
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(inputs), attention_mask=torch.tensor(mask.astype(int)),
                    decoder_input_ids=torch.tensor(dec)).logits.numpy()
@@ -109,36 +109,49 @@ def test_import_logits_and_greedy_match_transformers(imported, variant):
   assert scale > 1.0  # not a vacuous comparison of near-zero logits
   np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4 * scale)
 
+
+def test_cached_greedy_generation_matches_transformers(imported):
+  """Kiln's cached greedy decoding of the imported v1.1 model (its decoder deeper than its
+  encoder) gives transformers' greedy `generate` tokens, padded inputs included."""
+  model, _, workdir = imported['v1_1']
+  cfg, params, _ = convert_t5.load_run(str(workdir))
+  inputs, mask, _ = _inputs(cfg.vocab_size)
   steps = 8
   # Without HF's cache: its DynamicCache is sized by the encoder's layer count (num_layers),
-  # which breaks v1.1's deeper decoder (transformers 5.24).
+  # which breaks a deeper decoder (transformers 5.24).
   with torch.no_grad():
     want = model.generate(input_ids=torch.tensor(inputs),
                           attention_mask=torch.tensor(mask.astype(int)), max_new_tokens=steps,
                           do_sample=False, num_beams=1, use_cache=False)[:, 1:].numpy()
-  got = np.asarray(seq2seq.generate((graphdef, params), inputs, mask, max_new_tokens=steps,
-                                    eos_id=1))
+  got = np.asarray(seq2seq.generate((seq2seq.graphdef(cfg), params), inputs, mask,
+                                    max_new_tokens=steps, eos_id=1))
   n = want.shape[1]  # HF stops when every row has its eos
   np.testing.assert_array_equal(got[:, :n], want)
   assert (got[:, n:] == 0).all() and (n == steps or (want == 1).any(axis=1).all())
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
-def test_export_round_trip_is_bitwise_and_loads_in_transformers(imported, variant, tmp_path):
-  model, hf_dir, workdir = imported[variant]
-  out = tmp_path / 'hf_out'
-  convert.export_hf(str(workdir), str(out), max_shard_gb=20e3 / 2**30)  # ~20 KB shards
+def _export(workdir, out) -> dict:
+  """Exports the run in ~20 KB shards; returns the written tensors."""
+  convert.export_hf(str(workdir), str(out), max_shard_gb=20e3 / 2**30)
   assert (out / 'model.safetensors.index.json').exists()
   written = {}
   for file in out.glob('*.safetensors'):
     written.update(load_file(file))
+  return written
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
+def test_export_is_the_hf_checkpoint_and_loads_in_transformers(imported, variant, tmp_path):
+  """HF -> Kiln -> HF gives the original tensors bitwise (the tied copies aside), which
+  transformers loads with no missing or unexpected keys and the original's logits."""
+  model, hf_dir, workdir = imported[variant]
+  out = tmp_path / 'hf_out'
+  written = _export(workdir, out)
   original = load_file(hf_dir / 'model.safetensors')
-  if variant == 'v1_0':  # tied: no head in either file
-    assert 'lm_head.weight' not in written
+  assert ('lm_head.weight' in written) == (variant == 'v1_1')  # v1.0's head is the embedding
   assert set(written) == set(original) - set(convert_t5.IGNORED)
-  for name, value in original.items():
-    if name in written:
-      np.testing.assert_array_equal(written[name], value, err_msg=name)
+  for name, value in written.items():
+    np.testing.assert_array_equal(value, original[name], err_msg=name)
 
   reloaded, info = transformers.T5ForConditionalGeneration.from_pretrained(
       out, output_loading_info=True)
@@ -150,16 +163,23 @@ def test_export_round_trip_is_bitwise_and_loads_in_transformers(imported, varian
     np.testing.assert_array_equal(reloaded.eval()(**args).logits.numpy(),
                                   model(**args).logits.numpy())
 
+
+def test_kiln_to_hf_to_kiln_is_bitwise_with_the_tokenizer(imported, tmp_path):
+  """Kiln -> HF -> Kiln gives the same parameters; the SentencePiece model and its sentinel
+  count travel both ways."""
+  _, hf_dir, workdir = imported['v1_0']
+  out = tmp_path / 'hf_out'
+  _export(workdir, out)
   again = tmp_path / 'kiln_again'
   convert.import_hf(str(out), str(again), dtype='float32')
   _, first, _ = convert_t5.load_run(str(workdir))
   _, second, _ = convert_t5.load_run(str(again))
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
     np.testing.assert_array_equal(a, b)
-
-  if variant == 'v1_0':  # the SentencePiece model and its sentinel count travel both ways
-    assert (out / 'spiece.model').read_bytes() == (hf_dir / 'spiece.model').read_bytes()
-    assert json.loads((out / 'tokenizer_config.json').read_text())['extra_ids'] == EXTRA_IDS
+  assert (out / 'spiece.model').read_bytes() == (hf_dir / 'spiece.model').read_bytes()
+  assert json.loads((out / 'tokenizer_config.json').read_text())['extra_ids'] == EXTRA_IDS
+  assert (again / 'tokenizer' / tokenizers.META_FILE).read_bytes() == (
+      workdir / 'tokenizer' / tokenizers.META_FILE).read_bytes()
 
 
 def test_imported_tokenizer_is_the_sentencepiece_with_t5_sentinels(imported):

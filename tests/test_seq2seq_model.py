@@ -46,12 +46,12 @@ def _tokens(shape, seed=0, low=2):
   return np.random.RandomState(seed).randint(low, VOCAB, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize('position', ['relative', 'rope'])
-def test_encoder_sees_both_ways_and_decoder_only_back(position):
+def test_encoder_sees_both_ways_and_decoder_only_back():
   """Perturbation oracle: changing the last input token changes the first encoder output
   (and the first changes the last); changing decoder token j changes no logits before j and
-  the logits at j."""
-  gd, params = _model(_cfg(position=position))
+  the logits at j. (RoPE's decoder is checked causal by the cached generation test: its
+  recomputation oracle reads a buffer with later positions filled.)"""
+  gd, params = _model(_cfg())
   inputs, mask = _tokens((B, S)), np.ones((B, S), bool)
   dec = _tokens((B, T), seed=1)
   enc = np.asarray(_encode(gd, params, inputs, mask))
@@ -195,20 +195,3 @@ def test_config_errors_name_the_key(key, value, message):
 def test_unknown_preset_is_an_error():
   with pytest.raises(ValueError, match='Unknown preset'):
     seq2seq_config.get_config('t5_huge')
-
-
-def test_dropout_needs_a_key_and_is_off_without_one():
-  """dropout > 0: no key gives the dropout-free logits; a key gives other logits."""
-  gd, params = _model(_cfg())
-  inputs, mask, dec = _tokens((B, S)), np.ones((B, S), bool), _tokens((B, T), seed=2)
-  want = np.asarray(_forward(gd, params, inputs, mask, dec))
-
-  @jax.jit
-  def both(params, key):
-    model = nnx.merge(seq2seq.graphdef(_cfg(dropout=0.3)), params)
-    return model(inputs, mask, dec), model(inputs, mask, dec, dropout_key=key)
-
-  plain, dropped = (np.asarray(x) for x in both(params, jax.random.key(0)))
-  np.testing.assert_allclose(plain, want, atol=1e-5)
-  assert np.abs(dropped - want).max() > 1e-3
-  assert np.isfinite(dropped).all()
