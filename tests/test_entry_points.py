@@ -25,7 +25,7 @@ from data import tokenize as tokenize_lib
 from data.curate import pipeline, write
 from data.errors import ConfigError, DataError
 from launch import local
-from train import convert
+from train import convert, hf_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _LOG_LINE = re.compile(r'^[IWEF]\d{4} ')  # absl's log lines (INFO chatter of the libraries)
@@ -308,11 +308,11 @@ def test_convert_overwrite_replaces_the_output_only_once_it_is_whole(tmp_path):
   target.mkdir()
   (target / 'old.txt').write_text('old')
   with pytest.raises(KeyboardInterrupt):
-    with convert._staging(str(target), replace=True) as tmp:
+    with hf_files.Staging(str(target), replace=True) as tmp:
       (pathlib.Path(tmp) / 'new.txt').write_text('new')
       raise KeyboardInterrupt  # killed mid-conversion: the old output stays
   assert snapshot(tmp_path) == {'out/old.txt': b'old'}
-  with convert._staging(str(target), replace=True) as tmp:
+  with hf_files.Staging(str(target), replace=True) as tmp:
     (pathlib.Path(tmp) / 'new.txt').write_text('new')
   assert snapshot(tmp_path) == {'out/new.txt': b'new'}
 

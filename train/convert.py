@@ -1,5 +1,6 @@
 """Hugging Face checkpoints in and out of Kiln: Llama, Mistral, Qwen2, GPT-2, and the
-mixtures of experts Mixtral and Qwen2-MoE.
+mixtures of experts Mixtral and Qwen2-MoE; T5 (model_type t5, and seq2seq runs) goes to
+train/convert_t5.py. The file plumbing both share is train/hf_files.py.
 
   python -m train.convert import --hf_dir=DIR --workdir=OUT   # HF -> a Kiln run directory
   python -m train.convert export --workdir=DIR --hf_dir=OUT   # a Kiln run -> HF
@@ -25,41 +26,31 @@ at the end, so an interrupted conversion never leaves a directory that looks
 complete.
 """
 
-import dataclasses
-import glob
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from configs import lm
-from data import cli, hf_tokenizer, storage, tokenizers
+from data import cli, hf_tokenizer, tokenizers
 from data.errors import ConfigError, DataError, exit_on_user_error
 from model import transformer
-from train import checkpoint, trainer
+from train import checkpoint, hf_files, trainer
 from train import mesh as mesh_lib
+from train.hf_files import FLOAT_DTYPES, HF_TOKENIZER_DIR, SafetensorsReader, Tensor
+from train.hf_files import same as _same
+from train.hf_files import transpose as _t
 from train.runs import load_run_config, restore_latest
 from train.state import TrainState, setup_state
 from train.tasks.lm import LMTask
 
 SUPPORTED = ('llama', 'mistral', 'qwen2', 'gpt2', 'mixtral', 'qwen2_moe')
-FLOAT_DTYPES = {'F32': np.float32, 'F16': np.float16, 'BF16': jnp.bfloat16}
 # Tensors that some HF checkpoints carry but that are buffers, not parameters.
 IGNORED_SUFFIXES = ('rotary_emb.inv_freq', '.attn.bias', '.attn.masked_bias')
-# Tokenizer files copied from an HF directory at import and back at export.
-HF_TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
-                      'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json')
-# Under {workdir}/tokenizer/: the HF files that travel with the tokenizer (tokenizer files,
-# generation_config.json and the original config.json, whose maximum length and special
-# token ids the export keeps).
-HF_TOKENIZER_DIR = tokenizers.HF_DIR
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +67,7 @@ def model_keys_from_hf(hf: dict) -> dict:
   model_type = hf.get('model_type')
   if model_type not in SUPPORTED:
     raise ConfigError(f'config.json has model_type={model_type!r}; train.convert supports '
-                      f'{", ".join(SUPPORTED)}.')
+                      f'{", ".join(SUPPORTED)} and t5.')
   if model_type == 'gpt2':
     return _gpt2_keys(hf)
   return _llama_keys(hf, model_type)
@@ -333,31 +324,10 @@ def hf_config(cfg: transformer.TransformerConfig, seq_len: int, bos_id: int,
   return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-  """One Kiln parameter read from one HF tensor.
-
-  `kiln` is the parameter's path; `hf` the HF name (with `{i}` for the layer in
-  stacked parameters, whose Kiln shape has a leading [N] axis, and `{e}` for the expert
-  of per-expert matrices, a further [E] axis); `hf_shape` its shape in the file (of one
-  layer and expert); `to_kiln` maps that HF array to Kiln's layout and `to_hf` back.
-  Several parameters that share one HF tensor (GPT-2's fused c_attn: q, k, v; the fused
-  experts' gate_up_proj) are its consecutive pieces along `concat_axis`.
-  """
-  kiln: tuple[str, ...]
-  hf: str
-  hf_shape: tuple[int, ...]
-  to_kiln: Callable[[np.ndarray], np.ndarray]
-  to_hf: Callable[[np.ndarray], np.ndarray]
-  concat_axis: int = 0
 
 
-def _same(x: np.ndarray) -> np.ndarray:
-  return x
 
 
-def _t(w: np.ndarray) -> np.ndarray:
-  return w.T
 
 
 def tensor_map(cfg: transformer.TransformerConfig, family: str,
@@ -518,48 +488,6 @@ def hf_tensors_from_kiln(params: dict, cfg: transformer.TransformerConfig,
 # ---------------------------------------------------------------------------
 
 
-class SafetensorsReader:
-  """The tensors of an HF directory (one file or a sharded index), opened lazily."""
-
-  def __init__(self, hf_dir: str):
-    from safetensors import safe_open
-    self._safe_open = safe_open
-    index = os.path.join(hf_dir, 'model.safetensors.index.json')
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)['weight_map']
-      self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
-    else:
-      paths = sorted(glob.glob(os.path.join(hf_dir, '*.safetensors')))
-      if not paths:
-        raise DataError(f'{hf_dir} has no *.safetensors files (PyTorch .bin checkpoints are not '
-                        'read; re-save with safe_serialization=True).')
-      self.files = {}
-      for path in paths:
-        with safe_open(path, framework='numpy') as f:
-          self.files.update({name: path for name in f.keys()})
-    self._open: dict[str, object] = {}
-    self.shapes, self.dtypes = {}, {}
-    for path in sorted(set(self.files.values())):
-      if not os.path.exists(path):
-        raise DataError(f'{path}, named by {index}, does not exist.')
-      handle = self._handle(path)
-      for name in handle.keys():
-        s = handle.get_slice(name)
-        self.shapes[name], self.dtypes[name] = tuple(s.get_shape()), s.get_dtype()
-
-  def _handle(self, path: str):
-    if path not in self._open:
-      self._open[path] = self._safe_open(path, framework='numpy')
-    return self._open[path]
-
-  def names(self) -> set[str]:
-    return set(self.shapes)
-
-  def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
-    """The tensor (or its slice `index`), read from disk now."""
-    s = self._handle(self.files[name]).get_slice(name)
-    return s[index] if index else s[:]
 
 
 def _resolve_names(reader: SafetensorsReader, tensors: list[Tensor],
@@ -632,7 +560,7 @@ def load_params(reader: SafetensorsReader, cfg: transformer.TransformerConfig, f
         x = reader.read(name, index[::-1]).T
       else:
         x = t.to_kiln(reader.read(name))[index]
-      return _cast(x, abstract.dtype, name)
+      return hf_files.cast(x, abstract.dtype, name)
 
     def callback(index):
       if path[0] != 'blocks':
@@ -656,10 +584,6 @@ def _get(tree, path):
   return tree
 
 
-def _cast(x: np.ndarray, dtype, name: str) -> np.ndarray:
-  if x.dtype not in (np.float32, np.float16, jnp.bfloat16):
-    raise DataError(f'HF tensor {name} has dtype {x.dtype}; expected a float type.')
-  return np.ascontiguousarray(x.astype(dtype))
 
 
 def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
@@ -667,8 +591,13 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
               expert: int = 1, overwrite: bool = False) -> None:
   """Converts the HF checkpoint in `hf_dir` into a Kiln run directory `workdir`; an
   existing non-empty `workdir` is replaced (once the import is whole) only with `overwrite`."""
-  _check_target(workdir, '--workdir', overwrite)
-  hf = _read_json(os.path.join(hf_dir, 'config.json'))
+  hf_files.check_target(workdir, '--workdir', overwrite)
+  hf = hf_files.read_json(os.path.join(hf_dir, 'config.json'))
+  if hf.get('model_type') == 't5':  # the encoder-decoder family, train/convert_t5.py
+    from train import convert_t5
+    convert_t5.import_t5(hf_dir, workdir, param_dtype=param_dtype, dtype=dtype, fsdp=fsdp,
+                         tensor=tensor, overwrite=overwrite)
+    return
   keys = model_keys_from_hf(hf)
   config = lm.get_config('tiny')
   config.model.update(keys, dtype=dtype, param_dtype=param_dtype, scan_unroll=1)
@@ -678,10 +607,10 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
   config.mesh.update(data=1 if -1 in (fsdp, tensor, expert) else -1, fsdp=fsdp, tensor=tensor,
                      expert=expert)
   config.checkpoint.async_save = False
-  spm_proto = _read_spm(hf_dir)
+  spm_proto = hf_files.read_spm(hf_dir)
   if spm_proto is not None:
-    config.data.tokenizer.update(kind='sentencepiece', vocab_size=_piece_count(spm_proto),
-                                 model_type=_spm_model_type(spm_proto))
+    config.data.tokenizer.update(kind='sentencepiece', vocab_size=hf_files.piece_count(spm_proto),
+                                 model_type=hf_files.spm_model_type(spm_proto))
   task = LMTask(config)
   family = hf['model_type']
   reader = SafetensorsReader(hf_dir)
@@ -694,9 +623,9 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
                      params=params, opt_state=opt_state,
                      rng=jax.device_put(rng, shardings.rng), extras={})
 
-  with _staging(workdir, overwrite) as tmp:
+  with hf_files.Staging(workdir, overwrite) as tmp:
     trainer.write_config(config, tmp)
-    _copy_hf_tokenizer(hf_dir, tmp, spm_proto, config)
+    hf_files.copy_tokenizer(hf_dir, tmp, spm_proto, config)
     ckpt = checkpoint.Checkpointer(tmp, config.checkpoint)
     ckpt.save(0, state, None)
     ckpt.wait()
@@ -705,122 +634,20 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str = 'float32',
                transformer.count_params(task.model_cfg), workdir)
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise DataError(f'Cannot read {path}: {e}') from None
 
 
-def _check_target(path: str, flag: str, overwrite: bool) -> None:
-  cli.check_output_dir(path, flag)
-  if os.path.exists(path) and os.listdir(path) and not overwrite:
-    raise ConfigError(f'{flag}={path} exists and is not empty; give a new directory, or pass '
-                      '--overwrite to replace it.')
 
 
-class _staging:
-  """A temporary sibling of `target`, renamed to it on success and deleted on failure;
-  an existing `target` is deleted just before the rename when `replace`, else it must
-  be empty."""
-
-  def __init__(self, target: str, replace: bool = False):
-    self.target = os.path.abspath(target)
-    self.replace = replace
-
-  def __enter__(self) -> str:
-    parent = os.path.dirname(self.target)
-    os.makedirs(parent, exist_ok=True)
-    self.tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.target)}.partial-', dir=parent)
-    return self.tmp
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc_type is not None:
-      shutil.rmtree(self.tmp, ignore_errors=True)
-      return False
-    if os.path.exists(self.target) and self.replace:
-      shutil.rmtree(self.target)
-    elif os.path.exists(self.target):
-      os.rmdir(self.target)  # empty, checked before
-    os.rename(self.tmp, self.target)
-    return False
 
 
-def _read_spm(hf_dir: str) -> bytes | None:
-  path = os.path.join(hf_dir, 'tokenizer.model')
-  if not os.path.exists(path):
-    return None
-  with open(path, 'rb') as f:
-    proto = f.read()
-  return proto if _spm_model_type(proto) in ('bpe', 'unigram') else None
 
 
-def _piece_count(proto: bytes) -> int:
-  return tokenizers.SentencePieceTokenizer(proto).vocab_size
 
 
-def _spm_model_type(proto: bytes) -> str:
-  """SentencePiece's trainer_spec.model_type, read from the protobuf wire format (the
-  generated protobuf module of sentencepiece needs a matching protobuf runtime)."""
-  trainer_spec = _proto_field(proto, 2)
-  value = _proto_field(trainer_spec, 3) if trainer_spec is not None else None
-  return {1: 'unigram', 2: 'bpe', 3: 'word', 4: 'char'}.get(
-      1 if value is None else value, 'unknown')
 
 
-def _proto_field(buf: bytes, number: int):
-  """The last value of field `number` in a protobuf message: bytes or int (None if absent)."""
-  pos, found = 0, None
-
-  def varint():
-    nonlocal pos
-    shift = result = 0
-    while True:
-      byte = buf[pos]
-      pos += 1
-      result |= (byte & 0x7F) << shift
-      if not byte & 0x80:
-        return result
-      shift += 7
-
-  while pos < len(buf):
-    key = varint()
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value = varint()
-    elif wire == 2:
-      n = varint()
-      value, pos = buf[pos:pos + n], pos + n
-    elif wire == 1:
-      value, pos = None, pos + 8
-    elif wire == 5:
-      value, pos = None, pos + 4
-    else:
-      raise DataError('tokenizer.model is not a SentencePiece model.')
-    if field == number:
-      found = value
-  return found
 
 
-def _copy_hf_tokenizer(hf_dir: str, workdir: str, spm_proto: bytes | None,
-                       config: ml_collections.ConfigDict) -> None:
-  """Kiln's tokenizer cache (when the HF one is SentencePiece) and the HF files, for export."""
-  directory = os.path.join(workdir, 'tokenizer')
-  hf_files = [n for n in HF_TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
-  for name in hf_files + ['generation_config.json', 'config.json']:
-    if os.path.exists(os.path.join(hf_dir, name)):
-      os.makedirs(os.path.join(directory, HF_TOKENIZER_DIR), exist_ok=True)
-      shutil.copy(os.path.join(hf_dir, name), os.path.join(directory, HF_TOKENIZER_DIR, name))
-  if spm_proto is None:
-    if 'tokenizer.json' not in hf_files:  # else data.tokenizers.HFTokenizer reads it
-      logging.warning('%s has neither a SentencePiece tokenizer.model nor a tokenizer.json: the '
-                      'Kiln run has no tokenizer, so train.sample cannot encode prompts.', hf_dir)
-    return
-  storage.write_atomic(os.path.join(directory, tokenizers.SPM_FILE), spm_proto)
-  meta = {'config': tokenizers.tokenizer_spec(config.data.tokenizer)}
-  storage.write_atomic(os.path.join(directory, tokenizers.META_FILE),
-                          json.dumps(meta, indent=1).encode())
 
 
 # ---------------------------------------------------------------------------
@@ -834,7 +661,12 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   an existing non-empty `hf_dir` is replaced (once the export is whole) only with `overwrite`."""
   from safetensors.numpy import save_file
 
-  _check_target(hf_dir, '--hf_dir', overwrite)
+  if load_run_config(workdir).get('task') == 'seq2seq':  # T5, train/convert_t5.py
+    from train import convert_t5
+    convert_t5.export_t5(workdir, hf_dir, dtype=dtype, max_shard_gb=max_shard_gb,
+                         overwrite=overwrite)
+    return
+  hf_files.check_target(hf_dir, '--hf_dir', overwrite)
   task, state, step = load_run(workdir)
   cfg = task.model_cfg
   family = hf_family(cfg)
@@ -855,9 +687,9 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
   del state
   shapes = {n: t.hf_shape for t in tensor_map(cfg, family) for n, _ in _expand(t, cfg)}
   nbytes = {n: int(np.prod(shapes[n])) * out_dtype.itemsize for n in builders}
-  shards = _plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
+  shards = hf_files.plan_shards(list(builders), nbytes, int(max_shard_gb * 2**30))
 
-  with _staging(hf_dir, overwrite) as tmp:
+  with hf_files.Staging(hf_dir, overwrite) as tmp:
     weight_map = {}
     for k, names in enumerate(shards):
       file = ('model.safetensors' if len(shards) == 1 else
@@ -868,10 +700,10 @@ def export_hf(workdir: str, hf_dir: str, *, dtype: str = '', max_shard_gb: float
       weight_map.update({n: file for n in names})
     if len(shards) > 1:
       index = {'metadata': {'total_size': sum(nbytes.values())}, 'weight_map': weight_map}
-      _write_json(os.path.join(tmp, 'model.safetensors.index.json'), index)
+      hf_files.write_json(os.path.join(tmp, 'model.safetensors.index.json'), index)
     dtype_name = {np.dtype(np.float32): 'float32', np.dtype(np.float16): 'float16',
                   np.dtype(jnp.bfloat16): 'bfloat16'}[out_dtype]
-    _write_json(os.path.join(tmp, 'config.json'), _with_original(
+    hf_files.write_json(os.path.join(tmp, 'config.json'), _with_original(
         hf_config(cfg, task.config.data.seq_len, bos, eos, dtype_name), workdir))
     _export_tokenizer(workdir, tmp, tokenizer, task.config, bos, eos)
   logging.info('Exported step %d of %s as %s into %s.', step, workdir, family, hf_dir)
@@ -882,7 +714,7 @@ def _with_original(config: dict, workdir: str) -> dict:
   path = os.path.join(workdir, 'tokenizer', HF_TOKENIZER_DIR, 'config.json')
   if not os.path.exists(path):
     return config
-  original = _read_json(path)
+  original = hf_files.read_json(path)
   if original.get('model_type') != config['model_type']:
     return config
   for key in ('max_position_embeddings', 'bos_token_id', 'eos_token_id', 'pad_token_id'):
@@ -904,20 +736,8 @@ def load_run(workdir: str):
   return (task, *restore_latest(task, config, workdir))
 
 
-def _plan_shards(names: Sequence[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
-  shards, size = [[]], 0
-  for name in names:
-    if shards[-1] and size + nbytes[name] > limit:
-      shards.append([])
-      size = 0
-    shards[-1].append(name)
-    size += nbytes[name]
-  return shards
 
 
-def _write_json(path: str, obj: dict) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, indent=2)
 
 
 def _export_tokenizer(workdir: str, hf_dir: str, tokenizer, config, bos: int, eos: int) -> None:
@@ -949,7 +769,7 @@ def _export_tokenizer(workdir: str, hf_dir: str, tokenizer, config, bos: int, eo
                     type(tokenizer).__name__)
   if not os.path.exists(os.path.join(hf_dir, 'generation_config.json')):
     gen = {k: v for k, v in (('bos_token_id', bos), ('eos_token_id', eos)) if v >= 0}
-    _write_json(os.path.join(hf_dir, 'generation_config.json'), gen)
+    hf_files.write_json(os.path.join(hf_dir, 'generation_config.json'), gen)
 
 
 # ---------------------------------------------------------------------------
@@ -991,14 +811,14 @@ def check_args(argv: Sequence[str], f) -> None:
     for flag, value in (('--fsdp', f.fsdp), ('--tensor', f.tensor), ('--expert', f.expert)):
       if value != -1 and value < 1:
         raise ConfigError(f'{flag}={value} must be -1 (all devices) or >= 1.')
-    _check_target(f.workdir, '--workdir', f.overwrite)
+    hf_files.check_target(f.workdir, '--workdir', f.overwrite)
   else:
     cli.check_input(f.workdir, '--workdir', directory=True)
     if f.dtype and f.dtype not in transformer.DTYPES:
       raise ConfigError(f'--dtype={f.dtype!r}: choose one of {", ".join(transformer.DTYPES)}.')
     if f.max_shard_gb <= 0:
       raise ConfigError(f'--max_shard_gb={f.max_shard_gb} must be > 0.')
-    _check_target(f.hf_dir, '--hf_dir', f.overwrite)
+    hf_files.check_target(f.hf_dir, '--hf_dir', f.overwrite)
 
 
 def main(argv):
