@@ -121,7 +121,8 @@ def tokenizer_texts(data_cfg: ml_collections.ConfigDict,
   """What the tokenizer trains on: the training documents (the stdlib's for the demo, so
   that a `span` run and a `docstring` run share one tokenizer), or the jsonl pairs' texts."""
   if objective == 'pairs' and data_cfg.source == 'jsonl':
-    return lambda: (text for pair in pairs_texts(data_cfg, 'train') for text in pair)
+    pairs = pairs_texts(data_cfg, 'train')  # read here: SentencePiece would hide a DataError
+    return lambda: (text for pair in pairs for text in pair)
   return lambda: sources.read_documents(data_cfg, 'train')
 
 
