@@ -38,26 +38,32 @@ def base() -> ml_collections.ConfigDict:
   # `model` and the tokenizer come from that run; the rest from this config.
   c.init_from = ''
 
+  # The model's vocabulary is the tokenizer's rounded up to a multiple of 128 (T5's 32100
+  # pieces give 32128 rows), so it is not a key here.
   c.model = ml_collections.ConfigDict(dict(
-      d_model=512,
-      num_heads=6,
-      head_dim=64,
+      d_model=256,
+      num_heads=4,
+      head_dim=64,  # T5's d_kv: need not be d_model / num_heads
       mlp_dim=1024,
-      encoder_layers=8,
-      decoder_layers=8,
-      mlp='gated-gelu',  # gated-gelu (T5 v1.1, Flan-T5) | relu (T5 v1.0) | gated-silu
-      position='relative',  # relative (T5's buckets) | rope
+      encoder_layers=4,
+      decoder_layers=4,
+      mlp='gated-gelu',  # gated-gelu (T5 v1.1, flan-t5) | relu (T5 v1.0) | gated-silu
+      # relative: T5's learned bias per relative-position bucket, one table per stack shared
+      # by its layers (bidirectional buckets in the encoder, causal in the decoder) | rope.
+      position='relative',
       relative_buckets=32,
       relative_max_distance=128,
-      rope_theta=10_000.0,
-      tie_embeddings=False,  # True: T5 v1.0 (logits scaled by d_model ** -0.5)
+      rope_theta=10_000.0,  # position='rope' only
+      # True: the head is the embedding and the decoder output is scaled by d_model ** -0.5
+      # (T5 v1.0); False: a separate head, unscaled (v1.1, flan-t5).
+      tie_embeddings=False,
       dropout=0.0,
       norm_eps=1e-6,
-      dtype='bfloat16',
+      dtype='float32',  # compute dtype
       param_dtype='float32',
-      attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
-      remat='none',  # none | full
-      decoder_start_id=0,  # T5's: the pad id
+      attention='xla',  # xla | cudnn | pallas (position='rope' only) | auto (model/attention.py)
+      remat='none',  # none | full (each layer recomputed in the backward pass)
+      decoder_start_id=0,  # the decoder's first input (T5: its pad id)
   ))
 
   # span_corruption (T5's pre-training, data/span_corruption.py) | pairs (input -> target).
@@ -132,16 +138,18 @@ def get_config(preset: str = 'span') -> ml_collections.ConfigDict:
     c.data.update(input_len=192, target_len=48)
     c.eval.update(num_generate=256, generate_batch=64)
   elif preset == 't5_small':
-    # T5 v1.1 small (google/t5-v1_1-small): 8 + 8 layers, d_model 512, 6 heads of 64.
+    # google/t5-v1_1-small's shape: gated-GELU, untied head, 8 + 8 layers, 6 heads of 64.
+    c.model.update(d_model=512, num_heads=6, head_dim=64, mlp_dim=1024, encoder_layers=8,
+                   decoder_layers=8, mlp='gated-gelu', tie_embeddings=False)
     c.steps = 100_000
     c.batch_size = 128
     c.eval_every = 5000
     c.checkpoint.every = 5000
     c.optimizer.update(lr=1e-2, warmup_steps=10_000, end_lr=1e-4, weight_decay=0.0)
   elif preset == 'flan_t5_base':
-    # Flan-T5 base (google/flan-t5-base): 12 + 12 layers, d_model 768, 12 heads of 64.
+    # google/flan-t5-base's shape: gated-GELU, untied head, 12 + 12 layers, 12 heads of 64.
     c.model.update(d_model=768, num_heads=12, head_dim=64, mlp_dim=2048, encoder_layers=12,
-                   decoder_layers=12)
+                   decoder_layers=12, mlp='gated-gelu', tie_embeddings=False)
     c.objective = 'pairs'
     c.steps = 10_000
     c.batch_size = 64
