@@ -132,11 +132,11 @@ class Seq2SeqTask(tasks.Task):
     self.config = config
     self.data = None
     self.tokenizer = None
-    # The vocabulary is known before the tokenizer exists (an own tokenizer's size is in its
-    # config, an import's tokenizer is on disk), so every check runs before data is read.
-    hf_dir = epath.Path(config.get('init_from') or '/nonexistent') / 'tokenizer'
-    if config.get('init_from') and not (hf_dir / tokenizers.META_FILE).exists():
-      self._set_tokenizer(tokenizers.load_tokenizer(config.init_from))
+    # The vocabulary is known before the tokenizer exists (its size follows from its config,
+    # or an import's is on disk), so every check runs before any data is read.
+    init = config.get('init_from')
+    if init and not (epath.Path(init) / 'tokenizer' / tokenizers.META_FILE).exists():
+      self._set_tokenizer(tokenizers.load_tokenizer(init))  # Hugging Face's files only
     else:
       self._setup_model(tokenizer_vocab_size(config.data.tokenizer))
 
@@ -334,10 +334,11 @@ class Seq2SeqTask(tasks.Task):
   def generate_texts(self, params, inputs_NxS: np.ndarray, mask_NxS: np.ndarray, *,
                      max_new_tokens: int = -1, temperature: float = 0.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """The decoded generations (up to EOS) from encoder inputs [N, S], in compiled chunks of
-    `eval.generate_batch` (greedy by default)."""
+    """The decoded generations (up to EOS) from encoder inputs [N, S], greedy by default, in
+    chunks of `eval.generate_batch` rows (the last one padded): one compiled program for the
+    evaluation and the samples alike."""
     n = len(inputs_NxS)
-    bs = min(self.config.eval.generate_batch, n)
+    bs = self.config.eval.generate_batch
     max_new = self.config.data.target_len if max_new_tokens == -1 else max_new_tokens
     key = jax.random.key(seed)
 
