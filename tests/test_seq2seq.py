@@ -338,3 +338,22 @@ def test_eval_scores_are_sacrebleu_and_rouge_score(straight, pairs_path):
   # The run's text sample: the first held-out input, and what the model made of it.
   first = task.decode(val.arrays['inputs'][0])
   assert first.startswith('def ') and result.samples['samples/text'].startswith(f'{first}\n--> ')
+
+
+def test_warm_start_adopts_the_run(straight, pairs_path, tmp_path):
+  """init_from: the run's architecture and tokenizer replace this config's, and its newest
+  parameters start the state, with a fresh optimizer."""
+  straight_dir, _ = straight
+  config = small_config(**{'data.path': pairs_path, 'init_from': str(straight_dir),
+                           'model.d_model': 64, 'data.tokenizer.vocab_size': 500})
+  task = Seq2SeqTask(config)
+  assert config.model.d_model == 32 and config.data.tokenizer.vocab_size == 360
+  task.setup_data(str(tmp_path), 0, 1)
+  assert (tmp_path / 'tokenizer' / 'spm.model').read_bytes() == (
+      straight_dir / 'tokenizer' / 'spm.model').read_bytes()
+  fresh = jax.jit(task.init_state)(jax.random.key(1))
+  warm = task.warm_start(fresh)
+  saved = restore(straight_dir, 4)
+  assert_trees_equal(jax.tree.map(np.asarray, warm.params), saved['params'])
+  assert_trees_equal(jax.tree.map(np.asarray, warm.opt_state),
+                     jax.tree.map(np.asarray, fresh.opt_state))

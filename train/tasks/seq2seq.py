@@ -95,13 +95,15 @@ def adopt_init_run(config: ml_collections.ConfigDict) -> None:
   """`config.model`'s architecture keys and `config.data.tokenizer` set to those of the run
   in `config.init_from`, so that config.json describes this run's model.
 
+  Does nothing when that run's config.json is absent (checked in `setup_data`, since a
+  finished run can be sampled after the run it started from is gone).
+
   Raises:
     ConfigError: init_from is not a seq2seq run.
   """
   path = epath.Path(config.init_from) / 'config.json'
   if not path.exists():
-    raise ConfigError(f'init_from={config.init_from!r} has no config.json: give the --workdir '
-                      'of a seq2seq training run or of `python -m train.convert import`.')
+    return
   other = json.loads(path.read_text())
   if other.get('task') != 'seq2seq':
     raise ConfigError(f'init_from={config.init_from!r} is a {other.get("task")!r} run, not a '
@@ -134,9 +136,10 @@ class Seq2SeqTask(tasks.Task):
     self.tokenizer = None
     # The vocabulary is known before the tokenizer exists (its size follows from its config,
     # or an import's is on disk), so every check runs before any data is read.
-    init = config.get('init_from')
-    if init and not (epath.Path(init) / 'tokenizer' / tokenizers.META_FILE).exists():
-      self._set_tokenizer(tokenizers.load_tokenizer(init))  # Hugging Face's files only
+    hf_only = epath.Path(config.get('init_from') or '.') / 'tokenizer'
+    if config.get('init_from') and not (hf_only / tokenizers.META_FILE).exists() and (
+        hf_only / tokenizers.HF_DIR / tokenizers.HF_FILE).exists():
+      self._set_tokenizer(tokenizers.load_tokenizer(config.init_from))
     else:
       self._setup_model(tokenizer_vocab_size(config.data.tokenizer))
 
@@ -205,6 +208,10 @@ class Seq2SeqTask(tasks.Task):
     if (target / tokenizers.META_FILE).exists() or (
         target / tokenizers.HF_DIR / tokenizers.HF_FILE).exists():
       return
+    if not (epath.Path(self.config.init_from) / 'config.json').exists():
+      raise ConfigError(f'init_from={self.config.init_from!r} has no config.json: give the '
+                        '--workdir of a seq2seq training run or of `python -m train.convert '
+                        'import`.')
     hf = source / tokenizers.HF_DIR
     # The marker files last: tokenizer.json (Kiln's, or HF's when it is the only one) says
     # the copy is whole.
