@@ -79,7 +79,7 @@ def build_lm_data(data_cfg: ml_collections.ConfigDict, *, seed: int, global_batc
   else:
     tokenizer = tokenizers.load_or_train_tokenizer(
         data_cfg.tokenizer, lambda: sources.read_documents(data_cfg, 'train'), workdir)
-    cache_dir = _cache_dir(data_cfg, workdir)
+    cache_dir = token_cache_dir(data_cfg, workdir)
     train = TokenWindows(*token_stream(data_cfg, 'train', tokenizer, cache_dir), seq_len)
     val = None
     if eval_steps > 0:
@@ -257,7 +257,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def _cache_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
+def token_cache_dir(data_cfg: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """`{workdir}/data/<key>`: the key changes with anything that changes the tokens."""
   key = {
       'data': {k: data_cfg[k] for k in ('source', 'path', 'name', 'data_dir', 'text_field',

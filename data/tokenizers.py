@@ -14,6 +14,12 @@ returns an `HFTokenizer` over the Hugging Face `tokenizer.json` the import keeps
 Every tokenizer has `bos_id` and `eos_id` (-1 when it has none) and `special_tokens`, the
 text form of each special token mapped to its id (what chat templates write, data/chat.py).
 `encode` never adds special tokens.
+
+With `data.tokenizer.extra_ids` set (the encoder-decoder family, configs/seq2seq.py), a
+SentencePiece or byte tokenizer has T5's id layout instead: pad 0, EOS 1, unknown 2, no BOS,
+and `extra_ids` sentinels `<extra_id_i>` = vocab_size - 1 - i on top of the vocabulary
+(SentencePiece itself cannot place pieces there, so they sit above its model, as in T5's
+seqio vocabulary). The byte form is ByT5's: byte b is id b + 3.
 """
 
 import io
@@ -75,6 +81,92 @@ class SentencePieceTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+
+_SENTINEL = re.compile(r'<extra_id_(\d+)>')
+
+
+class _Sentinels:
+  """T5's sentinels above a base vocabulary of `base_size` ids whose pad, EOS and unknown
+  are 0, 1 and 2. Text may write a sentinel as `<extra_id_i>` (as Hugging Face's T5
+  tokenizer reads it), and `decode` writes it so."""
+
+  pad_id = 0
+  eos_id = 1
+  bos_id = -1
+
+  def _add_sentinels(self, base_size: int, extra_ids: int) -> None:
+    self.base_size, self.extra_ids = base_size, extra_ids
+    self.vocab_size = base_size + extra_ids
+    self.special_tokens = {**self.special_tokens, **{
+        f'<extra_id_{i}>': self.vocab_size - 1 - i for i in range(extra_ids)}}
+
+  def _encode_base(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def _decode_base(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def encode(self, text: str) -> list[int]:
+    ids, start = [], 0
+    for m in _SENTINEL.finditer(text):
+      if int(m[1]) < self.extra_ids:
+        ids += self._encode_base(text[start:m.start()]) + [self.vocab_size - 1 - int(m[1])]
+        start = m.end()
+    return ids + self._encode_base(text[start:])
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    parts, run = [], []
+    for i in (int(i) for i in ids):
+      if self.base_size <= i < self.vocab_size:
+        parts += [self._decode_base(run), f'<extra_id_{self.vocab_size - 1 - i}>']
+        run = []
+      else:
+        run.append(i)
+    return ''.join(parts) + self._decode_base(run)
+
+
+class T5SentencePieceTokenizer(_Sentinels):
+  """A SentencePiece model trained with T5's pad 0, EOS 1, unknown 2 and no BOS, with
+  `extra_ids` sentinels on top."""
+
+  def __init__(self, model_proto: bytes, extra_ids: int):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.special_tokens = {'<pad>': 0, '</s>': 1}
+    self._add_sentinels(self._sp.get_piece_size(), extra_ids)
+
+  def _encode_base(self, text: str) -> list[int]:
+    return self._sp.encode(text) if text else []
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Texts without sentinels in one call to SentencePiece's threads."""
+    plain = [i for i, t in enumerate(texts) if '<extra_id_' not in t]
+    out = [None] * len(texts)
+    for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain],
+                                             num_threads=os.cpu_count() or 1), strict=True):
+      out[i] = ids
+    return [self.encode(t) if ids is None else ids for t, ids in zip(texts, out, strict=True)]
+
+  def _decode_base(self, ids: list[int]) -> str:
+    return self._sp.decode([i for i in ids if 0 <= i < self.base_size]) if ids else ''
+
+
+class T5ByteTokenizer(_Sentinels):
+  """ByT5's ids: pad 0, EOS 1, unknown 2, UTF-8 byte b as b + 3, then `extra_ids`
+  sentinels on top."""
+
+  def __init__(self, extra_ids: int):
+    self.special_tokens = {'<pad>': 0, '</s>': 1}
+    self._add_sentinels(3 + 256, extra_ids)
+
+  def _encode_base(self, text: str) -> list[int]:
+    return [b + 3 for b in text.encode('utf-8')]
+
+  def _decode_base(self, ids: list[int]) -> str:
+    return bytes(i - 3 for i in ids if 3 <= i < 259).decode('utf-8', errors='replace')
 
 
 class ByteTokenizer:
@@ -184,10 +276,15 @@ class HFTokenizer:
 
 def tokenizer_spec(tok_cfg: ml_collections.ConfigDict) -> dict:
   """The config keys that determine the tokenizer of `tok_cfg.kind` (and nothing else)."""
+  # T5's layout (see the module docstring) only where the config has the key, so that the
+  # specs cached by runs without it stay what they were.
+  t5 = {'extra_ids': int(tok_cfg.extra_ids)} if 'extra_ids' in tok_cfg else {}
   if tok_cfg.kind == 'sentencepiece':
     return {'kind': tok_cfg.kind, 'vocab_size': int(tok_cfg.vocab_size),
-            'model_type': tok_cfg.model_type, 'train_chars': int(tok_cfg.train_chars)}
-  if tok_cfg.kind in ('byte', 'char'):
+            'model_type': tok_cfg.model_type, 'train_chars': int(tok_cfg.train_chars), **t5}
+  if tok_cfg.kind == 'byte':
+    return {'kind': tok_cfg.kind, **t5}
+  if tok_cfg.kind == 'char':
     return {'kind': tok_cfg.kind}
   raise DataError(f'data.tokenizer.kind={tok_cfg.kind!r} is not a tokenizer; choose one of '
                   'sentencepiece, byte, char.')
@@ -219,7 +316,7 @@ def load_or_train_tokenizer(tok_cfg: ml_collections.ConfigDict,
     return _from_meta(directory, meta)
   meta = {'config': spec}
   if spec['kind'] == 'sentencepiece':
-    proto = train_sentencepiece(tok_cfg, train_texts)
+    proto = train_sentencepiece(tok_cfg, train_texts, t5_ids='extra_ids' in spec)
     write_atomic(directory / SPM_FILE, proto)
   elif spec['kind'] == 'char':
     meta['chars'] = sorted(set().union(*(set(t) for t in train_texts())))
@@ -240,13 +337,15 @@ def load_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
 
 
 def train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
-                        train_texts: Callable[[], Iterable[str]]) -> bytes:
-  """Trains a SentencePiece model deterministically; returns the serialized model."""
+                        train_texts: Callable[[], Iterable[str]], t5_ids: bool = False) -> bytes:
+  """Trains a SentencePiece model deterministically; returns the serialized model. With
+  `t5_ids`, T5's special ids: pad 0, EOS 1, unknown 2, no BOS (SentencePiece's defaults
+  are unknown 0, BOS 1, EOS 2, no pad)."""
   logging.info('Training a %s SentencePiece tokenizer, vocabulary %d.', tok_cfg.model_type,
                tok_cfg.vocab_size)
   writer = io.BytesIO()
   try:
-    _train_sentencepiece(tok_cfg, train_texts, writer)
+    _train_sentencepiece(tok_cfg, train_texts, writer, t5_ids)
   except RuntimeError as e:  # SentencePiece's own checks, as an INTERNAL error
     raise DataError(_sentencepiece_error(tok_cfg, str(e))) from None
   return writer.getvalue()
@@ -268,7 +367,9 @@ def _sentencepiece_error(tok_cfg: ml_collections.ConfigDict, message: str) -> st
 
 
 def _train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
-                         train_texts: Callable[[], Iterable[str]], writer: io.BytesIO) -> None:
+                         train_texts: Callable[[], Iterable[str]], writer: io.BytesIO,
+                         t5_ids: bool) -> None:
+  ids = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1) if t5_ids else {}
   spm.SentencePieceTrainer.train(
       sentence_iterator=_training_lines(train_texts, tok_cfg.train_chars),
       model_writer=writer,
@@ -288,6 +389,7 @@ def _train_sentencepiece(tok_cfg: ml_collections.ConfigDict,
       allow_whitespace_only_pieces=True,
       split_digits=True,
       minloglevel=2,
+      **ids,
   )
 
 
@@ -319,7 +421,11 @@ def _read_meta(directory: epath.Path) -> dict:
 
 
 def _from_meta(directory: epath.Path, meta: dict) -> Tokenizer:
-  kind = meta['config']['kind']
+  kind, extra_ids = meta['config']['kind'], meta['config'].get('extra_ids')
+  if extra_ids is not None:
+    if kind == 'sentencepiece':
+      return T5SentencePieceTokenizer((directory / SPM_FILE).read_bytes(), extra_ids)
+    return T5ByteTokenizer(extra_ids)
   if kind == 'sentencepiece':
     return SentencePieceTokenizer((directory / SPM_FILE).read_bytes())
   if kind == 'char':
