@@ -12,18 +12,30 @@ latent scale against 1 / std of latents encoded here with the VAE's own API; the
 context against the LM called directly.
 """
 
+import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_run import assert_trees_equal, flat, restore, scalars
 
 from configs import diffusion as diffusion_config
 from configs import latent_diffusion as ldm_config
-from data import captions, images
-from model import diffusion, text_encoder, unet
+from configs import lm as lm_config
+from configs import vae as vae_config
+from data import captions, images, tokenizers
+from data.errors import ConfigError
+from model import diffusion, run_params, text_encoder, transformer, unet, vae
+from train import checkpoint, runs, trainer
+from train import mesh as mesh_lib
+from train import sample as sample_cli
+from train.tasks import kit
+from train.tasks.diffusion import DiffusionTask
 
 # --- cross-attention and the text encoder ----------------------------------------------------
 
@@ -219,3 +231,246 @@ def test_heldout_combinations_never_appear_in_training_captions():
   assert mask[1].tolist() == [True] + [False] * 7  # the empty caption is BOS alone
   with pytest.raises(ValueError, match="'purple' is not in the captions' vocabulary"):
     tok.encode('a purple seven')
+
+
+# --- the task on the trainer: latent text-to-image with a frozen VAE --------------------------
+
+
+def write_vae_run(workdir, **data) -> dict:
+  """A VAE run dir in the trainer's layout (config.json, checkpoints/1/state with
+  `params`) holding random, perturbed parameters: the frozen input of the runs below.
+  Returns the parameters written."""
+  c = vae_config.get_config('digits')
+  c.model.update(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=2,
+                 norm_groups=4, mid_attention=False, head_dim=8)
+  c.data.update(data)
+  c.checkpoint.update(async_save=False)
+  cfg = vae.VAEConfig.from_config(c.model, image_size=c.data.image_size,
+                                  channels=c.data.channels)
+  with nnx.use_eager_sharding(False):
+    model = perturbed(vae.VAE(cfg, rngs=nnx.Rngs(params=0)), 0.02)
+  params = kit.pure_state(model, nnx.Param)
+  ckpt = checkpoint.Checkpointer(str(workdir), c.checkpoint)
+  ckpt.save(1, {'params': params}, None)
+  ckpt.wait()
+  ckpt.close()
+  trainer.write_config(c, str(workdir))
+  return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope='module')
+def vae_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('vae')
+  return workdir, write_vae_run(workdir)
+
+
+def small_config(vae_dir, **overrides) -> ml_collections.ConfigDict:
+  """configs/latent_diffusion.py:digits on 4x4x2 latents, a one-level U-Net and a one-layer
+  encoder; fp32 so meshes agree tightly; no sample-based evaluation."""
+  c = ldm_config.get_config('digits')
+  c.unlock()
+  c.update(steps=3, batch_size=8, log_every=1, eval_every=0, eval_steps=0)
+  c.checkpoint.update(every=1000, async_save=False)
+  c.autoencoder.workdir = str(vae_dir)
+  c.model.update(base_channels=16, channel_mult=(1,), num_res_blocks=1,
+                 attention_resolutions=(4,), head_dim=4, norm_groups=8, dropout=0.1)
+  c.text.update(width=16, depth=1, num_heads=2)
+  c.sample.update(steps=2, batch_size=4, grid_rows=2)
+  c.optimizer.update(warmup_steps=1, decay_steps=20, eps=1e-4)  # see test_diffusion
+  c.update_from_flattened_dict(overrides)
+  c.lock()
+  return c
+
+
+MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+
+
+@pytest.fixture(scope='module')
+def straight(vae_run, tmp_path_factory):
+  """4 steps on a 2x2x2 mesh, checkpoints at 2 and 4."""
+  workdir = tmp_path_factory.mktemp('ldm_straight')
+  config = small_config(vae_run[0], steps=4, **MESH, **{'checkpoint.every': 2})
+  return workdir, trainer.train_and_evaluate(config, str(workdir)).losses
+
+
+def test_resume_is_exact(vae_run, straight, tmp_path):
+  """The straight run's directory as it was after step 2 (its checkpoint 2, config and
+  data state), resumed to step 4: the same losses and state, bitwise."""
+  straight_dir, straight_losses = straight
+  shutil.copytree(straight_dir, tmp_path, dirs_exist_ok=True)
+  shutil.rmtree(tmp_path / 'checkpoints' / '4')
+  config = small_config(vae_run[0], steps=4, **MESH, **{'checkpoint.every': 2})
+  resumed = trainer.train_and_evaluate(config, str(tmp_path))
+  assert sorted(resumed.losses) == [3, 4]
+  assert resumed.losses == {k: straight_losses[k] for k in (3, 4)}  # bitwise
+  assert_trees_equal(restore(straight_dir, 4), restore(tmp_path, 4))
+
+
+def test_frozen_vae_scale_and_meshes_match_one_device(vae_run, straight):
+  vae_dir, vae_params = vae_run
+  straight_dir, straight_losses = straight
+  config = small_config(vae_dir, steps=4)
+  saved = restore(straight_dir, 4)
+  # The VAE is a frozen input: not in the checkpoint (only the U-Net, the joint encoder, their
+  # EMA and the scale), and its run dir still holds exactly what was written.
+  assert set(saved['params']) == {'backbone', 'text_encoder'}
+  assert set(saved['extras']) == {'ema', 'latent_scale'}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), vae_params)
+  after, _ = run_params.restore_params(str(vae_dir), run_params.on_one_device(abstract))
+  jax.tree.map(np.testing.assert_array_equal, after, vae_params)
+  # The scale: 1 / std of the posterior means of the first 1024 training images, encoded
+  # here through the VAE's own API.
+  cfg = vae.VAEConfig.from_config(ml_collections.ConfigDict(
+      json.loads((vae_dir / 'config.json').read_text())['model']), image_size=8, channels=1)
+  with nnx.use_eager_sharding(False):
+    model = vae.VAE(cfg, rngs=nnx.Rngs(params=0))
+  nnx.update(model, vae_params)
+  train_x, _ = images.load_split(config.data, 'train')
+  mean, _ = jax.jit(model.encode)(images.to_float(train_x[:1024]))
+  np.testing.assert_allclose(saved['extras']['latent_scale'], 1.0 / np.std(np.asarray(mean)),
+                             rtol=1e-4)
+
+  # One device, without the trainer: the same seed's init, the same batches and frozen VAE.
+  task = DiffusionTask(config)
+  task._setup_captions()
+  data = images.build_image_data(config.data, seed=config.seed, global_batch_size=8,
+                                 eval_steps=0, process_index=0, process_count=1,
+                                 annotate=task._caption_tokens)
+  one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape((1,) * 6), mesh_lib.AXES)
+  frozen = task.load_frozen(one)
+  state = task.warm_start(jax.jit(task.init_state)(jax.random.key(config.seed)))
+  step_fn = jax.jit(lambda s, b, f: task.train_step(s, b, f))
+  single, grad_norms = {}, {}
+  for step in range(1, 5):
+    state, metrics = step_fn(state, next(data.train), frozen)
+    single[step], grad_norms[step] = float(metrics['loss']), float(metrics['grad_norm'])
+  for step in single:
+    np.testing.assert_allclose(straight_losses[step], single[step], rtol=1e-4, err_msg=str(step))
+  logged = scalars(straight_dir, 'train/grad_norm')
+  for step, want in grad_norms.items():
+    np.testing.assert_allclose(logged[step], want, rtol=1e-5, err_msg=str(step))
+  # As in test_diffusion: Adam divides a gradient that nearly cancels (summed in another
+  # order on each mesh) by its own size; largest difference measured 1.03e-4 after 4 steps at
+  # lr 1e-3 (2026-12-01), tolerance 3x that, a third of one step.
+  got, want = flat(saved['params']), flat(state.params)
+  assert sorted(got) == sorted(want)
+  for name, x in want.items():
+    np.testing.assert_allclose(got[name], x, rtol=0, atol=3e-4, err_msg=name)
+
+
+def test_prompt_sampling_decodes_pixels(vae_run, straight, tmp_path):
+  straight_dir, _ = straight
+  (thick,), step = sample_cli.sample(str(straight_dir), prompt='a thick seven')
+  assert step == 4
+  grid = thick['samples/grid']
+  # 2 x 2 decoded 8x8 images (not 4x4x2 latents) on a 1-pixel lattice.
+  assert grid.dtype == np.uint8 and grid.shape == (2 * 9 + 1, 2 * 9 + 1, 1)
+  assert thick['samples/captions'].splitlines() == ['row 0: a thick seven', 'row 1: a thick seven']
+  path = sample_cli.write_image_samples(thick, str(tmp_path / 'seven.png'))
+  assert path == [str(tmp_path / 'seven.png')] and (tmp_path / 'seven.png').stat().st_size > 0
+  with pytest.raises(ConfigError, match="'purple' is not in the captions' vocabulary"):
+    sample_cli.sample(str(straight_dir), prompt='a purple seven')
+  # The caption reaches the images: with the same noise (seed, batch position), another
+  # caption in row 0 changes row 0 only.
+  config = small_config(vae_run[0], **MESH)
+  task = DiffusionTask(config)
+  task.setup_inference(str(straight_dir))
+  state, _ = runs.restore_latest(task, config, str(straight_dir))
+  params = task.inference_params(state)
+  both = task.generate(params, task.tokenize(['a thick seven', 'a thin one']), seed=5,
+                       state=state)
+  thin = task.generate(params, task.tokenize(['a thin one', 'a thin one']), seed=5, state=state)
+  assert both.shape == (2, 8, 8, 1)
+  assert np.abs(both[0] - thin[0]).max() > 1e-6
+  np.testing.assert_array_equal(both[1], thin[1])
+
+
+def test_attribute_accuracy_is_one_on_the_captioned_images_themselves(vae_run):
+  task = DiffusionTask(small_config(vae_run[0]))
+  task._setup_captions()
+  test_x, _ = images.load_split(task.config.data, 'test')
+  x = images.to_float(test_x)
+  assert task._attribute_accuracy(x, task.eval_captions) == 1.0
+  shuffled = np.random.default_rng(0).permutation(len(x))
+  assert task._attribute_accuracy(x[shuffled], task.eval_captions) < 0.7
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'autoencoder.workdir': None}, r'autoencoder.workdir is not set: this preset diffuses'),
+    ({'vae_image_size': 16},
+     r'was trained on images with data.image_size=16, but this run has data.image_size=8'),
+    ({'vae_task': 'lm'}, r"is a run of task 'lm'; give the --workdir of a configs/vae.py run"),
+    ({'text.encoder': 'frozen_lm', 'text.lm_workdir': 'LM'},
+     r'text.lm_workdir=.* has no tokenizer'),
+    ({'text.encoder': 'frozen_lm'}, r"text.encoder='frozen_lm' needs text.lm_workdir"),
+    ({'data.random_flip': True}, r'data.random_flip=True would mirror images'),
+])
+def test_bad_configs_name_the_key(vae_run, tmp_path, change, message):
+  vae_dir = vae_run[0]
+  change = dict(change)
+  if 'vae_image_size' in change or 'vae_task' in change:
+    vae_dir = tmp_path / 'other_vae'
+    vae_dir.mkdir()
+    saved = json.loads((vae_run[0] / 'config.json').read_text())
+    saved['data']['image_size'] = change.pop('vae_image_size', 8)
+    saved['task'] = change.pop('vae_task', 'vae')
+    (vae_dir / 'config.json').write_text(json.dumps(saved))
+  if change.get('text.lm_workdir') == 'LM':  # a run dir with a config but no tokenizer
+    lm_dir = tmp_path / 'lm'
+    lm_dir.mkdir()
+    (lm_dir / 'config.json').write_text(lm_config.get_config('tiny').to_json())
+    change['text.lm_workdir'] = str(lm_dir)
+  config = small_config(vae_dir, **change)
+  with pytest.raises(ConfigError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+# --- a frozen Kiln LM as the text encoder ----------------------------------------------------
+
+
+def write_lm_run(workdir):
+  """A byte-level LM run dir in the trainer's layout (config.json, tokenizer/, checkpoint 1
+  with random parameters): the frozen text encoder below."""
+  c = lm_config.get_config('tiny')
+  c.data.tokenizer.update(kind='byte')
+  c.checkpoint.update(async_save=False)
+  c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, dtype='float32')
+  tokenizers.load_or_train_tokenizer(c.data.tokenizer, lambda: [], str(workdir))
+  cfg = transformer.TransformerConfig.from_config(c.model, 257)
+  with nnx.use_eager_sharding(False):
+    params = kit.pure_state(transformer.Transformer(cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
+  ckpt = checkpoint.Checkpointer(str(workdir), c.checkpoint)
+  ckpt.save(1, {'params': params}, None)
+  ckpt.wait()
+  ckpt.close()
+  trainer.write_config(c, str(workdir))
+  return cfg, params
+
+
+def test_frozen_lm_encoder(tmp_path):
+  """Pixel text-to-image reading a frozen LM's hidden states: the context is the LM's own
+  features (called directly), the LM is outside the trained state, and a step trains."""
+  lm_cfg, lm_params = write_lm_run(tmp_path / 'lm')
+  config = small_config('', **{'text.encoder': 'frozen_lm', 'text.lm_workdir':
+                               str(tmp_path / 'lm'), 'text.max_len': 24,
+                               'model.attention_resolutions': (8,)})
+  task = DiffusionTask(config)
+  task._setup_captions()
+  one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape((1,) * 6), mesh_lib.AXES)
+  frozen = task.load_frozen(one)
+  tokens, mask = task.tokenize(['a thick seven', ''])
+  assert tokens[0, 0] == 256 and mask[1].sum() == 1  # byte BOS; the empty caption is BOS alone
+  context = task._text_context(None, frozen, tokens, mask)
+  with nnx.use_eager_sharding(False):
+    lm = transformer.Transformer(lm_cfg, rngs=nnx.Rngs(params=1))
+  nnx.update(lm, lm_params)
+  np.testing.assert_allclose(context, lm(jnp.asarray(tokens), features=True), rtol=1e-5,
+                             atol=1e-5)
+  state = task.warm_start(jax.jit(task.init_state)(jax.random.key(0)))
+  assert 'stem' in state.params and 'blocks' not in state.params  # the U-Net's alone
+  data = images.build_image_data(config.data, seed=0, global_batch_size=8, eval_steps=0,
+                                 process_index=0, process_count=1, annotate=task._caption_tokens)
+  new, metrics = jax.jit(task.train_step)(state, next(data.train), frozen)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+  assert set(new.extras) == {'ema'}
