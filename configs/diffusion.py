@@ -35,7 +35,7 @@ def base() -> ml_collections.ConfigDict:
       head_dim=32,
       dropout=0.1,
       norm_groups=32,  # GroupNorm groups (capped at the width)
-      backbone='unet',  # the denoiser: unet (model/unet.py)
+      backbone='unet',  # the denoiser: unet (model/unet.py) | dit (model/dit.py, model.dit.*)
       # A diffusion transformer's shape (model.backbone='dit', model/dit.py).
       dit=ml_collections.ConfigDict(dict(patch_size=2, width=128, depth=4, num_heads=4,
                                          mlp_ratio=4.0)),

@@ -30,7 +30,7 @@ from configs import lm as lm_config
 from configs import vae as vae_config
 from data import captions, images, tokenizers
 from data.errors import ConfigError
-from model import diffusion, run_params, text_encoder, transformer, unet, vae
+from model import diffusion, dit, run_params, text_encoder, transformer, unet, vae
 from train import checkpoint, runs, trainer
 from train import mesh as mesh_lib
 from train import sample as sample_cli
@@ -448,13 +448,15 @@ def write_lm_run(workdir):
   return cfg, params
 
 
-def test_frozen_lm_encoder(tmp_path):
-  """Pixel text-to-image reading a frozen LM's hidden states: the context is the LM's own
-  features (called directly), the LM is outside the trained state, and a step trains."""
+def test_frozen_lm_encoder_with_a_dit(tmp_path):
+  """Pixel text-to-image with the DiT backbone reading a frozen LM's hidden states: the context
+  is the LM's own features (called directly), the trained state holds the DiT's parameters
+  alone, and a step trains."""
   lm_cfg, lm_params = write_lm_run(tmp_path / 'lm')
   config = small_config('', **{'text.encoder': 'frozen_lm', 'text.lm_workdir':
                                str(tmp_path / 'lm'), 'text.max_len': 24,
-                               'model.attention_resolutions': (8,)})
+                               'model.backbone': 'dit', 'model.dit.width': 16,
+                               'model.dit.depth': 1, 'model.dit.num_heads': 2})
   task = DiffusionTask(config)
   task._setup_captions()
   one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape((1,) * 6), mesh_lib.AXES)
@@ -468,7 +470,9 @@ def test_frozen_lm_encoder(tmp_path):
   np.testing.assert_allclose(context, lm(jnp.asarray(tokens), features=True), rtol=1e-5,
                              atol=1e-5)
   state = task.warm_start(jax.jit(task.init_state)(jax.random.key(0)))
-  assert 'stem' in state.params and 'blocks' not in state.params  # the U-Net's alone
+  with nnx.use_eager_sharding(False):
+    alone = kit.pure_state(dit.DiT(task.model_cfg, rngs=nnx.Rngs(params=0)), nnx.Param)
+  assert jax.tree.structure(state.params) == jax.tree.structure(alone)  # no LM inside
   data = images.build_image_data(config.data, seed=0, global_batch_size=8, eval_steps=0,
                                  process_index=0, process_count=1, annotate=task._caption_tokens)
   new, metrics = jax.jit(task.train_step)(state, next(data.train), frozen)

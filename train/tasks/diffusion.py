@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 from data import captions as captions_lib
 from data import images, tokenizers
 from data.errors import ConfigError, DataError, check_choice, check_positive, require
-from model import diffusion, text_encoder, transformer, unet
+from model import diffusion, dit, text_encoder, transformer, unet
 from train import mesh as mesh_lib
 from train import optim, tasks
 from train.state import TrainState
@@ -60,7 +60,10 @@ from train.tasks import kit
 _EVAL_SALT, _SAMPLE_SALT, _HELDOUT_SALT = 1, 2, 3
 CONDITIONINGS = ('class', 'text', 'none')
 TEXT_ENCODERS = ('joint', 'frozen_lm')
-BACKBONES = ('unet',)
+# The denoiser (`model.backbone`): model/unet.py's U-Net or model/dit.py's DiT, one call
+# signature; each brings its config class, logical-axis rules and FLOP count.
+BACKBONES = {'unet': (unet.UNetConfig, unet.UNet, unet.LOGICAL_AXIS_RULES, unet.forward_flops),
+             'dit': (dit.DiTConfig, dit.DiT, dit.LOGICAL_AXIS_RULES, dit.forward_flops)}
 # Training images encoded to estimate the latents' std (the scale factor).
 _SCALE_IMAGES = 1024
 
@@ -72,7 +75,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_choice(config, 'diffusion.parameterization', diffusion.PARAMETERIZATIONS)
   check_choice(config, 'diffusion.loss_weighting', diffusion.LOSS_WEIGHTINGS)
   check_choice(config, 'diffusion.conditioning', CONDITIONINGS)
-  check_choice(config, 'model.backbone', BACKBONES)
+  check_choice(config, 'model.backbone', tuple(BACKBONES))
   check_choice(config, 'sample.sampler', diffusion.SAMPLERS)
   check_positive(config, 'diffusion.timesteps', 'diffusion.min_snr_gamma', 'sample.steps',
                  'sample.batch_size', 'sample.grid_rows', 'eval.num_samples')
@@ -103,6 +106,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             'run (or of `python -m train.convert import`).')
 
 
+def _rules(*rule_sets):
+  """The rule sets merged, the first one naming an axis deciding it."""
+  merged = {}
+  for rules in rule_sets:
+    for name, axes in rules:
+      merged.setdefault(name, axes)
+  return tuple(merged.items())
+
+
 def read_run_config(run_dir: str, key: str) -> ml_collections.ConfigDict:
   """The config.json of the run `run_dir` (named by config key `key` in errors)."""
   from train.tasks.distill import read_run_config as read_json
@@ -112,8 +124,7 @@ def read_run_config(run_dir: str, key: str) -> ml_collections.ConfigDict:
 @tasks.register('diffusion')
 class DiffusionTask(tasks.Task):
   items_name = 'examples'
-  logical_rules = unet.LOGICAL_AXIS_RULES + tuple(
-      r for r in text_encoder.LOGICAL_AXIS_RULES if r[0] not in dict(unet.LOGICAL_AXIS_RULES))
+  logical_rules = _rules(unet.LOGICAL_AXIS_RULES, text_encoder.LOGICAL_AXIS_RULES)
 
   def __init__(self, config: ml_collections.ConfigDict):
     check_config(config)
@@ -132,8 +143,10 @@ class DiffusionTask(tasks.Task):
     self.text_cfg, self.lm_cfg, context_dim = None, None, 0
     if self.conditioning == 'text':
       context_dim = self._setup_text()
+    config_cls, self._backbone_cls, rules, self._forward_flops = BACKBONES[c.model.backbone]
+    self.logical_rules = _rules(rules, text_encoder.LOGICAL_AXIS_RULES)
     try:
-      self.model_cfg = unet.UNetConfig.from_config(
+      self.model_cfg = config_cls.from_config(
           c.model, image_size=size, channels=channels, num_classes=self.num_classes,
           context_dim=context_dim)
     except ValueError as e:  # the model names the key; the trainer reports it as a config error
@@ -206,7 +219,7 @@ class DiffusionTask(tasks.Task):
 
   def _new_model(self, key: jax.Array) -> nnx.Module:
     backbone_key, text_key = jax.random.split(key)
-    backbone = unet.UNet(self.model_cfg, rngs=nnx.Rngs(params=backbone_key))
+    backbone = self._backbone_cls(self.model_cfg, rngs=nnx.Rngs(params=backbone_key))
     if self.text_cfg is None:
       return backbone
     return TextConditioned(backbone, text_encoder.TextEncoder(
@@ -494,8 +507,8 @@ class DiffusionTask(tasks.Task):
 
   def flops_per_step(self) -> float:
     # Forward and backward: about three forward passes.
-    return 3.0 * unet.forward_flops(self.model_cfg, self.config.batch_size,
-                                    context_len=self.config.text.max_len)
+    return 3.0 * self._forward_flops(self.model_cfg, self.config.batch_size,
+                                     context_len=self.config.text.max_len)
 
   # --- sampling --------------------------------------------------------------
 
