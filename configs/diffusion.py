@@ -8,6 +8,9 @@ then a PNG grid of guided samples (one class per column) from the newest checkpo
 
   python -m train.sample --workdir=/tmp/kiln_diffusion --out=/tmp/digits.png
 
+Text-to-image (captions through cross-attention) and latent diffusion on a frozen VAE are
+this task too: configs/latent_diffusion.py.
+
 Other presets: `configs/diffusion.py:fashion_mnist` (Debian's 28x28 Fashion-MNIST:
 `sudo apt-get install dataset-fashion-mnist`; 42 min on a loaded 2-core CPU and still far
 from the real-data FD floor, see docs/benchmarks.md) and

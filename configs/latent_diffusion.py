@@ -78,8 +78,8 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
     c.checkpoint.every = 500
     c.data.update(source='fashion_mnist', image_size=28, channels=1, num_classes=10)
     c.eval.update(num_samples=1000)
-    # configs/vae.py:fashion_mnist's 7x7 latent (factor 4).
-    c.model.update(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+    # configs/vae.py:fashion_mnist's 7x7 latent (factor 4): odd, so one level, two blocks.
+    c.model.update(base_channels=64, channel_mult=(1,), num_res_blocks=2,
                    attention_resolutions=(7,), head_dim=32, dropout=0.0, norm_groups=8)
     c.text.update(max_len=8, width=64, depth=2, num_heads=4)
     c.optimizer.update(lr=1e-3, warmup_steps=200, end_lr=1e-4)
