@@ -8,6 +8,9 @@ then a PNG grid of guided samples (one class per column) from the newest checkpo
 
   python -m train.sample --workdir=/tmp/kiln_diffusion --out=/tmp/digits.png
 
+Text-to-image (captions through cross-attention) and latent diffusion on a frozen VAE are
+this task too: configs/latent_diffusion.py.
+
 Other presets: `configs/diffusion.py:fashion_mnist` (Debian's 28x28 Fashion-MNIST:
 `sudo apt-get install dataset-fashion-mnist`; 42 min on a loaded 2-core CPU and still far
 from the real-data FD floor, see docs/benchmarks.md) and
@@ -35,7 +38,10 @@ def base() -> ml_collections.ConfigDict:
       head_dim=32,
       dropout=0.1,
       norm_groups=32,  # GroupNorm groups (capped at the width)
-      class_conditional=True,  # learn a label embedding (plus a "no label" row for guidance)
+      backbone='unet',  # the denoiser: unet (model/unet.py) | dit (model/dit.py, model.dit.*)
+      # A diffusion transformer's shape (model.backbone='dit', model/dit.py).
+      dit=ml_collections.ConfigDict(dict(patch_size=2, width=128, depth=4, num_heads=4,
+                                         mlp_ratio=4.0)),
       dtype='float32',  # compute
       param_dtype='float32',
       attention='xla',  # xla | cudnn | pallas | auto (model/attention.py)
@@ -47,7 +53,28 @@ def base() -> ml_collections.ConfigDict:
       parameterization='eps',  # eps | v | x0: what the network predicts
       loss_weighting='uniform',  # uniform (MSE of the prediction) | min_snr
       min_snr_gamma=5.0,  # min_snr: the x0 error is weighted by min(SNR, gamma)
-      label_dropout=0.1,  # share of training labels replaced by "no label" (guidance needs > 0)
+      # class: a label embedding | text: captions through cross-attention | none
+      conditioning='class',
+      # share of training labels (or captions) replaced by "no label" (the empty caption);
+      # guidance needs > 0
+      label_dropout=0.1,
+  ))
+
+  # Text conditioning (diffusion.conditioning='text'): captions from data/captions.py.
+  c.text = ml_collections.ConfigDict(dict(
+      encoder='joint',  # joint: a small transformer trained with the U-Net | frozen_lm
+      lm_workdir='',  # frozen_lm: a configs/lm.py run (its final-normed hidden states)
+      max_len=8,  # tokens per caption, BOS included (padded, or cut)
+      width=64,  # joint encoder: width, layers, heads, MLP ratio
+      depth=2,
+      num_heads=4,
+      mlp_ratio=4.0,
+  ))
+
+  # Latent diffusion: a frozen VAE (a configs/vae.py run); '' diffuses pixels.
+  c.autoencoder = ml_collections.ConfigDict(dict(
+      workdir='',
+      scale_factor=0.0,  # latents are multiplied by it; 0: 1 / their std, measured at start
   ))
 
   # Exponential moving average of the parameters; sampling and evaluation use it. Its decay
@@ -63,6 +90,7 @@ def base() -> ml_collections.ConfigDict:
       clip_denoised=True,  # clip each x0 prediction to the data range [-1, 1]
       batch_size=500,  # images per compiled sampling call (evaluation and grids)
       grid_rows=10,  # the logged grid is grid_rows x grid_rows
+      prompt='',  # text conditioning: a caption for every image of the grid ('' : one per row)
   ))
 
   c.optimizer.update(lr=2e-4, warmup_steps=500, end_lr=2e-5, b2=0.999, weight_decay=0.0)

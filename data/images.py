@@ -100,8 +100,14 @@ def dataset_info(cfg_data: ml_collections.ConfigDict) -> ImageInfo:
 
 
 def build_image_data(cfg_data: ml_collections.ConfigDict, *, seed: int, global_batch_size: int,
-                     eval_steps: int, process_index: int, process_count: int) -> ImageData:
+                     eval_steps: int, process_index: int, process_count: int,
+                     annotate: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+                     | None = None) -> ImageData:
   """This process's train iterator and eval batches.
+
+  annotate: (uint8 images [N, H, W, C], labels [N]) of a split -> more per-image arrays
+  {name: [N, ...]} that every example carries beside 'images' and 'labels' (e.g. caption
+  tokens); a mirrored image (random_flip) carries its original's.
 
   Raises:
     DataError: bad data (see `load_split`), or fewer images than one global batch.
@@ -116,8 +122,9 @@ def build_image_data(cfg_data: ml_collections.ConfigDict, *, seed: int, global_b
                     f'images, fewer than one global batch (batch_size={global_batch_size}).')
   shard = dict(global_batch_size=global_batch_size, process_index=process_index,
                process_count=process_count)
-  train = lm_pipeline.train_dataset(ImageExamples(images, labels, cfg_data.random_flip),
-                                    seed=seed, **shard)
+  extras = annotate(images, labels) if annotate else None
+  train = lm_pipeline.train_dataset(
+      ImageExamples(images, labels, cfg_data.random_flip, extras), seed=seed, **shard)
   eval_ds = None
   if eval_steps > 0:
     test_images, test_labels = load_split(cfg_data, 'test')
@@ -126,8 +133,10 @@ def build_image_data(cfg_data: ml_collections.ConfigDict, *, seed: int, global_b
           f'The held-out split of data.source={cfg_data.source!r} has {len(test_images)} '
           f'images, fewer than one global batch (batch_size={global_batch_size}); raise '
           'data.eval_fraction, lower batch_size, or set eval_steps=0.')
-    eval_ds = lm_pipeline.eval_dataset(ImageExamples(test_images, test_labels, False),
-                                       eval_steps=eval_steps, **shard)
+    test_extras = annotate(test_images, test_labels) if annotate else None
+    eval_ds = lm_pipeline.eval_dataset(
+        ImageExamples(test_images, test_labels, False, test_extras), eval_steps=eval_steps,
+        **shard)
   return ImageData(
       train=iter(train.to_iter_dataset(_READ_OPTIONS)),
       eval_batches=lambda: iter(eval_ds.to_iter_dataset(_READ_OPTIONS)) if eval_ds else iter(()),
@@ -144,8 +153,10 @@ class ImageExamples:
   and the batches stay the same whatever the process count.
   """
 
-  def __init__(self, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, flips: bool):
+  def __init__(self, images_NxHxWxC: np.ndarray, labels_N: np.ndarray, flips: bool,
+               extras: dict[str, np.ndarray] | None = None):
     self.images, self.labels, self.flips = images_NxHxWxC, labels_N, flips
+    self.extras = extras or {}
 
   def __len__(self) -> int:
     return len(self.images) * (2 if self.flips else 1)
@@ -155,7 +166,8 @@ class ImageExamples:
     image_HxWxC = self.images[int(i) % n]
     if i >= n:
       image_HxWxC = image_HxWxC[:, ::-1]
-    return {'images': to_float(image_HxWxC), 'labels': np.int32(self.labels[int(i) % n])}
+    return {'images': to_float(image_HxWxC), 'labels': np.int32(self.labels[int(i) % n]),
+            **{k: v[int(i) % n] for k, v in self.extras.items()}}
 
 
 def to_float(images_uint8: np.ndarray) -> np.ndarray:

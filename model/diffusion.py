@@ -39,8 +39,9 @@ PARAMETERIZATIONS = ('eps', 'v', 'x0')
 LOSS_WEIGHTINGS = ('uniform', 'min_snr')
 SAMPLERS = ('ddpm', 'ddim', 'dpm2m')
 
-# model_fn(x_t [B, ...], t int32 [B], labels int32 [B] | None) -> output [B, ...] in the
-# process's parameterisation.
+# model_fn(x_t [B, ...], t int32 [B], cond) -> output [B, ...] in the process's
+# parameterisation; cond is the condition: class labels int32 [B], a pytree whose leaves are
+# batch-first (a text context and its mask), or None.
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
@@ -169,17 +170,22 @@ def timestep_grid(timesteps: int, steps: int) -> np.ndarray:
   return np.append(grid, -1).astype(np.int32)
 
 
-def guided(model_fn: ModelFn, labels_B: jax.Array | None, null_label: int,
+def guided(model_fn: ModelFn, cond, null_cond,
            guidance_scale: float) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """out(x_t, t) of the (guided) model: uncond + scale * (cond - uncond) in one pass."""
-  if labels_B is None or guidance_scale == 1.0:
-    return lambda x, t: model_fn(x, t, labels_B)
+  """out(x_t, t) of the (guided) model: uncond + scale * (cond - uncond) in one pass.
+
+  cond: the condition model_fn takes (labels [B], or a pytree of batch-first arrays such as
+  a text context and its mask), or None; null_cond: the same structure and shapes for "no
+  condition" (the null label, the empty caption's context).
+  """
+  if cond is None or guidance_scale == 1.0:
+    return lambda x, t: model_fn(x, t, cond)
 
   def out(x, t):
     both = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                    jnp.concatenate([labels_B, jnp.full_like(labels_B, null_label)]))
-    cond, uncond = jnp.split(both, 2)
-    return uncond + guidance_scale * (cond - uncond)
+                    jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, null_cond))
+    conditional, uncond = jnp.split(both, 2)
+    return uncond + guidance_scale * (conditional - uncond)
   return out
 
 
@@ -187,7 +193,7 @@ def sample(model_fn: ModelFn, process: Process, shape: tuple[int, ...], key: jax
            sampler: str = 'ddim', steps: int = 50, eta: float = 0.0,
            labels_B: jax.Array | None = None, null_label: int = -1,
            guidance_scale: float = 1.0,
-           clip_x0: tuple[float, float] | None = None) -> jax.Array:
+           clip_x0: tuple[float, float] | None = None, cond=None, null_cond=None) -> jax.Array:
   """Draws x0 of `shape` (batch first) from pure noise; jittable, `steps` static.
 
   Args:
@@ -200,13 +206,17 @@ def sample(model_fn: ModelFn, process: Process, shape: tuple[int, ...], key: jax
     eta: DDIM's noise scale (ddim only): 0 deterministic, 1 the DDPM posterior variance.
     labels_B: class labels for a conditional model, or None.
     null_label: the label the model was trained with for "no class" (label dropout).
+    cond, null_cond: any other condition and its "no condition" (see `guided`), e.g. a text
+      context; instead of labels_B and null_label.
     guidance_scale: classifier-free guidance scale; 1 is no guidance.
     clip_x0: (low, high) to clip every x0 prediction to (the data range), or None.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f'Unknown sampler {sampler!r}; choose one of {", ".join(SAMPLERS)}.')
   grid = timestep_grid(process.timesteps, steps)
-  net = guided(model_fn, labels_B, null_label, guidance_scale)
+  if cond is None and labels_B is not None:
+    cond, null_cond = labels_B, jnp.full_like(labels_B, null_label)
+  net = guided(model_fn, cond, null_cond, guidance_scale)
   b = shape[0]
   key, start_key = jax.random.split(key)
   x = jax.random.normal(start_key, shape, jnp.float32)

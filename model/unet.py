@@ -15,6 +15,11 @@ the width changes. The time step enters as a sinusoidal embedding through a two-
 a class label adds a learned embedding, with one extra row (index num_classes) for "no label",
 which label dropout trains for classifier-free guidance.
 
+Text conditioning (`context_dim > 0`, Stable Diffusion's shape): after every self-attention
+(the attention resolutions and the middle block) a CrossAttention layer lets the image
+positions attend to a context [B, S, E_ctx] (a text encoder's output) under a key padding
+mask [B, S]; its output projection starts at zero, so a fresh layer is the identity.
+
 Parameters carry logical axis names (`LOGICAL_AXIS_RULES` maps them to the mesh): conv kernels
 [kh, kw, F_in, F_out] are ('kernel', 'kernel', 'conv_in', 'channels'); the image-side convs use
 'image' for their C side, which is never split. Norms and statistics run in float32.
@@ -41,6 +46,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('image', None),
     ('norm', None),
     ('classes', None),
+    ('context_embed', None),  # the text context's features (cross-attention's k/v input)
 )
 
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
@@ -61,11 +67,13 @@ class UNetConfig:
   dtype: jnp.dtype = jnp.dtype('float32')
   param_dtype: jnp.dtype = jnp.dtype('float32')
   attention: str = 'xla'
+  context_dim: int = 0  # > 0: cross-attention to a [B, S, context_dim] context (text)
 
   @classmethod
   def from_config(cls, model_cfg: ml_collections.ConfigDict, *, image_size: int, channels: int,
-                  num_classes: int) -> 'UNetConfig':
-    """From `config.model` (configs/diffusion.py) and the data's shape.
+                  num_classes: int, context_dim: int = 0) -> 'UNetConfig':
+    """From `config.model` (configs/diffusion.py) and the data's shape; `context_dim` is the
+    text encoder's width (0: no cross-attention).
 
     Raises:
       ValueError: naming the `model.*` key that is wrong and what it may be.
@@ -110,12 +118,16 @@ class UNetConfig:
       attention_lib.check_available(m.attention)
     except ValueError as e:
       raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+    if context_dim and not attn:
+      raise ValueError('Text conditioning enters through cross-attention at the attention '
+                       'resolutions: model.attention_resolutions must not be empty.')
     return cls(image_size=image_size, channels=channels, num_classes=num_classes,
                base_channels=int(m.base_channels), channel_mult=mult,
                num_res_blocks=int(m.num_res_blocks), attention_resolutions=attn,
                head_dim=int(m.head_dim), dropout=float(m.dropout),
                norm_groups=int(m.norm_groups), dtype=DTYPES[m.dtype],
-               param_dtype=DTYPES[m.param_dtype], attention=m.attention)
+               param_dtype=DTYPES[m.param_dtype], attention=m.attention,
+               context_dim=int(context_dim))
 
   @property
   def embed_dim(self) -> int:
@@ -231,18 +243,60 @@ class SelfAttention(nnx.Module):
     return x_BxHxWxF + self.out(out_BxLxNxD).reshape(b, h, w, f)
 
 
+class CrossAttention(nnx.Module):
+  """Image positions (queries, GroupNorm'd) attend to a context's positions (keys, values).
+
+  The context is short (a caption: tens of tokens), so the [L, S] scores are small and this
+  always runs model/attention.py's masked einsum path, whatever `model.attention` says: the
+  fused kernels take segment ids, which need L == S, not a key padding mask. Masked positions
+  get exactly zero weight, so what they hold never reaches the output; a row with no visible
+  key gets zeros (then only the output bias).
+  """
+
+  def __init__(self, f: int, cfg: UNetConfig, *, rngs: nnx.Rngs):
+    self.norm = group_norm(f, cfg)
+    heads, d, e = f // cfg.head_dim, cfg.head_dim, cfg.context_dim
+    self.q = nnx.Einsum('blf,fnd->blnd', (f, heads, d), dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, kernel_init=_uniform_init(f),
+                        kernel_metadata={'out_sharding': ('conv_in', 'heads', 'head_dim')},
+                        rngs=rngs)
+    # k and v stacked on a leading axis of 2, as SelfAttention stacks q, k, v.
+    self.kv = nnx.Einsum('bse,tend->tbsnd', (2, e, heads, d), dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype, kernel_init=_uniform_init(e),
+                         kernel_metadata={'out_sharding': (None, 'context_embed', 'heads',
+                                                           'head_dim')}, rngs=rngs)
+    self.out = nnx.Einsum('blnd,ndf->blf', (heads, d, f), (f,), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, kernel_init=nnx.initializers.zeros,
+                          kernel_metadata={'out_sharding': ('heads', 'head_dim', 'channels')},
+                          bias_metadata={'out_sharding': ('channels',)}, rngs=_no_draws())
+
+  def __call__(self, x_BxHxWxF: jax.Array, context_BxSxE: jax.Array,
+               context_mask_BxS: jax.Array) -> jax.Array:
+    b, h, w, f = x_BxHxWxF.shape
+    q_BxLxNxD = self.q(self.norm(x_BxHxWxF).reshape(b, h * w, f))
+    k_BxSxNxD, v_BxSxNxD = self.kv(context_BxSxE.astype(q_BxLxNxD.dtype))
+    mask_BxLxS = jnp.broadcast_to(context_mask_BxS[:, None, :].astype(bool),
+                                  (b, h * w, context_mask_BxS.shape[1]))
+    out_BxLxNxD = attention_lib.masked_attention(q_BxLxNxD, k_BxSxNxD, v_BxSxNxD, mask_BxLxS)
+    return x_BxHxWxF + self.out(out_BxLxNxD).reshape(b, h, w, f)
+
+
 class Level(nnx.Module):
-  """One resolution of the encoder or decoder: ResBlocks, each followed by optional attention."""
+  """One resolution of the encoder or decoder: ResBlocks, each followed by optional attention
+  (self-attention, then cross-attention to the context when the U-Net has one)."""
 
   def __init__(self, widths_in: list[int], f_out: int, attend: bool, cfg: UNetConfig, *,
                rngs: nnx.Rngs):
     self.blocks = nnx.List([ResBlock(f, f_out, cfg, rngs=rngs) for f in widths_in])
     self.attns = nnx.List([SelfAttention(f_out, cfg, rngs=rngs) for _ in widths_in]
                           if attend else [])
+    self.cross = nnx.List([CrossAttention(f_out, cfg, rngs=rngs) for _ in widths_in]
+                          if attend and cfg.context_dim else [])
 
 
 class UNet(nnx.Module):
-  """eps / v / x0 predictor: (x_t [B, H, W, C], t [B], labels [B] | None) -> [B, H, W, C]."""
+  """eps / v / x0 predictor: (x_t [B, H, W, C], t [B], labels [B] | None, context [B, S, E_ctx]
+  | None, its mask [B, S]) -> [B, H, W, C]."""
 
   def __init__(self, cfg: UNetConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -272,6 +326,8 @@ class UNet(nnx.Module):
 
     self.mid1 = ResBlock(f, f, cfg, rngs=rngs)
     self.mid_attn = SelfAttention(f, cfg, rngs=rngs) if cfg.attention_resolutions else None
+    self.mid_cross = (CrossAttention(f, cfg, rngs=rngs)
+                      if cfg.attention_resolutions and cfg.context_dim else None)
     self.mid2 = ResBlock(f, f, cfg, rngs=rngs)
 
     up, upsample = [], []
@@ -291,13 +347,24 @@ class UNet(nnx.Module):
                          names=('conv_in', 'image'))
 
   def __call__(self, x_BxHxWxC: jax.Array, t_B: jax.Array, labels_B: jax.Array | None = None,
-               *, dropout_key: jax.Array | None = None) -> jax.Array:
+               *, context: jax.Array | None = None, context_mask: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
     """Labels in [0, num_classes], num_classes meaning "no label"; None for "no label" too.
 
+    context: [B, S, context_dim] (needed when cfg.context_dim > 0), context_mask: [B, S]
+    bool, True at real positions (None: all real).
     dropout_key: None runs deterministically (sampling, evaluation).
     """
     cfg = self.cfg
     b = x_BxHxWxC.shape[0]
+    ctx = None
+    if cfg.context_dim:
+      if context is None or context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+        raise ValueError(f'This U-Net cross-attends to a context [B, S, {cfg.context_dim}]; '
+                         f'got {None if context is None else context.shape}.')
+      if context_mask is None:
+        context_mask = jnp.ones(context.shape[:2], bool)
+      ctx = (context, context_mask)
     emb_BxE = self.time_mlp2(jax.nn.silu(self.time_mlp1(
         timestep_embedding(t_B, cfg.base_channels))))
     if cfg.num_classes:
@@ -311,46 +378,54 @@ class UNet(nnx.Module):
     h = self.stem(x_BxHxWxC)
     hs = [h]
     for i, level in enumerate(self.down):
-      h = self._level(level, h, emb_BxE, keys, hs)
+      h = self._level(level, h, emb_BxE, keys, ctx, hs)
       if i < len(self.downsample):
         h = self.downsample[i](h)
         hs.append(h)
     h = self.mid1(h, emb_BxE, next(keys))
     if self.mid_attn is not None:
       h = self.mid_attn(h)
+    if self.mid_cross is not None:
+      h = self.mid_cross(h, *ctx)
     h = self.mid2(h, emb_BxE, next(keys))
     for i, level in enumerate(self.up):
-      h = self._level(level, h, emb_BxE, keys, skips=hs)
+      h = self._level(level, h, emb_BxE, keys, ctx, skips=hs)
       if i < len(self.upsample):
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
         h = self.upsample[i](h)
     return self.out_conv(jax.nn.silu(self.out_norm(h)))
 
   @staticmethod
-  def _level(level: Level, h, emb_BxE, keys, hs=None, skips=None):
-    """Encoder levels append each output to `hs`; decoder levels pop a skip from `skips`."""
+  def _level(level: Level, h, emb_BxE, keys, ctx, hs=None, skips=None):
+    """Encoder levels append each output to `hs`; decoder levels pop a skip from `skips`;
+    `ctx`: (context, mask) for the cross-attention layers, or None."""
     for j, block in enumerate(level.blocks):
       if skips is not None:
         h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = block(h, emb_BxE, next(keys))
       if len(level.attns):
         h = level.attns[j](h)
+      if len(level.cross):
+        h = level.cross[j](h, *ctx)
       if hs is not None:
         hs.append(h)
     return h
 
 
-def forward_flops(cfg: UNetConfig, batch: int) -> float:
-  """FLOPs of one forward pass over `batch` images, from XLA's cost analysis of the graph."""
+def forward_flops(cfg: UNetConfig, batch: int, context_len: int = 1) -> float:
+  """FLOPs of one forward pass over `batch` images (with a context of `context_len`
+  positions when the U-Net cross-attends), from XLA's cost analysis of the graph."""
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model)
   s = cfg.image_size
 
-  def fwd(params, x, t, labels):
-    return nnx.merge(graphdef, params)(x, t, labels if cfg.num_classes else None)
+  def fwd(params, x, t, labels, context):
+    return nnx.merge(graphdef, params)(x, t, labels if cfg.num_classes else None,
+                                       context=context if cfg.context_dim else None)
 
   args = (params, jax.ShapeDtypeStruct((batch, s, s, cfg.channels), cfg.dtype),
-          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32),
+          jax.ShapeDtypeStruct((batch, context_len, max(cfg.context_dim, 1)), jnp.float32))
   cost = jax.jit(fwd).lower(*args).cost_analysis()
   return float(cost.get('flops', 0.0)) if cost else 0.0
