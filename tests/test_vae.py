@@ -252,10 +252,10 @@ def single_device_run(config):
 
 @pytest.mark.xfail(strict=True, reason=(
     'Open (2026-12-01): on the 2x2x2 mesh the losses match one device bitwise but '
-    'train/grad_norm does not (2.398 against 2.409 at step 1, pinning the VAE activations '
-    'did not fix it), so the weights part by about 2 x lr after the first update. Suspect: '
-    "XLA's SPMD gradient through stride-2 convolutions (model/gan.py constrain_batch), here "
-    "in the unpinned feature classifier of the perceptual term."))
+    'train/grad_norm does not (2.398 against 2.409 at step 1, pinning the VAE activations, '
+    'or the classifier\'s, to the batch sharding did not fix it), so the weights part by '
+    'about 2 x lr after the first update. Suspect: XLA\'s SPMD gradient through stride-2 '
+    'convolutions, as model/gan.py constrain_batch describes.'))
 def test_meshes_match_one_device_and_the_discriminator_waits(straight):
   straight_dir, straight_losses = straight
   task, init, state, metrics = single_device_run(small_config())
