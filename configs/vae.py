@@ -75,6 +75,8 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
   c = base()
   preset = preset or 'digits'
   if preset in ('digits', 'digits_gan'):
+    # 2000 steps: held-out PSNR 30.0 dB, recon FD 0.196 against the real-data floor 0.209,
+    # 23.5 min on 2 heavily shared CPU cores (docs/benchmarks.md).
     c.steps = 2000
     c.batch_size = 64
     c.log_every = 100
