@@ -75,6 +75,8 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
   c = base()
   preset = preset or 'digits'
   if preset in ('digits', 'digits_gan'):
+    # 2000 steps: held-out PSNR 30.0 dB, recon FD 0.196 against the real-data floor 0.209,
+    # 23.5 min on 2 heavily shared CPU cores (docs/benchmarks.md).
     c.steps = 2000
     c.batch_size = 64
     c.log_every = 100
@@ -87,7 +89,9 @@ def get_config(preset: str = 'digits') -> ml_collections.ConfigDict:
                    norm_groups=8, mid_attention=True, head_dim=32)
     c.optimizer.update(lr=1e-3, warmup_steps=100, end_lr=1e-4, b1=0.9, b2=0.99)
     c.d_optimizer.update(lr=2e-4, end_lr=2e-4, warmup_steps=0, b1=0.5, b2=0.9)
-    c.vae.update(d_channels=(32, 64))
+    # A KL weight 1000x LDM's: the latent stays near N(0, I) in scale (so prior samples are
+    # digit-like and latent diffusion needs little rescaling) at a small cost in PSNR.
+    c.vae.update(kl_weight=1e-3, d_channels=(32, 64))
     if preset == 'digits_gan':
       c.vae.update(perceptual_weight=0.1, adversarial_weight=0.05, adversarial_start=1000)
   elif preset == 'fashion_mnist':

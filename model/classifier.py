@@ -49,12 +49,20 @@ class Classifier(nnx.Module):
     self.dense = nnx.Linear(side * side * c_in, cfg.features, rngs=rngs)
     self.head = nnx.Linear(cfg.features, cfg.num_classes, rngs=rngs)
 
-  def features(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    """Penultimate activations, float32 [B, F]."""
+  def activations(self, x_BxHxWxC: jax.Array) -> list[jax.Array]:
+    """Every layer's ReLU output in order, each convolution's [B, h, w, F_l] and then the
+    features [B, F] (the VAE's perceptual distance compares them all)."""
     h = x_BxHxWxC.astype(jnp.float32)
+    out = []
     for conv in self.convs:
       h = jax.nn.relu(conv(h))
-    return jax.nn.relu(self.dense(h.reshape(h.shape[0], -1)))
+      out.append(h)
+    out.append(jax.nn.relu(self.dense(h.reshape(h.shape[0], -1))))
+    return out
+
+  def features(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Penultimate activations, float32 [B, F]."""
+    return self.activations(x_BxHxWxC)[-1]
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Logits, float32 [B, K]."""

@@ -19,6 +19,11 @@ the time embedding (norm, SiLU, conv, norm, SiLU, conv, plus a 1x1 conv on the s
 width changes); the convolutions, norms and self-attention are model/unet.py's, so the
 parameters carry the same logical axis names and `LOGICAL_AXIS_RULES` is the U-Net's.
 
+Every block's input and output is pinned to the batch sharding (model/gan.py's
+`constrain_batch`): left to choose, XLA's SPMD partitioner gave convolution gradients that
+differed from one device's by the size of an Adam step on a 2x2x2 (data, fsdp, tensor) mesh,
+as it did for the GAN's stride-2 convolutions (tests/test_vae.py's mesh test found it).
+
 The encoder's log-variance is clipped to [-30, 20] as LDM's DiagonalGaussianDistribution
 clips it: exp(logvar) stays finite in float32 and the KL's gradient bounded. Outside that
 range the clip passes no gradient.
@@ -38,6 +43,7 @@ from flax import nnx
 
 from model import attention as attention_lib
 from model import unet
+from model.gan import constrain_batch
 
 LOGICAL_AXIS_RULES = unet.LOGICAL_AXIS_RULES
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clip of the encoder's log-variance
@@ -182,14 +188,14 @@ class Encoder(nnx.Module):
     self.moments = unet.conv(2 * z, 2 * z, cfg, rngs=rngs, k=1, names=('image', 'image'))
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    h = self.stem(x_BxHxWxC.astype(self.stem.dtype))
+    h = constrain_batch(self.stem(constrain_batch(x_BxHxWxC.astype(self.stem.dtype))))
     for i, blocks in enumerate(self.levels):
       for block in blocks:
-        h = block(h)
+        h = constrain_batch(block(h))
       if i < len(self.downsample):
-        h = self.downsample[i](h)
-    h = self.out_conv(jax.nn.silu(self.out_norm(self.mid(h))))
-    return self.moments(h)
+        h = constrain_batch(self.downsample[i](h))
+    h = self.out_conv(jax.nn.silu(self.out_norm(constrain_batch(self.mid(h)))))
+    return constrain_batch(self.moments(constrain_batch(h)))
 
 
 class Decoder(nnx.Module):
@@ -215,14 +221,15 @@ class Decoder(nnx.Module):
     self.out_conv = unet.conv(f, cfg.channels, cfg, rngs=rngs, names=('conv_in', 'image'))
 
   def __call__(self, z_BxhxwxZ: jax.Array) -> jax.Array:
-    h = self.mid(self.stem(self.latent_in(z_BxhxwxZ.astype(self.stem.dtype))))
+    h = constrain_batch(self.latent_in(constrain_batch(z_BxhxwxZ.astype(self.stem.dtype))))
+    h = constrain_batch(self.mid(constrain_batch(self.stem(h))))
     for i, blocks in enumerate(self.levels):
       for block in blocks:
-        h = block(h)
+        h = constrain_batch(block(h))
       if i < len(self.upsample):
-        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-        h = self.upsample[i](h)
-    return self.out_conv(jax.nn.silu(self.out_norm(h))).astype(jnp.float32)
+        h = constrain_batch(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+        h = constrain_batch(self.upsample[i](h))
+    return constrain_batch(self.out_conv(jax.nn.silu(self.out_norm(h))).astype(jnp.float32))
 
 
 class VAE(nnx.Module):
@@ -279,6 +286,29 @@ def reconstruction_loss(kind: str, recon_BxHxWxC: jax.Array, x_BxHxWxC: jax.Arra
     raise ValueError(f'Unknown reconstruction loss {kind!r}; choose one of '
                      f'{", ".join(RECON_LOSSES)}.')
   return jnp.mean(per.reshape(per.shape[0], -1), axis=-1)
+
+
+def perceptual_distance(activations_fn, x_BxHxWxC: jax.Array, y_BxHxWxC: jax.Array,
+                        eps: float = 1e-10) -> jax.Array:
+  """LPIPS's distance (Zhang et al. 2018) with a feature network of our own: float32 [B].
+
+  `activations_fn(images) -> [per-layer activations [B, ..., F_l]]` (e.g. the eval feature
+  classifier's `Classifier.activations`). Each layer's activations are unit-normalised over
+  their channels at every position, squared differences are summed over channels and
+  averaged over positions, and the layers are summed: LPIPS's "baseline" form, without its
+  learned per-channel weights (those are fit to human judgements of VGG/AlexNet features,
+  which we cannot download). On images it was not trained for, a feature network says little;
+  the classifier is trained on the same data as the VAE (train/image_eval.py).
+  """
+  total = jnp.zeros((x_BxHxWxC.shape[0],), jnp.float32)
+  both = activations_fn(jnp.concatenate([x_BxHxWxC, y_BxHxWxC]))  # one call for the pair
+  for act in both:
+    act = act.astype(jnp.float32)
+    act = act * jax.lax.rsqrt(jnp.sum(jnp.square(act), axis=-1, keepdims=True) + eps)
+    a, b = jnp.split(act, 2)
+    d = jnp.sum(jnp.square(a - b), axis=-1)
+    total = total + jnp.mean(d.reshape(d.shape[0], -1), axis=-1)
+  return total
 
 
 def forward_flops(cfg: VAEConfig, batch: int) -> float:

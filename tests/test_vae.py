@@ -15,7 +15,13 @@ from flax import nnx
 from scipy import stats
 
 from configs import vae as vae_config
+from data import images
+from data.errors import ConfigError
 from model import vae
+from tests.test_run import assert_trees_equal, flat, restore, scalars
+from train import image_eval, trainer
+from train.state import TrainState
+from train.tasks.vae import VAETask
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -66,28 +72,33 @@ def test_kl_matches_closed_form_and_monte_carlo():
 
 
 def test_zero_variance_vae_is_an_autoencoder():
+  """The task's loss with KL weight 0 and a forced zero encoder variance is a plain
+  autoencoder's, x -> decode(mean), in value and in every gradient."""
   # No middle attention: it starts as the identity, and compiling gradients through it
   # would double this test's time.
-  cfg = vae.VAEConfig.from_config(model_config(mid_attention=False), image_size=8, channels=1)
-  model = build(cfg)
-  z = cfg.latent_channels
+  overrides = {'model.mid_attention': False, 'vae.recon_loss': 'l2', 'vae.kl_weight': 0.0,
+               'vae.perceptual_weight': 0.0, 'vae.adversarial_weight': 0.0}
+  task = VAETask(small_config(**overrides))
+  weighted_task = VAETask(small_config(**{**overrides, 'vae.kl_weight': 1.0}))
+  model = build(task.model_cfg)
+  z = task.model_cfg.latent_channels
   # The log-variance half of the encoder's last (1x1) convolution: kernel 0, bias far below
   # the clip, so logvar = -30 for every input (std 3e-7; the clip passes no gradient).
   kernel, bias = model.encoder.moments.kernel, model.encoder.moments.bias
   kernel[...] = kernel[...].at[..., z:].set(0.0)
   bias[...] = bias[...].at[z:].set(-1e4)
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), jnp.float32, -1.0, 1.0)
   key = jax.random.key(2)
 
-  def vae_loss(params, kl_weight=0.0):
-    recon, mean, logvar = nnx.merge(graphdef, params)(x, key=key)
-    rec = jnp.mean(vae.reconstruction_loss('l2', recon, x))
-    return rec + kl_weight * jnp.mean(vae.kl_divergence(mean, logvar)) / x[0].size
+  def vae_loss(params, task=task):
+    return task._loss(params, {'images': x}, key=key, frozen={}, d_state={},
+                      adversarial_on=0.0)[0]
 
   def ae_loss(params):
     m = nnx.merge(graphdef, params)
-    return jnp.mean(jnp.mean(jnp.square(m.decode(m.encode(x)[0]) - x), axis=(1, 2, 3)))
+    return jnp.mean(jnp.square(m.decode(m.encode(x)[0]) - x))
 
   @jax.jit
   def both(params):  # one compile: the two losses and their gradients
@@ -95,19 +106,18 @@ def test_zero_variance_vae_is_an_autoencoder():
 
   (loss, grads), (ae, ae_grads) = both(params)
   np.testing.assert_allclose(loss, ae, rtol=1e-5)
-  flat, ae_flat = nnx.to_flat_state(grads), dict(nnx.to_flat_state(ae_grads))
-  for path, g in flat:
-    np.testing.assert_allclose(g[...], ae_flat[path][...], rtol=1e-3, atol=1e-6,
-                               err_msg=str(path))
-  moments = nnx.to_pure_dict(grads)['encoder']['moments']
+  flat_ae = flat(ae_grads)
+  for name, g in flat(grads).items():
+    np.testing.assert_allclose(g, flat_ae[name], rtol=1e-3, atol=1e-6, err_msg=name)
+  moments = grads['encoder']['moments']
   np.testing.assert_array_equal(moments['kernel'][..., z:], 0.0)
   np.testing.assert_array_equal(moments['bias'][z:], 0.0)
 
   # The oracle can fail: with the KL weighted, or with the encoder's own variance, the
   # VAE's loss is not the autoencoder's.
-  _, fresh = nnx.split(build(cfg), nnx.Param)
+  fresh = nnx.to_pure_dict(nnx.split(build(task.model_cfg), nnx.Param)[1])
   weighted, fresh_vae, fresh_ae = jax.jit(
-      lambda p, q: (vae_loss(p, 1.0), vae_loss(q), ae_loss(q)))(params, fresh)
+      lambda p, q: (vae_loss(p, weighted_task), vae_loss(q), ae_loss(q)))(params, fresh)
   assert not np.isclose(weighted, ae, rtol=1e-3)
   assert not np.isclose(fresh_vae, fresh_ae, rtol=1e-3)
 
@@ -181,3 +191,172 @@ def test_every_parameter_has_logical_axes():
 def test_bad_model_config_names_the_key(overrides, image_size, message):
   with pytest.raises(ValueError, match=message):
     vae.VAEConfig.from_config(model_config(**overrides), image_size=image_size, channels=1)
+
+
+# --- VAETask on the trainer ------------------------------------------------------------------
+
+
+STEPS = 4
+ADVERSARIAL_START = 2  # steps 1-2 without the discriminator, 3-4 with it
+MESH = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}  # splits along all three axes
+
+
+def small_config(**overrides) -> ml_collections.ConfigDict:
+  """digits_gan at test size: every term of the loss on (perceptual, and the discriminator
+  from step 3), no evaluation; every sharded width divides 2."""
+  c = vae_config.get_config('digits_gan')
+  c.update(steps=STEPS, batch_size=16, log_every=1, eval_every=0, eval_steps=2)
+  c.checkpoint.update(every=2, async_save=False)
+  c.model = model_config()
+  c.vae.update(adversarial_start=ADVERSARIAL_START, d_channels=(8, 16), d_loss='non_saturating')
+  # A feature classifier trained briefly: the perceptual term needs only some features here.
+  c.eval.update(num_samples=40, classifier_steps=50)
+  c.optimizer.update(warmup_steps=1)
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """STEPS steps on a 2x2x2 mesh, checkpoints at 2 and 4, evaluated at the last step."""
+  workdir = tmp_path_factory.mktemp('straight')
+  config = small_config(**MESH, eval_every=STEPS)
+  return workdir, trainer.train_and_evaluate(config, str(workdir)).losses
+
+
+def test_resume_is_exact(straight, tmp_path):
+  straight_dir, straight_losses = straight
+  first = trainer.train_and_evaluate(small_config(**MESH, steps=2), str(tmp_path))
+  second = trainer.train_and_evaluate(small_config(**MESH), str(tmp_path))
+  assert sorted(first.losses) == [1, 2] and sorted(second.losses) == [3, 4]
+  assert {**first.losses, **second.losses} == straight_losses  # bitwise
+  assert_trees_equal(restore(straight_dir, STEPS), restore(tmp_path, STEPS))
+
+
+def single_device_run(config):
+  """The trainer's math on one device without a mesh: jitted init from the seed, then the
+  step on each batch of the same data stream, with the same frozen classifier."""
+  task = VAETask(config)
+  data = task.setup_data('', 0, 1)
+  one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  frozen = task.load_frozen(one)
+  state = jax.jit(task.init_state)(jax.random.key(config.seed))
+  init = jax.device_get(state)
+  step_fn = jax.jit(lambda s, b: task.train_step(s, b, frozen))
+  metrics = []
+  for _ in range(config.steps):
+    state, m = step_fn(state, next(data))
+    metrics.append(jax.device_get(m))
+  return task, init, jax.device_get(state), metrics
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'Open (2026-12-01): on the 2x2x2 mesh the losses match one device bitwise but '
+    'train/grad_norm does not (2.398 against 2.409 at step 1, pinning the VAE activations, '
+    'or the classifier\'s, to the batch sharding did not fix it), so the weights part by '
+    'about 2 x lr after the first update. Suspect: XLA\'s SPMD gradient through stride-2 '
+    'convolutions, as model/gan.py constrain_batch describes.'))
+def test_meshes_match_one_device_and_the_discriminator_waits(straight):
+  straight_dir, straight_losses = straight
+  task, init, state, metrics = single_device_run(small_config())
+  for step, m in enumerate(metrics, 1):
+    np.testing.assert_allclose(straight_losses[step], m['loss'], rtol=1e-4, err_msg=str(step))
+    assert m['skipped'] == 0 and m['perceptual'] > 0 and m['kl'] > 0
+    # The discriminator is idle before vae.adversarial_start and runs from it on.
+    assert (m['d_loss'] > 0) == (step > ADVERSARIAL_START), (step, m['d_loss'])
+  # Adam barely reacts to a gradient scaled by an axis size, so the losses alone would let a
+  # sum instead of a mean over fsdp or tensor through; the gradient norms would not.
+  for name in ('grad_norm', 'd_grad_norm', 'd_loss', 'perceptual', 'g_loss'):
+    logged = scalars(straight_dir, f'train/{name}')
+    assert sorted(logged) == list(range(1, STEPS + 1)), name
+    for step, m in enumerate(metrics, 1):
+      np.testing.assert_allclose(logged[step], m[name], rtol=2e-5, atol=1e-7,
+                                 err_msg=f'{name} {step}')
+  saved = restore(straight_dir, STEPS)
+  for key, got, want in (('params', saved['params'], state.params),
+                         ('d_params', saved['extras']['d_params'], state.extras['d_params'])):
+    got, want = flat(got), flat(want)
+    assert sorted(got) == sorted(want), key
+    for name, x in want.items():
+      np.testing.assert_allclose(got[name], x, rtol=0, atol=1e-4, err_msg=f'{key} {name}')
+  # At step 2 the discriminator (weights and power-iteration vectors) is still its init;
+  # the VAE is not; and the VAE's parameters hold no discriminator.
+  at_2 = restore(straight_dir, 2)
+  assert_trees_equal(at_2['extras']['d_params'], init.extras['d_params'])
+  assert_trees_equal(at_2['extras']['sn'], init.extras['sn'])
+  assert sorted(saved['params']) == ['decoder', 'encoder']
+  assert not np.array_equal(flat(at_2['params'])['decoder/out_conv/kernel'],
+                            flat(init.params)['decoder/out_conv/kernel'])
+
+
+def test_eval_metrics_match_a_recomputation(straight):
+  """eval/kl, eval/recon_mse, eval/psnr and eval/loss recomputed from the checkpoint's
+  parameters on the same held-out batches, with model/vae.py's functions and numpy."""
+  straight_dir, _ = straight
+  config = small_config()
+  task = VAETask(config)
+  task.setup_data('', 0, 1)
+  data = task.data
+  params = restore(straight_dir, STEPS)['params']
+  model = nnx.merge(task.graphdef, params)
+  x = np.concatenate([b['images'] for b in data.eval_batches()])
+  assert len(x) == config.eval_steps * config.batch_size
+  mean, logvar = jax.jit(model.encode)(x)
+  recon = np.asarray(jax.jit(model.decode)(mean), np.float64)
+  kl = np.asarray(vae.kl_divergence(mean, logvar))
+  mse = np.mean((np.clip(recon, -1, 1) - x) ** 2, axis=(1, 2, 3))
+  l1 = np.mean(np.abs(recon - x), axis=(1, 2, 3))
+  want = {'eval/kl': kl.mean(), 'eval/recon_mse': mse.mean(),
+          'eval/psnr': np.mean(10 * np.log10(4.0 / mse)),
+          'eval/loss': np.mean(l1 + config.vae.kl_weight * kl / x[0].size)}
+  for tag, value in want.items():
+    np.testing.assert_allclose(scalars(straight_dir, tag)[STEPS], value, rtol=2e-5,
+                               err_msg=tag)
+  # The sample-based scores: all logged, finite, four steps from the init farther from the
+  # data than held-out images are.
+  got = {tag: scalars(straight_dir, tag)[STEPS] for tag in (
+      'eval/recon_fd', 'eval/recon_kid', 'eval/fd', 'eval/kid', 'eval/fd_floor',
+      'eval/kid_floor')}
+  assert all(np.isfinite(v) for v in got.values()), got
+  assert got['eval/fd'] > got['eval/fd_floor'] and got['eval/recon_fd'] > got['eval/fd_floor']
+
+
+def test_samples_show_heldout_images_beside_reconstructions(straight):
+  straight_dir, _ = straight
+  config = small_config(**{'sample.grid_rows': 4})
+  task = VAETask(config)
+  saved = restore(straight_dir, STEPS)
+  state = TrainState(step=saved['step'], params=saved['params'], opt_state=None, rng=None,
+                     extras={})
+  grids = task.samples(state, seed=0)
+  # 4 rows of 2 pairs of 8x8 images on a 1-pixel lattice; the prior grid is 4 x 4.
+  recon_grid, prior_grid = grids['samples/reconstructions'], grids['samples/prior']
+  assert recon_grid.dtype == prior_grid.dtype == np.uint8
+  assert recon_grid.shape == prior_grid.shape == (4 * 9 + 1, 4 * 9 + 1, 1)
+  cells = recon_grid[1:, 1:].reshape(4, 9, 4, 9, 1)[:, :8, :, :8].transpose(0, 2, 1, 3, 4)
+  cells = cells.reshape(16, 8, 8, 1)
+  test_x, _ = images.load_split(config.data, 'test')
+  np.testing.assert_array_equal(cells[0::2], test_x[:8])  # the held-out images, in order
+  model = nnx.merge(task.graphdef, saved['params'])
+  x = images.to_float(test_x[:8])
+  recon = model.decode(model.encode(x)[0])
+  np.testing.assert_array_equal(cells[1::2], image_eval.to_uint8(recon))
+  z = jax.random.normal(jax.random.key(0 + 2), (16, 4, 4, 4))
+  prior = prior_grid[1:, 1:].reshape(4, 9, 4, 9, 1)[:, :8, :, :8].transpose(0, 2, 1, 3, 4)
+  np.testing.assert_allclose(prior.reshape(16, 8, 8, 1).astype(int),
+                             image_eval.to_uint8(model.decode(z)).astype(int), atol=1)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.channel_mult': (1, 2, 2, 2, 2)},
+     r'model.channel_mult=.* factor of 16; data.image_size=8 must divide'),
+    ({'vae.recon_loss': 'l3'}, r"vae.recon_loss='l3' is not allowed"),
+    ({'vae.kl_weight': -1.0}, r'vae.kl_weight'),
+    ({'vae.d_loss': 'wasserstein'}, r"vae.d_loss='wasserstein' is not allowed"),
+    ({'vae.d_channels': ()}, r'vae.d_channels=\(\) must be'),
+    ({'d_optimizer.lr': 0.0}, r'd_optimizer.lr'),
+    ({'eval.num_samples': 0}, r'eval.num_samples'),
+])
+def test_bad_config_names_the_key(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    VAETask(small_config(**overrides))
