@@ -23,6 +23,10 @@ Every block's input and output is pinned to the batch sharding (model/gan.py's
 `constrain_batch`): left to choose, XLA's SPMD partitioner gave convolution gradients that
 differed from one device's by the size of an Adam step on a 2x2x2 (data, fsdp, tensor) mesh,
 as it did for the GAN's stride-2 convolutions (tests/test_vae.py's mesh test found it).
+That includes the blocks inside `Middle`: with only the middle's ends pinned, the parameter
+gradients from the second ResBlock's first GroupNorm back to the encoder's first layer were
+wrong (max errors the size of the gradients themselves) on 2x2x2 only; data=8, fsdp=8,
+(1, 4, 2), (4, 1, 2) and (2, 2, 1) meshes matched one device to 3e-6 (jax 0.10.2, CPU).
 
 The encoder's log-variance is clipped to [-30, 20] as LDM's DiagonalGaussianDistribution
 clips it: exp(logvar) stays finite in float32 and the KL's gradient bounded. Outside that
@@ -159,9 +163,9 @@ class Middle(nnx.Module):
     self.block2 = ResBlock(f, f, cfg, rngs=rngs)
 
   def __call__(self, x_BxHxWxF: jax.Array) -> jax.Array:
-    h = self.block1(x_BxHxWxF)
+    h = constrain_batch(self.block1(x_BxHxWxF))
     if self.attn is not None:
-      h = self.attn(h)
+      h = constrain_batch(self.attn(h))
     return self.block2(h)
 
 

@@ -250,12 +250,6 @@ def single_device_run(config):
   return task, init, jax.device_get(state), metrics
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'Open (2026-12-01): on the 2x2x2 mesh the losses match one device bitwise but '
-    'train/grad_norm does not (2.398 against 2.409 at step 1, pinning the VAE activations, '
-    'or the classifier\'s, to the batch sharding did not fix it), so the weights part by '
-    'about 2 x lr after the first update. Suspect: XLA\'s SPMD gradient through stride-2 '
-    'convolutions, as model/gan.py constrain_batch describes.'))
 def test_meshes_match_one_device_and_the_discriminator_waits(straight):
   straight_dir, straight_losses = straight
   task, init, state, metrics = single_device_run(small_config())
@@ -283,7 +277,17 @@ def test_meshes_match_one_device_and_the_discriminator_waits(straight):
   # the VAE is not; and the VAE's parameters hold no discriminator.
   at_2 = restore(straight_dir, 2)
   assert_trees_equal(at_2['extras']['d_params'], init.extras['d_params'])
-  assert_trees_equal(at_2['extras']['sn'], init.extras['sn'])
+  # The power-iteration vectors are unit-normalised at init by a sum over their 'channels'
+  # axis, which this mesh splits over tensor: float32 summed in another order, up to 8.9e-8
+  # (3 ulp) from one device's (measured 2026-12-01). The one power iteration of step 4 moved
+  # the convolutions' by 0.23 and 0.43 (the read-out's has one entry, +-1), so a
+  # tolerance of 1e-6 still tells an idle discriminator from a running one.
+  init_sn, sn_2, sn_4 = (flat(t) for t in (init.extras['sn'], at_2['extras']['sn'],
+                                           saved['extras']['sn']))
+  assert sorted(sn_2) == sorted(init_sn) == sorted(sn_4)
+  for name, u in init_sn.items():
+    np.testing.assert_allclose(sn_2[name], u, rtol=0, atol=1e-6, err_msg=name)
+    assert u.size == 1 or np.max(np.abs(sn_4[name] - u)) > 1e-2, name
   assert sorted(saved['params']) == ['decoder', 'encoder']
   assert not np.array_equal(flat(at_2['params'])['decoder/out_conv/kernel'],
                             flat(init.params)['decoder/out_conv/kernel'])
