@@ -211,7 +211,10 @@ def small_config(**overrides) -> ml_collections.ConfigDict:
   c.vae.update(adversarial_start=ADVERSARIAL_START, d_channels=(8, 16), d_loss='non_saturating')
   # A feature classifier trained briefly: the perceptual term needs only some features here.
   c.eval.update(num_samples=40, classifier_steps=50)
-  c.optimizer.update(warmup_steps=1)
+  # One schedule for every run length, so that the resumed runs' steps compile to the
+  # straight run's programs (the session's compilation cache serves them).
+  c.optimizer.update(warmup_steps=1, decay_steps=20)
+  c.d_optimizer.update(decay_steps=20)
   c.update_from_flattened_dict(overrides)
   return c
 
