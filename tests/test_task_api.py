@@ -209,7 +209,8 @@ def test_on_policy_run_resumes_exactly_after_a_kill(tmp_path):
 
 def test_registry_names_every_task():
   with pytest.raises(ConfigError, match=r"task='nope' is not a registered task; choose one of: "
-                     r'diffusion, distill, dpo, gan, grpo, lm, ppo, reward, seq2seq, sft, toy, vae'):
+                     r'diffusion, distill, dpo, gan, grpo, lm, ppo, reward, seq2seq, sft, toy, '
+                     r'vae'):
     tasks.get_task(config(task='nope'))
   task = tasks.get_task(config())
   assert isinstance(task, toy_task.ToyTask)
