@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from model import attention as attention_lib
-from model.unet import DTYPES, timestep_embedding
+from model.unet import DTYPES, check_compute_keys, timestep_embedding
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp', 'expert')),
@@ -111,17 +111,7 @@ class DiTConfig:
                        'is mlp_ratio * width).')
     if not 0.0 <= float(m.dropout) < 1.0:
       raise ValueError(f'model.dropout={m.dropout!r} must be in [0, 1).')
-    for key in ('dtype', 'param_dtype'):
-      if m[key] not in DTYPES:
-        raise ValueError(f'model.{key}={m[key]!r} is not allowed; choose one of '
-                         f'{", ".join(DTYPES)}.')
-    if m.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f'model.attention={m.attention!r} is not allowed; choose one of '
-                       f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
-    try:
-      attention_lib.check_available(m.attention)
-    except ValueError as e:
-      raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+    check_compute_keys(m)
     return cls(image_size=image_size, channels=channels, num_classes=num_classes,
                context_dim=context_dim, patch_size=d.patch_size, width=d.width, depth=d.depth,
                num_heads=d.num_heads, mlp_ratio=float(d.mlp_ratio), dropout=float(m.dropout),

@@ -52,6 +52,22 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 DTYPES = {name: jnp.dtype(name) for name in ('bfloat16', 'float32', 'float16')}
 
 
+def check_compute_keys(m: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming `model.dtype`, `model.param_dtype` or `model.attention` when
+  one is not allowed, or the attention is not available here; the image models share it."""
+  for key in ('dtype', 'param_dtype'):
+    if m[key] not in DTYPES:
+      raise ValueError(f'model.{key}={m[key]!r} is not allowed; choose one of '
+                       f'{", ".join(DTYPES)}.')
+  if m.attention not in attention_lib.IMPLEMENTATIONS:
+    raise ValueError(f'model.attention={m.attention!r} is not allowed; choose one of '
+                     f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
+  try:
+    attention_lib.check_available(m.attention)
+  except ValueError as e:
+    raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
   image_size: int
@@ -107,17 +123,7 @@ class UNetConfig:
                          f'{sorted(widths)} when attention is used.')
     if not 0.0 <= float(m.dropout) < 1.0:
       raise ValueError(f'model.dropout={m.dropout!r} must be in [0, 1).')
-    for key in ('dtype', 'param_dtype'):
-      if m[key] not in DTYPES:
-        raise ValueError(f'model.{key}={m[key]!r} is not allowed; choose one of '
-                         f'{", ".join(DTYPES)}.')
-    if m.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f'model.attention={m.attention!r} is not allowed; choose one of '
-                       f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
-    try:
-      attention_lib.check_available(m.attention)
-    except ValueError as e:
-      raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+    check_compute_keys(m)
     if context_dim and not attn:
       raise ValueError('Text conditioning enters through cross-attention at the attention '
                        'resolutions: model.attention_resolutions must not be empty.')

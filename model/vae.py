@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from model import attention as attention_lib
 from model import unet
 from model.gan import constrain_batch
 
@@ -101,17 +100,7 @@ class VAEConfig:
       raise ValueError(f'model.head_dim={m.head_dim} must divide the middle width {mid} '
                        '(model.base_channels * model.channel_mult[-1]) when '
                        'model.mid_attention is set.')
-    for key in ('dtype', 'param_dtype'):
-      if m[key] not in unet.DTYPES:
-        raise ValueError(f'model.{key}={m[key]!r} is not allowed; choose one of '
-                         f'{", ".join(unet.DTYPES)}.')
-    if m.attention not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f'model.attention={m.attention!r} is not allowed; choose one of '
-                       f'{", ".join(attention_lib.IMPLEMENTATIONS)}.')
-    try:
-      attention_lib.check_available(m.attention)
-    except ValueError as e:
-      raise ValueError(f'model.attention={m.attention!r}: {e}') from None
+    unet.check_compute_keys(m)
     return cls(image_size=image_size, channels=channels, base_channels=int(m.base_channels),
                channel_mult=mult, num_res_blocks=int(m.num_res_blocks),
                latent_channels=int(m.latent_channels), norm_groups=int(m.norm_groups),
