@@ -46,7 +46,9 @@ from flax import nnx
 from model import attention as attention_lib
 from model import rope as rope_lib
 from model import sampling
-from model.transformer import DTYPES, REMAT_POLICIES, constrain_activation
+
+# The transformer's parameter init and dropout, shared rather than copied.
+from model.transformer import DTYPES, REMAT_POLICIES, _dropout, _param, constrain_activation
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('batch', ('data', 'fsdp', 'expert')),
@@ -198,19 +200,6 @@ def train_flops_per_token(cfg: Seq2SeqConfig, input_len: int, target_len: int) -
 # ---------------------------------------------------------------------------
 # Layers.
 # ---------------------------------------------------------------------------
-
-
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], std: float,
-           dtype) -> nnx.Param:
-  init = jax.nn.initializers.normal(stddev=std)
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _split(key: jax.Array | None, n: int) -> list:
